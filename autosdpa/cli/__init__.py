@@ -1,0 +1,13 @@
+"""The ``autosdpa`` command line."""
+from __future__ import annotations
+
+import click
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="autosdpa")
+def main() -> None:
+    """autosdpa: tune, inspect and share attention backend choices."""
+
+
+from . import doctor as _doctor  # noqa: E402,F401  (registers its command)

@@ -1,0 +1,356 @@
+"""The dispatcher: the per-call hot path, and the first-sight path that decides and remembers.
+
+Hot path: one tuple of cheap call properties (shapes, dtype, device, mask kind, flags, grad, overrides) is
+looked up in a dict. Its value is the *plan*: ``None`` means "PyTorch would pick the winner itself: call
+F.sdpa directly" (no flag toggling); otherwise a function that runs the winner.
+A miss builds the canonical ``Problem``, gets its measurements (memory, then the database layers, then
+tuning on these very tensors) and caches the plan. Anything going wrong there falls back to F.sdpa.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from . import backends as _backends
+from .backends.base import Backend, Call
+from .backends.torch_backends import pytorch_choice
+from .config import env_mode, shared_db_paths
+from .environment import environment
+from .problem import Problem, default_threshold
+from .store import Measurement, Store, StoreError
+from .tuner import Decision, InvalidInputs, TuneConfig, choose, measure
+
+log = logging.getLogger("autosdpa")
+
+_sdpa = F.scaled_dot_product_attention  # the original, even after autosdpa.patch()
+_Tensor = torch.Tensor
+_C = torch._C
+_gf, _ge, _gm, _gc = (_C._get_flash_sdp_enabled, _C._get_mem_efficient_sdp_enabled, _C._get_math_sdp_enabled,
+                      _C._get_cudnn_sdp_enabled)
+_get_priority = _C._get_sdp_priority_order
+_DEFAULT_PRIORITY = list(_get_priority())
+_grad_enabled = torch.is_grad_enabled
+_is_compiling = torch.compiler.is_compiling
+
+_MAX_PLANS = 4096
+
+
+class ForcedBackendError(RuntimeError):
+    """``autosdpa.backend(...)`` named backends none of which can run these inputs."""
+
+
+class _State:
+    def __init__(self):
+        self.mode = env_mode()
+        self.threshold = default_threshold()
+        self.config = TuneConfig.from_env()
+        self.store: Store | None = None
+        self.measurements: dict[tuple[str, str], dict[str, Measurement]] = {}
+        self.seen_problems: set[str] = set()
+        self.warned: set[str] = set()
+        self.lock = threading.RLock()
+        self.depth = 0
+
+
+_plans: dict = {}
+_control: tuple | None = None  # (mode or None, forced backend names or None); None = no override
+_state = _State()
+
+
+def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                                 enable_gqa=False):
+    """Drop-in for ``torch.nn.functional.scaled_dot_product_attention`` that runs the measured-fastest
+    correct backend for these inputs on this device. Same arguments, same results, same exceptions."""
+    if _is_compiling():  # never tune while tracing: let the compiler see plain F.sdpa
+        return _sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
+    try:
+        fk = (query.shape, key.shape, value.shape, query.dtype, query.get_device(),
+              None if attn_mask is None else (attn_mask.shape, attn_mask.dtype, attn_mask.__class__),
+              dropout_p > 0.0, is_causal, enable_gqa,
+              _grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad),
+              _gf(), _ge(), _gm(), _gc(), _control)
+        plan = _plans[fk]
+    except KeyError:
+        plan = _miss(fk, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    except Exception:  # inputs we cannot key (nested tensors, odd types): PyTorch handles (or rejects) them
+        plan = None
+    if plan is None:
+        if scale is None and enable_gqa is False:
+            return _sdpa(query, key, value, attn_mask, dropout_p, is_causal)
+        return _sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
+    return plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+
+
+sdpa = scaled_dot_product_attention
+
+
+# -- first sight ----------------------------------------------------------------------------------------------
+
+def _miss(fk, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+    st = _state
+    if st.depth:  # re-entered from inside a backend (e.g. CausalBias calling F.sdpa while patched)
+        return None
+    st.depth += 1
+    try:
+        with st.lock:
+            call = _make_call(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, fk[9])
+            if call is None:
+                plan, cacheable = None, True
+            else:
+                decision, backend, cacheable = decide(call, fk[-1], fk[10:14], allow_tune=True)
+                plan = _plan_for(backend, decision.pytorch_choice)
+    except ForcedBackendError:
+        raise
+    except Exception as e:  # the cache or tuner misbehaving must never break the caller's run
+        _warn_once("resolve", f"autosdpa: could not decide ({type(e).__name__}: {e}); using PyTorch's SDPA")
+        log.debug("resolve failed", exc_info=True)
+        plan, cacheable = None, True
+    finally:
+        st.depth -= 1
+    if cacheable:
+        if len(_plans) >= _MAX_PLANS:
+            _plans.clear()
+        _plans[fk] = plan
+    return plan
+
+
+def _make_call(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, needs_grad) -> Call | None:
+    """A Call for inputs autosdpa handles; None sends the call straight to F.sdpa (which may reject it)."""
+    for t in (query, key, value):
+        if type(t) is not _Tensor and type(t) is not torch.nn.Parameter:
+            return None
+        if t.is_nested or t.layout != torch.strided or t.dim() < 3:
+            return None
+    if attn_mask is not None and not isinstance(attn_mask, _Tensor):
+        return None
+    if (not isinstance(is_causal, bool) or not isinstance(enable_gqa, bool)
+            or not isinstance(dropout_p, (float, int)) or isinstance(dropout_p, bool)
+            or not (scale is None or isinstance(scale, (float, int)) and not isinstance(scale, bool))):
+        return None
+    if query.device.type not in ("cpu", "cuda"):
+        return None
+    return Call(query, key, value, attn_mask, float(dropout_p), is_causal, scale, enable_gqa, bool(needs_grad))
+
+
+def _tuning_forbidden(call: Call) -> str | None:
+    if torch.compiler.is_compiling():
+        return "inside torch.compile tracing"
+    if call.query.is_cuda and torch.cuda.is_current_stream_capturing():
+        return "during CUDA graph capture"
+    return None
+
+
+def eligibility(call: Call, backends: list[Backend] | None = None) -> dict[str, list[str]]:
+    """{backend: reasons it cannot run this call}; an empty list means eligible."""
+    out = {}
+    for b in backends if backends is not None else _backends.all_backends():
+        try:
+            reasons = list(b.not_supported_reasons(call))
+        except Exception as e:
+            reasons = [f"eligibility check failed: {type(e).__name__}: {e}"]
+        if call.needs_grad and not b.supports_grad and not reasons:
+            reasons = ["forward only: cannot compute gradients"]
+        out[b.name] = reasons
+    return out
+
+
+def decide(call: Call, control: tuple | None, flags: tuple, *, allow_tune: bool
+           ) -> tuple[Decision, Backend | None, bool]:
+    """(decision, backend to run or None for plain F.sdpa, whether the outcome may be cached)."""
+    st = _state
+    mode = (control[0] if control and control[0] else None) or st.mode
+    forced = control[1] if control else None
+    if mode == "off":
+        return Decision("pytorch", "autosdpa mode is 'off'", source="passthrough"), None, True
+    problem = Problem.from_call(call, st.threshold)
+    torch_pick = pytorch_choice(call)
+    everyone = _backends.all_backends()
+    if forced:
+        candidates = [_backends.get(n) for n in forced]
+        why = f"restricted by autosdpa.backend({', '.join(forced)})"
+    elif not all(flags):
+        on = {name for name, slot in (("flash", 0), ("efficient", 1), ("math", 2), ("cudnn", 3)) if flags[slot]}
+        candidates = [b for b in everyone if b.name in on]
+        why = "restricted by PyTorch's sdpa flags (sdpa_kernel / enable_*_sdp)"
+    elif list(_get_priority()) != _DEFAULT_PRIORITY:
+        return (Decision(torch_pick or "pytorch", "a PyTorch priority order is set: PyTorch decides",
+                         problem=problem.key, pytorch_choice=torch_pick, source="passthrough"), None, True)
+    else:
+        candidates, why = everyone, ""
+    elig = eligibility(call, everyone)
+    rejected = {n: "; ".join(r) for n, r in elig.items() if r}
+    eligible = [b for b in candidates if not elig[b.name]]
+    if forced and not eligible:
+        raise ForcedBackendError(
+            "autosdpa.backend(" + ", ".join(map(repr, forced)) + ") cannot run these inputs: "
+            + "; ".join(f"{n}: {rejected[n]}" for n in forced))
+    if not eligible:  # e.g. flags left on only a backend that cannot run this: PyTorch raises its own error
+        return (Decision(torch_pick or "pytorch", "no allowed backend can run these inputs: PyTorch decides",
+                         rejected=rejected, problem=problem.key, pytorch_choice=torch_pick,
+                         source="passthrough"), None, True)
+
+    fp, info = environment(call.query.device)
+    cache_key = (fp, problem.key)
+    meas = st.measurements.get(cache_key)
+    source = "cache"
+    if meas is None:
+        meas = _lookup(fp, problem.key)
+        source = "database"
+        st.measurements[cache_key] = meas
+    _record(problem)
+    cacheable = True
+    missing = [b for b in eligible if b.name not in meas]
+    if missing and len(eligible) > 1:
+        forbidden = _tuning_forbidden(call)
+        if mode != "tune" or not allow_tune or forbidden:
+            cacheable = not forbidden
+        else:
+            to_time = [b for b in everyone if not elig[b.name]]
+            log.info("autosdpa: tuning %s on %s (%s)", problem.key, info["device_name"],
+                     ", ".join(b.name for b in to_time))
+            try:
+                with torch.random.fork_rng(devices=[call.query.device] if call.query.is_cuda else []):
+                    new = measure(call, to_time, st.config, tuned_shape=_shape_str(call))
+            except InvalidInputs:
+                return (Decision(torch_pick or "pytorch", "inputs rejected by the reference: PyTorch decides",
+                                 problem=problem.key, source="passthrough"), None, True)
+            meas = {**meas, **{m.backend: m for m in new}}
+            st.measurements[cache_key] = meas
+            source = "tuned"
+            if any(m.ok for m in new):
+                _save(fp, info, problem.key, new)
+
+    for n, m in meas.items():
+        if not m.ok and n not in rejected:
+            rejected[n] = m.detail or m.status
+    names = [b.name for b in eligible]
+    if len(eligible) == 1:
+        winner, reason = names[0], "the only allowed backend that can run these inputs"
+        source = "forced" if forced else "only"
+    else:
+        winner, reason = choose(meas, names, torch_pick if torch_pick in names else None)
+        if winner is None:
+            winner = torch_pick if torch_pick in names else names[0]
+            reason = ("no measurement yet (mode 'lookup' or tuning not allowed here): PyTorch's choice"
+                      if not any(n in meas for n in names) else "no candidate passed its check: PyTorch's choice")
+            source = "default"
+    if why:
+        reason = f"{reason}; {why}"
+    timings = {b.name: (meas[b.name].median_s if b.name in meas and meas[b.name].ok else None) for b in everyone}
+    decision = Decision(winner, reason, timings, rejected, problem.key, torch_pick, source)
+    return decision, _backends.get(winner), cacheable
+
+
+def _plan_for(backend: Backend | None, torch_pick: str | None):
+    if backend is None or backend.name == torch_pick:
+        return None
+    run = backend.run
+    if backend.torch_backend is not None:
+        def plan(q, k, v, m, dp, ic, sc, gqa):
+            if _get_priority() != _DEFAULT_PRIORITY:  # a priority order set since: PyTorch decides
+                return _sdpa(q, k, v, m, dp, ic, scale=sc, enable_gqa=gqa)
+            try:
+                return run(q, k, v, m, dp, ic, sc, gqa)
+            except RuntimeError:  # e.g. strides the plan was not made for: PyTorch's own pick (or error)
+                return _sdpa(q, k, v, m, dp, ic, scale=sc, enable_gqa=gqa)
+        return plan
+
+    def guarded(q, k, v, m, dp, ic, sc, gqa):
+        # the fast key checks q only; our kernels also need k and v to be plain tensors like q
+        qd, dt = q.get_device(), q.dtype
+        if (k.__class__ is _Tensor and v.__class__ is _Tensor and q.__class__ is _Tensor and k.dtype is dt
+                and v.dtype is dt and k.get_device() == qd and v.get_device() == qd):
+            return run(q, k, v, m, dp, ic, sc, gqa)
+        return _sdpa(q, k, v, m, dp, ic, scale=sc, enable_gqa=gqa)
+    return guarded
+
+
+def _shape_str(call: Call) -> str:
+    s = f"q={tuple(call.query.shape)} k={tuple(call.key.shape)} v={tuple(call.value.shape)}"
+    if call.dense_mask is not None:
+        s += f" mask={tuple(call.dense_mask.shape)}"
+    return s
+
+
+# -- storage, never fatal -------------------------------------------------------------------------------------
+
+def get_store() -> Store:
+    st = _state
+    if st.store is None:
+        try:
+            st.store = Store(None, shared=shared_db_paths())
+        except StoreError as e:
+            _fallback_store(e)
+    return st.store
+
+
+def _fallback_store(err: Exception) -> None:
+    _warn_once("store", f"autosdpa: tuning database unusable ({err}); keeping measurements in memory for "
+                        "this process only")
+    shared = _state.store.shared if _state.store is not None else []
+    st = Store("sqlite://")
+    st.shared = shared
+    _state.store = st
+
+
+def _lookup(fp: str, key: str) -> dict[str, Measurement]:
+    try:
+        return get_store().lookup(fp, key)
+    except StoreError as e:
+        _fallback_store(e)
+        return {}
+
+
+def _save(fp: str, info: dict, key: str, rows: list[Measurement]) -> None:
+    try:
+        get_store().save(fp, info, key, rows)
+    except StoreError as e:
+        _fallback_store(e)
+        try:
+            _state.store.save(fp, info, key, rows)
+        except StoreError:
+            pass
+
+
+def _record(problem: Problem) -> None:
+    path = os.environ.get("AUTOSDPA_RECORD")
+    if not path or problem.key in _state.seen_problems:
+        return
+    _state.seen_problems.add(problem.key)
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"problem": problem.key, "time": time.time()}) + "\n")
+    except OSError as e:
+        _warn_once("record", f"autosdpa: cannot append to AUTOSDPA_RECORD={path}: {e}")
+
+
+def _warn_once(kind: str, message: str) -> None:
+    if kind not in _state.warned:
+        _state.warned.add(kind)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+def clear_plans() -> None:
+    _plans.clear()
+
+
+def reset() -> None:
+    """Forget everything in memory and re-read the environment (AUTOSDPA_*): for tests and notebooks."""
+    global _state
+    if _state.store is not None:
+        try:
+            _state.store.close()
+        except Exception:
+            pass
+    _plans.clear()
+    _state = _State()
+
+
+_backends.base.on_change(clear_plans)

@@ -1,0 +1,217 @@
+"""The problem: a canonical, bucketed, human-readable description of one attention call.
+
+Its ``key`` is what the store keeps, e.g.
+``fwd|bf16|B=8|Hq=32|Hkv=8|Lq=1024|Lk=1024|D=128|Dv=128|causal|mask=none|drop=0|gqa=1|layout=bhld|det=0``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+
+import torch
+
+from .backends.base import CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE, CAUSAL_TOP_LEFT, Call
+
+DTYPES = {"fp64": torch.float64, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+_CAUSAL_WORDS = {CAUSAL_NONE: "nocausal", CAUSAL_TOP_LEFT: "causal", CAUSAL_BOTTOM_RIGHT: "causal_br"}
+_CAUSAL_FROM_WORD = {v: k for k, v in _CAUSAL_WORDS.items()}
+LAYOUTS = ("bhld", "blhd", "strided", "nd3", "nd5+")
+_MASK_RE = re.compile(r"^(none|(bool|float):[B1][H1][Q1][K1])$")
+
+
+def parse_bucketing(spec: str | None) -> int | None:
+    """``pow2`` (default, threshold 16), ``pow2:T`` or ``exact`` -> threshold, or None for exact."""
+    spec = (spec or "pow2").strip().lower()
+    if spec == "exact":
+        return None
+    if spec == "pow2":
+        return 16
+    m = re.fullmatch(r"pow2:(\d+)", spec)
+    if not m:
+        raise ValueError(f"AUTOSDPA_BUCKET={spec!r}: expected 'pow2', 'pow2:THRESHOLD' or 'exact'")
+    return int(m.group(1))
+
+
+def bucket(n: int, threshold: int | None = 16) -> int:
+    """Sizes up to ``threshold`` stay exact; above it, round up to the next power of two."""
+    if threshold is None or n <= threshold:
+        return n
+    return 1 << (n - 1).bit_length()
+
+
+def _layout(t: torch.Tensor) -> str:
+    if t.dim() == 3:
+        return "nd3"
+    if t.dim() != 4:
+        return "nd5+"
+    if t.is_contiguous():
+        return "bhld"
+    if t.transpose(1, 2).is_contiguous():
+        return "blhd"
+    return "strided"
+
+
+def _mask_kind(call: Call) -> str:
+    m = call.dense_mask
+    if m is None:
+        return "none"
+    kind = "bool" if m.dtype == torch.bool else "float"
+    shape = (1,) * (4 - m.dim()) + tuple(m.shape[-4:]) if m.dim() <= 4 else tuple(m.shape[-4:])
+    pattern = "".join(c if s != 1 else "1" for c, s in zip("BHQK", shape))
+    return f"{kind}:{pattern}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    dtype: str = "fp32"
+    batch: int = 1
+    hq: int = 1
+    hkv: int = 1
+    lq: int = 1
+    lk: int = 1
+    d: int = 64
+    dv: int = 64
+    causal: str = CAUSAL_NONE
+    mask: str = "none"
+    dropout: bool = False
+    gqa: bool = False
+    train: bool = False
+    layout: str = "bhld"
+    deterministic: bool = False
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {self.dtype!r}; expected one of {', '.join(DTYPES)}")
+        for f in ("batch", "hq", "hkv", "lq", "lk", "d", "dv"):
+            v = getattr(self, f)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1 or v > 1 << 31:
+                raise ValueError(f"{f} must be a positive integer, got {v!r}")
+        if self.causal not in _CAUSAL_WORDS:
+            raise ValueError(f"unknown causal kind {self.causal!r}")
+        if not _MASK_RE.match(self.mask):
+            raise ValueError(f"bad mask kind {self.mask!r}")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"unknown layout {self.layout!r}")
+        if self.hq % self.hkv:
+            raise ValueError(f"hq={self.hq} is not a multiple of hkv={self.hkv}")
+
+    @property
+    def key(self) -> str:
+        return "|".join([
+            "fwdbwd" if self.train else "fwd", self.dtype, f"B={self.batch}", f"Hq={self.hq}",
+            f"Hkv={self.hkv}", f"Lq={self.lq}", f"Lk={self.lk}", f"D={self.d}", f"Dv={self.dv}",
+            _CAUSAL_WORDS[self.causal], f"mask={self.mask}", f"drop={int(self.dropout)}",
+            f"gqa={int(self.gqa)}", f"layout={self.layout}", f"det={int(self.deterministic)}"])
+
+    def __str__(self) -> str:
+        return self.key
+
+    @classmethod
+    def parse(cls, key: str) -> "Problem":
+        """Inverse of ``key``; raises ValueError on anything malformed (keys may come from files)."""
+        parts = key.split("|")
+        if len(parts) != 15:
+            raise ValueError(f"malformed problem key {key!r}")
+        direction, dtype, *rest = parts
+        if direction not in ("fwd", "fwdbwd") or rest[7] not in _CAUSAL_FROM_WORD:
+            raise ValueError(f"malformed problem key {key!r}")
+        fields = {}
+        names = ["B", "Hq", "Hkv", "Lq", "Lk", "D", "Dv"]
+        for name, part in zip(names, rest[:7]):
+            k, _, v = part.partition("=")
+            if k != name or not v.isdigit():
+                raise ValueError(f"malformed problem key {key!r}")
+            fields[name] = int(v)
+        kv = {}
+        for part in rest[8:]:
+            k, _, v = part.partition("=")
+            kv[k] = v
+        if set(kv) != {"mask", "drop", "gqa", "layout", "det"} or not all(
+                kv[k] in ("0", "1") for k in ("drop", "gqa", "det")):
+            raise ValueError(f"malformed problem key {key!r}")
+        return cls(dtype=dtype, batch=fields["B"], hq=fields["Hq"], hkv=fields["Hkv"], lq=fields["Lq"],
+                   lk=fields["Lk"], d=fields["D"], dv=fields["Dv"], causal=_CAUSAL_FROM_WORD[rest[7]],
+                   mask=kv["mask"], dropout=kv["drop"] == "1", gqa=kv["gqa"] == "1",
+                   train=direction == "fwdbwd", layout=kv["layout"], deterministic=kv["det"] == "1")
+
+    @classmethod
+    def from_call(cls, call: Call, threshold: int | None = 16) -> "Problem":
+        q, k, v = call.query, call.key, call.value
+        if q.dim() < 3:
+            raise ValueError("attention inputs need at least 3 dimensions")
+        if q.dim() == 3:
+            batch, hq, hkv = q.shape[0], 1, 1
+        else:
+            batch, hq, hkv = math.prod(q.shape[:-3]), q.shape[-3], k.shape[-3]
+        dtype = DTYPE_NAMES.get(q.dtype)
+        if dtype is None:
+            raise ValueError(f"unsupported dtype {q.dtype}")
+        return cls(dtype=dtype, batch=bucket(batch, threshold), hq=hq, hkv=hkv,
+                   lq=bucket(q.shape[-2], threshold), lk=bucket(k.shape[-2], threshold), d=q.shape[-1],
+                   dv=v.shape[-1], causal=call.causal, mask=_mask_kind(call), dropout=call.dropout_p > 0,
+                   gqa=bool(call.enable_gqa), train=call.needs_grad, layout=_layout(q),
+                   deterministic=torch.are_deterministic_algorithms_enabled())
+
+    def with_(self, **changes) -> "Problem":
+        return dataclasses.replace(self, **changes)
+
+    def make_call(self, device="cpu", seed: int = 0) -> Call:
+        """Synthetic inputs of this problem's (bucketed) shape, for offline tuning."""
+        dev = torch.device(device)
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        dt = DTYPES[self.dtype]
+
+        def rand(*shape):
+            return torch.randn(*shape, generator=g, dtype=torch.float32).to(device=dev, dtype=dt)
+
+        if self.layout == "nd3":
+            if self.hq != 1 or self.hkv != 1:
+                raise ValueError("3-D (N, L, E) problems have one head")
+            q, k, v = rand(self.batch, self.lq, self.d), rand(self.batch, self.lk, self.d), rand(
+                self.batch, self.lk, self.dv)
+        elif self.layout == "blhd":
+            q = rand(self.batch, self.lq, self.hq, self.d).transpose(1, 2)
+            k = rand(self.batch, self.lk, self.hkv, self.d).transpose(1, 2)
+            v = rand(self.batch, self.lk, self.hkv, self.dv).transpose(1, 2)
+        else:
+            q, k, v = (rand(self.batch, self.hq, self.lq, self.d), rand(self.batch, self.hkv, self.lk, self.d),
+                       rand(self.batch, self.hkv, self.lk, self.dv))
+            if self.layout == "strided":  # a non-contiguous view with unit last-dim stride
+                q, k, v = (rand(self.batch, self.hq, self.lq, 2 * self.d)[..., : self.d],
+                           rand(self.batch, self.hkv, self.lk, 2 * self.d)[..., : self.d],
+                           rand(self.batch, self.hkv, self.lk, 2 * self.dv)[..., : self.dv])
+        mask = None
+        is_causal = self.causal == CAUSAL_TOP_LEFT
+        if self.causal == CAUSAL_BOTTOM_RIGHT:
+            from torch.nn.attention.bias import causal_lower_right
+            mask, is_causal = causal_lower_right(self.lq, self.lk), False
+        elif self.mask != "none":
+            kind, pattern = self.mask.split(":")
+            full = dict(B=self.batch, H=self.hq, Q=self.lq, K=self.lk)
+            shape = [full[c] if c != "1" else 1 for c in pattern]
+            if self.layout == "nd3":
+                shape = [shape[0], shape[2], shape[3]]
+            if kind == "bool":
+                mask = torch.rand(*shape, generator=g) > 0.25
+                mask[..., 0] = True  # no fully masked rows
+            else:
+                mask = torch.randn(*shape, generator=g).to(dt)
+            mask = mask.to(dev)
+        if self.train:
+            q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+        return Call(q, k, v, mask, 0.1 if self.dropout else 0.0, is_causal, None, self.gqa, self.train)
+
+    @property
+    def flops(self) -> float:
+        """Forward FLOPs (2 matmuls), halved for causal; x3.5 with backward, as FlashAttention counts."""
+        f = 2.0 * self.batch * self.hq * self.lq * self.lk * (self.d + self.dv)
+        if self.causal != CAUSAL_NONE:
+            f /= 2
+        return f * (3.5 if self.train else 1.0)
+
+
+def default_threshold() -> int | None:
+    return parse_bucketing(os.environ.get("AUTOSDPA_BUCKET"))
