@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from . import backends as _backends
+from . import consensus
 from .backends.base import Backend, Call
 from .backends.torch_backends import pytorch_choice
 from .config import env_mode, shared_db_paths
@@ -70,12 +71,13 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     correct backend for these inputs on this device. Same arguments, same results, same exceptions."""
     if _is_compiling():  # never tune while tracing: let the compiler see plain F.sdpa
         return _sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
+    # The fast key holds only what is cheap to read (~1 us for all of it). What it leaves out (value's
+    # shape, k/v dtypes, strides, k/v requires_grad) cannot make a plan run something wrong: plans that are
+    # not plain F.sdpa re-check what they depend on and fall back to F.sdpa.
     try:
-        fk = (query.shape, key.shape, value.shape, query.dtype, query.get_device(),
+        fk = (query.shape, key.shape, query.dtype, query.get_device(),
               None if attn_mask is None else (attn_mask.shape, attn_mask.dtype, attn_mask.__class__),
-              dropout_p > 0.0, is_causal, enable_gqa,
-              _grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad),
-              _gf(), _ge(), _gm(), _gc(), _control)
+              dropout_p, is_causal, enable_gqa, query.requires_grad, _gf(), _ge(), _gm(), _gc(), _control)
         plan = _plans[fk]
     except KeyError:
         plan = _miss(fk, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
@@ -100,12 +102,13 @@ def _miss(fk, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_
     st.depth += 1
     try:
         with st.lock:
-            call = _make_call(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, fk[9])
+            call = _make_call(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                              _needs_grad(query, key, value))
             if call is None:
                 plan, cacheable = None, True
             else:
-                decision, backend, cacheable = decide(call, fk[-1], fk[10:14], allow_tune=True)
-                plan = _plan_for(backend, decision.pytorch_choice)
+                decision, backend, cacheable = decide(call, fk[-1], fk[9:13], allow_tune=True)
+                plan = _plan_for(backend, decision.pytorch_choice, call)
     except ForcedBackendError:
         raise
     except Exception as e:  # the cache or tuner misbehaving must never break the caller's run
@@ -119,6 +122,10 @@ def _miss(fk, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_
             _plans.clear()
         _plans[fk] = plan
     return plan
+
+
+def _needs_grad(query, key, value) -> bool:
+    return torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
 
 
 def _make_call(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, needs_grad) -> Call | None:
@@ -241,6 +248,10 @@ def decide(call: Call, control: tuple | None, flags: tuple, *, allow_tune: bool
             reason = ("no measurement yet (mode 'lookup' or tuning not allowed here): PyTorch's choice"
                       if not any(n in meas for n in names) else "no candidate passed its check: PyTorch's choice")
             source = "default"
+        elif not forced and not why:
+            agreed = consensus.agree(get_store(), fp, problem.key, winner, names)
+            if agreed != winner:
+                winner, reason, source = agreed, f"agreed with the other ranks (own pick: {winner})", "agreed"
     if why:
         reason = f"{reason}; {why}"
     timings = {b.name: (meas[b.name].median_s if b.name in meas and meas[b.name].ok else None) for b in everyone}
@@ -248,7 +259,7 @@ def decide(call: Call, control: tuple | None, flags: tuple, *, allow_tune: bool
     return decision, _backends.get(winner), cacheable
 
 
-def _plan_for(backend: Backend | None, torch_pick: str | None):
+def _plan_for(backend: Backend | None, torch_pick: str | None, call: Call):
     if backend is None or backend.name == torch_pick:
         return None
     run = backend.run
@@ -262,11 +273,14 @@ def _plan_for(backend: Backend | None, torch_pick: str | None):
                 return _sdpa(q, k, v, m, dp, ic, scale=sc, enable_gqa=gqa)
         return plan
 
+    v_shape, needs_grad, fwd_only = call.value.shape, call.needs_grad, not backend.supports_grad
+
     def guarded(q, k, v, m, dp, ic, sc, gqa):
-        # the fast key checks q only; our kernels also need k and v to be plain tensors like q
+        # The fast key covers q (and k's shape) only: re-check what our kernels need of k and v.
         qd, dt = q.get_device(), q.dtype
-        if (k.__class__ is _Tensor and v.__class__ is _Tensor and q.__class__ is _Tensor and k.dtype is dt
-                and v.dtype is dt and k.get_device() == qd and v.get_device() == qd):
+        if (q.__class__ is _Tensor and k.__class__ is _Tensor and v.__class__ is _Tensor and k.dtype is dt
+                and v.dtype is dt and k.get_device() == qd and v.get_device() == qd and v.shape == v_shape
+                and (needs_grad or not fwd_only or not _needs_grad(q, k, v))):
             return run(q, k, v, m, dp, ic, sc, gqa)
         return _sdpa(q, k, v, m, dp, ic, scale=sc, enable_gqa=gqa)
     return guarded

@@ -1,0 +1,105 @@
+"""Per-call overhead of autosdpa over F.scaled_dot_product_attention on a cache hit.
+
+Both are timed side by side in one process, interleaved (A, B, A, B, ...) in many short rounds; the
+reported overhead is the median of per-round differences. Writes JSON + a markdown table.
+
+    python scripts/bench_overhead.py [--device cpu|cuda] [--out benchmarks/]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+
+def per_call(fn, args, kwargs, n, sync):
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn(*args, **kwargs)
+    sync()
+    return (time.perf_counter() - t0) / n
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--out", default="benchmarks")
+    ap.add_argument("--rounds", type=int, default=200)
+    ap.add_argument("--calls", type=int, default=500, help="calls per timed sample")
+    a = ap.parse_args()
+    os.environ.setdefault("AUTOSDPA_DB", str(Path(tempfile.mkdtemp()) / "bench.sqlite"))
+    import autosdpa
+
+    dev = torch.device(a.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        print("CUDA is not available", file=sys.stderr)
+        return 2
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    cases = {
+        "tiny fp32 B=1 H=1 L=8 D=8": (torch.randn(1, 1, 8, 8, device=dev),) * 3,
+    }
+    if dev.type == "cuda":
+        x = torch.randn(1, 8, 128, 64, device=dev, dtype=torch.float16)
+        cases["small fp16 B=1 H=8 L=128 D=64"] = (x, x, x)
+    results = []
+    for name, args in cases.items():
+        for kwargs in ({}, {"is_causal": True}):
+            autosdpa.sdpa(*args, **kwargs)  # first sight: tune (excluded from timing)
+            d = autosdpa.explain(*args, **kwargs)
+            for _ in range(3):
+                per_call(F.scaled_dot_product_attention, args, kwargs, a.calls, sync)
+                per_call(autosdpa.sdpa, args, kwargs, a.calls, sync)
+            base, ours, diffs = [], [], []
+            for r in range(a.rounds):
+                pair = [(F.scaled_dot_product_attention, base), (autosdpa.sdpa, ours)]
+                if r % 2:
+                    pair.reverse()
+                got = {}
+                for fn, acc in pair:
+                    t = per_call(fn, args, kwargs, a.calls, sync)
+                    acc.append(t)
+                    got[fn is autosdpa.sdpa] = t
+                diffs.append(got[True] - got[False])
+            row = {"case": name + (" causal" if kwargs else ""), "device": str(dev), "winner": d.backend,
+                   "torch_us": statistics.median(base) * 1e6, "autosdpa_us": statistics.median(ours) * 1e6,
+                   "overhead_us": statistics.median(diffs) * 1e6,
+                   "overhead_p25_us": statistics.quantiles(diffs, n=4)[0] * 1e6,
+                   "overhead_p75_us": statistics.quantiles(diffs, n=4)[2] * 1e6}
+            results.append(row)
+            print(f"{row['case']:40s} torch {row['torch_us']:8.2f} us  autosdpa {row['autosdpa_us']:8.2f} us  "
+                  f"overhead {row['overhead_us']:6.2f} us [{row['overhead_p25_us']:.2f}, {row['overhead_p75_us']:.2f}]"
+                  f"  winner={row['winner']}")
+    meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "machine": platform.node(), "cpu": platform.processor() or platform.machine(),
+            "python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+            "target_us": 1.5, "method": "median of per-round differences, rounds interleaved A/B, "
+            f"{a.calls} calls per sample, {a.rounds} rounds"}
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tag = dev.type
+    (out / f"overhead_{tag}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
+    lines = [f"# autosdpa per-call overhead ({tag})", "",
+             f"{meta['date']}, {meta['device_name']}, torch {meta['torch']}, python {meta['python']}, "
+             f"{meta['threads']} threads. {meta['method']}. Target: ≤ {meta['target_us']} µs.", "",
+             "| case | winner | F.sdpa µs | autosdpa µs | overhead µs (p25–p75) |", "|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r['case']} | {r['winner']} | {r['torch_us']:.2f} | {r['autosdpa_us']:.2f} | "
+                     f"{r['overhead_us']:.2f} ({r['overhead_p25_us']:.2f}–{r['overhead_p75_us']:.2f}) |")
+    (out / f"overhead_{tag}.md").write_text("\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
