@@ -24,7 +24,7 @@ from .backends.base import Backend, Call
 from .backends.torch_backends import pytorch_choice
 from .config import env_mode, shared_db_paths
 from .environment import environment
-from .problem import Problem, default_threshold
+from .problem import DTYPE_NAMES, Problem, default_threshold
 from .store import Measurement, Store, StoreError
 from .tuner import Decision, InvalidInputs, TuneConfig, choose, measure
 
@@ -141,7 +141,7 @@ def _make_call(query, key, value, attn_mask, dropout_p, is_causal, scale, enable
             or not isinstance(dropout_p, (float, int)) or isinstance(dropout_p, bool)
             or not (scale is None or isinstance(scale, (float, int)) and not isinstance(scale, bool))):
         return None
-    if query.device.type not in ("cpu", "cuda"):
+    if query.device.type not in ("cpu", "cuda") or query.dtype not in DTYPE_NAMES:
         return None
     return Call(query, key, value, attn_mask, float(dropout_p), is_causal, scale, enable_gqa, bool(needs_grad))
 
@@ -178,20 +178,21 @@ def decide(call: Call, control: tuple | None, flags: tuple, *, allow_tune: bool
         return Decision("pytorch", "autosdpa mode is 'off'", source="passthrough"), None, True
     problem = Problem.from_call(call, st.threshold)
     torch_pick = pytorch_choice(call)
-    everyone = _backends.all_backends()
+    device = call.query.device
+    everyone = [b for b in _backends.all_backends() if b.candidate_by_default(device)]
     if forced:
         candidates = [_backends.get(n) for n in forced]
         why = f"restricted by autosdpa.backend({', '.join(forced)})"
+    elif list(_get_priority()) != _DEFAULT_PRIORITY:
+        return (Decision(torch_pick or "pytorch", "a PyTorch priority order is set: PyTorch decides",
+                         problem=problem.key, pytorch_choice=torch_pick, source="passthrough"), None, True)
     elif not all(flags):
         on = {name for name, slot in (("flash", 0), ("efficient", 1), ("math", 2), ("cudnn", 3)) if flags[slot]}
         candidates = [b for b in everyone if b.name in on]
         why = "restricted by PyTorch's sdpa flags (sdpa_kernel / enable_*_sdp)"
-    elif list(_get_priority()) != _DEFAULT_PRIORITY:
-        return (Decision(torch_pick or "pytorch", "a PyTorch priority order is set: PyTorch decides",
-                         problem=problem.key, pytorch_choice=torch_pick, source="passthrough"), None, True)
     else:
         candidates, why = everyone, ""
-    elig = eligibility(call, everyone)
+    elig = eligibility(call, list(dict.fromkeys(everyone + candidates)))
     rejected = {n: "; ".join(r) for n, r in elig.items() if r}
     eligible = [b for b in candidates if not elig[b.name]]
     if forced and not eligible:
@@ -219,7 +220,7 @@ def decide(call: Call, control: tuple | None, flags: tuple, *, allow_tune: bool
         if mode != "tune" or not allow_tune or forbidden:
             cacheable = not forbidden
         else:
-            to_time = [b for b in everyone if not elig[b.name]]
+            to_time = [b for b in dict.fromkeys(everyone + candidates) if not elig[b.name]]
             log.info("autosdpa: tuning %s on %s (%s)", problem.key, info["device_name"],
                      ", ".join(b.name for b in to_time))
             try:
@@ -254,7 +255,7 @@ def decide(call: Call, control: tuple | None, flags: tuple, *, allow_tune: bool
                 winner, reason, source = agreed, f"agreed with the other ranks (own pick: {winner})", "agreed"
     if why:
         reason = f"{reason}; {why}"
-    timings = {b.name: (meas[b.name].median_s if b.name in meas and meas[b.name].ok else None) for b in everyone}
+    timings = {n: (meas[n].median_s if n in meas and meas[n].ok else None) for n in elig}
     decision = Decision(winner, reason, timings, rejected, problem.key, torch_pick, source)
     return decision, _backends.get(winner), cacheable
 

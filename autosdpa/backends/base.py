@@ -64,6 +64,11 @@ class Backend:
         """Why this backend can never run on ``device`` (None when it can run there at all)."""
         return None
 
+    def candidate_by_default(self, device: torch.device) -> bool:
+        """Whether the dispatcher times it unasked on ``device``. False e.g. for Triton kernels on CPU, which
+        run only under the (slow, test-only) interpreter and are used there only when forced."""
+        return True
+
     def not_supported_reasons(self, call: Call) -> list[str]:
         raise NotImplementedError
 

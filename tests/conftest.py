@@ -1,0 +1,32 @@
+import os
+
+# Before torch/numpy load: BLAS threads would slow later torch CPU timings many-fold.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+os.environ.setdefault("AUTOSDPA_BUDGET", "0.02")  # seconds of timing per problem: tests check logic, not speed
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _fresh_autosdpa(tmp_path, monkeypatch):
+    """Every test gets its own database file and a dispatcher with empty in-memory caches."""
+    import autosdpa
+
+    monkeypatch.setenv("AUTOSDPA_DB", str(tmp_path / "autosdpa.sqlite"))
+    monkeypatch.delenv("AUTOSDPA_MODE", raising=False)
+    monkeypatch.delenv("AUTOSDPA_SHARED_DBS", raising=False)
+    monkeypatch.delenv("AUTOSDPA_RECORD", raising=False)
+    autosdpa.reset()
+    yield
+    autosdpa.unpatch()
+    autosdpa.reset()
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -1,0 +1,149 @@
+"""Persistence and robustness: reuse across processes, bucketing, a broken database never hurts."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import autosdpa
+from autosdpa import dispatch
+
+CHILD = textwrap.dedent("""
+    import json, torch, autosdpa
+    from autosdpa import dispatch
+    calls = []
+    real = dispatch.measure
+    dispatch.measure = lambda *a, **k: (calls.append(1), real(*a, **k))[1]
+    q = torch.randn(1, 2, 100, 16)
+    out = autosdpa.sdpa(q, q, q, is_causal=True)
+    d = autosdpa.explain(q, q, q, is_causal=True)
+    print(json.dumps({"tuned": len(calls), "backend": d.backend, "timings": d.timings, "problem": d.problem}))
+""")
+
+
+def run_child(env_extra):
+    env = {**os.environ, **env_extra}
+    r = subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def count_measure(monkeypatch):
+    calls = []
+    real = dispatch.measure
+    monkeypatch.setattr(dispatch, "measure", lambda *a, **k: (calls.append(a[0].query.shape), real(*a, **k))[1])
+    return calls
+
+
+@pytest.mark.slow
+def test_second_process_reuses_measurements_without_timing(tmp_path):
+    env = {"AUTOSDPA_DB": str(tmp_path / "shared.sqlite")}
+    first = run_child(env)
+    second = run_child(env)
+    assert first["tuned"] == 1 and second["tuned"] == 0
+    assert second["backend"] == first["backend"]
+    assert second["timings"] == first["timings"]  # the very same stored numbers
+    assert "Lq=128" in first["problem"]  # L=100 bucketed
+
+
+def test_every_backend_measurement_is_stored():
+    q = torch.randn(1, 2, 32, 16)
+    autosdpa.sdpa(q, q, q)
+    rows = dispatch.get_store().rows()
+    assert {m.backend for _, _, m in rows} == {"math", "flash"}
+    assert all(m.status == "ok" and m.median_s > 0 and m.samples >= 3 and m.max_error is not None
+               for _, _, m in rows)
+
+
+def test_bucketing_shares_one_tuning(monkeypatch):
+    calls = count_measure(monkeypatch)
+    for L in (100, 120, 128):
+        q = torch.randn(1, 2, L, 16)
+        torch.testing.assert_close(autosdpa.sdpa(q, q, q), F.scaled_dot_product_attention(q, q, q))
+    assert len(calls) == 1
+    assert autosdpa.explain(q, q, q).problem.split("|")[5] == "Lq=128"
+
+
+def test_exact_bucketing(monkeypatch):
+    monkeypatch.setenv("AUTOSDPA_BUCKET", "exact")
+    autosdpa.reset()
+    calls = count_measure(monkeypatch)
+    for L in (100, 120):
+        q = torch.randn(1, 2, L, 16)
+        autosdpa.sdpa(q, q, q)
+    assert len(calls) == 2
+
+
+def test_hit_path_does_not_touch_the_database(monkeypatch):
+    q = torch.randn(1, 2, 16, 8)
+    autosdpa.sdpa(q, q, q)
+    store = dispatch.get_store()
+    monkeypatch.setattr(store, "lookup", lambda *a: pytest.fail("database read on a cache hit"))
+    monkeypatch.setattr(store, "save", lambda *a: pytest.fail("database write on a cache hit"))
+    for _ in range(3):
+        autosdpa.sdpa(q, q, q)
+
+
+def _check_fallback(recwarn_list):
+    msgs = [str(w.message) for w in recwarn_list if "autosdpa" in str(w.message)]
+    assert len(msgs) == 1, msgs
+    assert "tuning database unusable" in msgs[0]
+
+
+@pytest.mark.parametrize("kind", ["garbage", "directory", "readonly", "truncated"])
+def test_broken_database_warns_once_and_keeps_working(tmp_path, monkeypatch, kind):
+    path = tmp_path / "db.sqlite"
+    if kind == "garbage":
+        path.write_bytes(os.urandom(4096))
+    elif kind == "directory":
+        path.mkdir()
+    elif kind == "truncated":
+        q = torch.randn(1, 1, 8, 8)
+        autosdpa.sdpa(q, q, q)  # make a real DB, then cut it
+        autosdpa.reset()
+        data = (tmp_path / "autosdpa.sqlite").read_bytes()
+        path.write_bytes(data[: len(data) // 3] + b"\0" * 100)
+    if kind == "readonly":
+        q = torch.randn(1, 1, 8, 8)
+        autosdpa.sdpa(q, q, q)
+        autosdpa.reset()
+        monkeypatch.setenv("AUTOSDPA_DB", f"sqlite:///file:{tmp_path / 'autosdpa.sqlite'}?mode=ro&uri=true")
+    else:
+        monkeypatch.setenv("AUTOSDPA_DB", str(path))
+    autosdpa.reset()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for L in (16, 32, 64):
+            q = torch.randn(1, 2, L, 8)
+            torch.testing.assert_close(autosdpa.sdpa(q, q, q, is_causal=True),
+                                       F.scaled_dot_product_attention(q, q, q, is_causal=True))
+    _check_fallback(caught)
+    assert autosdpa.explain(q, q, q, is_causal=True).timings["flash"] is not None  # still measured, in memory
+
+
+def test_record_appends_new_problems(tmp_path, monkeypatch):
+    rec = tmp_path / "seen.jsonl"
+    monkeypatch.setenv("AUTOSDPA_RECORD", str(rec))
+    for L in (16, 16, 64):
+        q = torch.randn(1, 2, L, 8)
+        autosdpa.sdpa(q, q, q)
+    lines = [json.loads(x) for x in rec.read_text().splitlines()]
+    assert [x["problem"].split("|")[5] for x in lines] == ["Lq=16", "Lq=64"]
+
+
+def test_compile_tracing_does_not_tune_and_matches(monkeypatch):
+    calls = count_measure(monkeypatch)
+
+    def attn(q, k, v):
+        return autosdpa.sdpa(q, k, v, is_causal=True) * 2
+
+    compiled = torch.compile(attn, backend="eager", fullgraph=True)  # fullgraph: no graph break either
+    q = torch.randn(1, 2, 16, 8)
+    torch.testing.assert_close(compiled(q, q, q), F.scaled_dot_product_attention(q, q, q, is_causal=True) * 2)
+    assert calls == []
+    assert dispatch.get_store().counts()["measurements"] == 0

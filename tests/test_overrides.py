@@ -1,0 +1,161 @@
+"""Who wins: autosdpa.mode, autosdpa.backend, PyTorch's sdpa flags, then the measurement."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.profiler import ProfilerActivity, profile
+
+import autosdpa
+from autosdpa import dispatch
+from autosdpa.backends import Call
+from autosdpa.backends.torch_backends import torch_flags
+from autosdpa.environment import environment
+from autosdpa.problem import Problem
+from autosdpa.store import Measurement
+
+OPS = {"math": "aten::_scaled_dot_product_attention_math",
+       "flash": "aten::_scaled_dot_product_flash_attention_for_cpu"}
+
+
+def ran(fn, *args, **kwargs) -> set[str]:
+    """Which PyTorch SDPA kernels ran (by profiler op name)."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn(*args, **kwargs)
+    names = {e.key for e in prof.key_averages()}
+    return {b for b, op in OPS.items() if op in names}
+
+
+def qkv(L=16, D=8, H=2):
+    g = torch.Generator().manual_seed(0)
+    return tuple(torch.randn(1, H, L, D, generator=g) for _ in range(3))
+
+
+def seed_measurements(q, k, v, times: dict[str, float], **kw):
+    """Put measurements for this call's problem into the user DB, as if tuned before."""
+    call = Call(q, k, v, **kw)
+    key = Problem.from_call(call).key
+    fp, info = environment(q.device)
+    dispatch.get_store().save(fp, info, key, [Measurement(n, "ok", t, 0.0, 10) for n, t in times.items()])
+    return key
+
+
+def test_forced_backend_is_the_one_that_runs():
+    q, k, v = qkv()
+    for name in ("math", "flash"):
+        with autosdpa.backend(name):
+            assert ran(autosdpa.sdpa, q, k, v) == {name}
+            assert autosdpa.explain(q, k, v).backend == name
+    assert torch_flags() == (True, True, True, True)
+
+
+def test_restricted_backends_choose_among_them():
+    q, k, v = qkv()
+    with autosdpa.backend(["math", "flash"]):
+        d = autosdpa.explain(q, k, v)
+        assert d.backend in ("math", "flash")
+        assert set(k_ for k_, t in d.timings.items() if t is not None) == {"math", "flash"}
+        assert ran(autosdpa.sdpa, q, k, v) == {d.backend}
+
+
+def test_forced_ineligible_backend_raises_with_reason():
+    q, k, v = qkv()
+    with autosdpa.backend("efficient"), pytest.raises(RuntimeError, match="no CPU efficient"):
+        autosdpa.sdpa(q, k, v)
+    with autosdpa.backend("flash"), pytest.raises(RuntimeError, match="dropout"):
+        autosdpa.sdpa(q, k, v, dropout_p=0.5)
+    with pytest.raises(ValueError, match="unknown autosdpa backend"):
+        with autosdpa.backend("nope"):
+            pass
+
+
+def test_sdpa_kernel_math_is_honoured():
+    q, k, v = qkv()
+    seed_measurements(q, k, v, {"flash": 1e-6, "math": 1.0})  # flash "wins" unless the flags say otherwise
+    with sdpa_kernel(SDPBackend.MATH):
+        assert ran(autosdpa.sdpa, q, k, v) == {"math"}
+        d = autosdpa.explain(q, k, v)
+        assert d.backend == "math" and "PyTorch's sdpa flags" in d.reason
+    assert ran(autosdpa.sdpa, q, k, v) == {"flash"}
+
+
+def test_enable_flash_sdp_false_is_honoured():
+    q, k, v = qkv()
+    prev = torch.backends.cuda.flash_sdp_enabled()
+    torch.backends.cuda.enable_flash_sdp(False)
+    try:
+        assert ran(autosdpa.sdpa, q, k, v) == {"math"}
+    finally:
+        torch.backends.cuda.enable_flash_sdp(prev)
+
+
+def test_priority_order_defers_to_pytorch():
+    q, k, v = qkv()
+    seed_measurements(q, k, v, {"flash": 1.0, "math": 1e-6})
+    assert ran(autosdpa.sdpa, q, k, v) == {"math"}  # measured winner, not PyTorch's pick
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.MATH], set_priority=True):
+        assert ran(autosdpa.sdpa, q, k, v) == {"flash"}
+        assert "priority" in autosdpa.explain(q, k, v).reason
+
+
+def test_measured_winner_runs_and_flags_are_restored():
+    q, k, v = qkv(L=24)
+    seed_measurements(q, k, v, {"flash": 5e-3, "math": 1e-3})
+    assert ran(autosdpa.sdpa, q, k, v) == {"math"}
+    assert torch_flags() == (True, True, True, True)
+    d = autosdpa.explain(q, k, v)
+    assert d.backend == "math" and d.source in ("database", "cache") and "faster" in d.reason
+    torch.testing.assert_close(autosdpa.sdpa(q, k, v), F.scaled_dot_product_attention(q, k, v))
+
+
+def test_near_tie_goes_to_pytorch_choice_and_needs_no_flag_toggling():
+    q, k, v = qkv(L=40)
+    seed_measurements(q, k, v, {"flash": 1.01e-3, "math": 1.0e-3})  # math 1% faster: noise
+    assert ran(autosdpa.sdpa, q, k, v) == {"flash"}
+    assert "near-tie" in autosdpa.explain(q, k, v).reason
+    # the hot-path plan for PyTorch's own pick is "call F.sdpa directly": no flag save/set/restore
+    assert list(dispatch._plans.values()) == [None]
+
+
+def test_mode_off_and_lookup():
+    q, k, v = qkv(L=48)
+    with autosdpa.mode("off"):
+        autosdpa.sdpa(q, k, v)
+        assert autosdpa.explain(q, k, v).source == "passthrough"
+    with autosdpa.mode("lookup"):
+        autosdpa.sdpa(q, k, v)
+        d = autosdpa.explain(q, k, v)
+        assert d.source == "default" and d.backend == "flash"
+    assert dispatch.get_store().counts()["measurements"] == 0  # neither mode timed anything
+    with pytest.raises(ValueError):
+        with autosdpa.mode("fast"):
+            pass
+
+
+def test_env_mode(monkeypatch):
+    monkeypatch.setenv("AUTOSDPA_MODE", "lookup")
+    autosdpa.reset()
+    q, k, v = qkv(L=56)
+    autosdpa.sdpa(q, k, v)
+    assert dispatch.get_store().counts()["measurements"] == 0
+
+
+def test_overrides_nest_and_restore():
+    with autosdpa.mode("lookup"):
+        with autosdpa.backend("math"):
+            assert dispatch._control == ("lookup", ("math",))
+        assert dispatch._control == ("lookup", None)
+    assert dispatch._control is None
+
+
+def test_patch_routes_torch_functional_and_mha():
+    mha = torch.nn.MultiheadAttention(16, 2, batch_first=True)
+    x = torch.randn(2, 10, 16)
+    with torch.no_grad():
+        ref = mha(x, x, x, need_weights=False)[0]
+    with autosdpa.patch():
+        assert F.scaled_dot_product_attention is autosdpa.sdpa
+        with torch.no_grad():
+            out = mha(x, x, x, need_weights=False)[0]
+        assert dispatch.get_store().counts()["measurements"] > 0  # MHA's attention went through autosdpa
+    assert F.scaled_dot_product_attention is dispatch._sdpa
+    torch.testing.assert_close(out, ref)
