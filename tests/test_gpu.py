@@ -1,0 +1,84 @@
+"""CUDA checks (run with `-m gpu` on a GPU machine): eligibility agrees with what PyTorch actually runs,
+results match F.sdpa, and the chosen backend is never slower than PyTorch's own pick beyond noise."""
+import statistics
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import autosdpa
+from autosdpa.backends import Call
+from autosdpa.backends.torch_backends import get_torch
+from autosdpa.timing import time_interleaved
+
+pytestmark = pytest.mark.gpu
+
+SDP = {"math": SDPBackend.MATH, "flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+       "cudnn": SDPBackend.CUDNN_ATTENTION}
+
+
+def _case(dtype, b, hq, hkv, lq, lk, d, mask=None, causal=False, grad=False, dropout=0.0):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(b, hq, lq, d, device="cuda", dtype=dtype, generator=g)
+    k = torch.randn(b, hkv, lk, d, device="cuda", dtype=dtype, generator=g)
+    v = torch.randn(b, hkv, lk, d, device="cuda", dtype=dtype, generator=g)
+    m = None
+    if mask == "bool":
+        m = torch.rand(b, 1, lq, lk, device="cuda", generator=g) > 0.2
+    elif mask == "float":
+        m = torch.randn(b, 1, lq, lk, device="cuda", dtype=dtype, generator=g)
+    if grad:
+        q, k, v = (t.requires_grad_() for t in (q, k, v))
+    return q, k, v, dict(attn_mask=m, is_causal=causal, enable_gqa=hq != hkv, dropout_p=dropout)
+
+
+CASES = [
+    (torch.bfloat16, 2, 8, 8, 256, 256, 64), (torch.float16, 2, 8, 2, 128, 384, 128),
+    (torch.float32, 1, 4, 4, 64, 64, 64), (torch.bfloat16, 1, 8, 8, 128, 128, 256),
+    (torch.bfloat16, 4, 32, 8, 1, 4096, 128), (torch.float16, 2, 4, 4, 100, 100, 80),
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("extra", [{}, {"causal": True}, {"mask": "bool"}, {"grad": True}, {"dropout": 0.1}],
+                         ids=["plain", "causal", "mask", "grad", "dropout"])
+def test_eligibility_matches_what_pytorch_runs(case, extra):
+    q, k, v, kw = _case(*case, **extra)
+    call = Call(q, k, v, kw["attn_mask"], kw["dropout_p"], kw["is_causal"], None, kw["enable_gqa"],
+                needs_grad=q.requires_grad)
+    for name, sdp in SDP.items():
+        reasons = get_torch(name).not_supported_reasons(call)
+        try:
+            with sdpa_kernel(sdp):
+                out = F.scaled_dot_product_attention(q, k, v, **kw)
+                if q.requires_grad:
+                    out.sum().backward()
+            ran = True
+        except RuntimeError:
+            ran = False
+        assert ran == (not reasons), (name, reasons)
+
+
+@pytest.mark.parametrize("case", CASES[:4])
+def test_results_match_on_cuda(case):
+    q, k, v, kw = _case(*case, causal=True)
+    ref = F.scaled_dot_product_attention(q, k, v, **kw)
+    for _ in range(2):
+        out = autosdpa.sdpa(q, k, v, **kw)
+        torch.testing.assert_close(out, ref, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("case", [(torch.bfloat16, 4, 16, 16, 1024, 1024, 128),
+                                  (torch.bfloat16, 8, 32, 8, 1, 8192, 128),
+                                  (torch.float16, 2, 16, 16, 2048, 2048, 64)])
+def test_winner_not_slower_than_pytorch_default(case):
+    q, k, v, kw = _case(*case, causal=case[4] > 1)
+    autosdpa.sdpa(q, k, v, **kw)  # tune
+    samples = time_interleaved({"autosdpa": lambda: autosdpa.sdpa(q, k, v, **kw),
+                                "pytorch": lambda: F.scaled_dot_product_attention(q, k, v, **kw)},
+                               q.device, budget_s=1.0, min_rounds=30, max_rounds=200)
+    ours, theirs = statistics.median(samples["autosdpa"]), statistics.median(samples["pytorch"])
+    print(f"{case}: autosdpa {ours * 1e6:.1f} us ({autosdpa.explain(q, k, v, **kw).backend}) "
+          f"vs PyTorch {theirs * 1e6:.1f} us")
+    assert ours <= theirs * 1.10
