@@ -69,8 +69,6 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
                                  enable_gqa=False):
     """Drop-in for ``torch.nn.functional.scaled_dot_product_attention`` that runs the measured-fastest
     correct backend for these inputs on this device. Same arguments, same results, same exceptions."""
-    if _is_compiling():  # never tune while tracing: let the compiler see plain F.sdpa
-        return _sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
     # The fast key holds only what is cheap to read (~1 us for all of it). What it leaves out (value's
     # shape, k/v dtypes, strides, k/v requires_grad) cannot make a plan run something wrong: plans that are
     # not plain F.sdpa re-check what they depend on and fall back to F.sdpa.
@@ -89,6 +87,23 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         return _sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
     return plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
 
+
+def _as_pytorch(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    return _sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
+
+
+# Never tune while tracing: torch.compile sees plain F.sdpa in place of the dispatcher (no graph break, and no
+# is_compiling() test on the eager hot path). PyTorch without substitute_in_graph gets that test instead.
+try:
+    torch.compiler.substitute_in_graph(scaled_dot_product_attention)(_as_pytorch)
+except (AttributeError, TypeError):  # pragma: no cover - older PyTorch
+    _dispatch_eager = scaled_dot_product_attention
+
+    def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
+                                     scale=None, enable_gqa=False):
+        if _is_compiling():
+            return _sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
+        return _dispatch_eager(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
 
 sdpa = scaled_dot_product_attention
 

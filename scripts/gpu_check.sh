@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The one prepared device check: GPU tests, GPU benchmarks, a tuned DB to ship. Everything lands in $OUT as
+# summary.txt (read it first) and results.tar.gz (benchmarks/*, tuning_db/*, logs) to unpack at the repo root.
+#
+# The device image has torch/triton/click/rich but not sqlalchemy/platformdirs, and nothing can be fetched
+# there, so carry wheels made here first:
+#   pip download --python-version 3.12 --only-binary=:all: --platform manylinux2014_x86_64 \
+#       --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 -d .gpu_wheels sqlalchemy platformdirs
+#   device run: command="bash scripts/gpu_check.sh", carry=[".gpu_wheels"], timeout_s=540
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/autosdpa-gpu-out}
+WORK=$(mktemp -d)
+mkdir -p "$OUT" "$WORK/benchmarks" "$WORK/tuning_db" "$WORK/logs"
+SUMMARY="$OUT/summary.txt"
+: >"$SUMMARY"
+note() { echo "$*" | tee -a "$SUMMARY"; }
+step() {  # step NAME SECONDS CMD...: run with a time limit, log to logs/NAME.log, record status
+  local name=$1 limit=$2; shift 2
+  local t0=$SECONDS
+  timeout "$limit" "$@" >"$WORK/logs/$name.log" 2>&1
+  local rc=$?
+  note "[$name] rc=$rc in $((SECONDS - t0))s"
+  tail -n 15 "$WORK/logs/$name.log" | sed 's/^/    /' >>"$SUMMARY"
+}
+
+export OPENBLAS_NUM_THREADS=1 PYTHONUNBUFFERED=1
+export AUTOSDPA_DB="$WORK/tuning_db/user.sqlite"
+[ -d .gpu_wheels ] && python3 -m pip install -q --no-index --find-links .gpu_wheels sqlalchemy platformdirs >/dev/null 2>&1
+python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >"$WORK/logs/install.log" 2>&1 \
+  || note "editable install failed (see logs/install.log)"
+note "date: $(date -u +%FT%TZ)"
+note "gpu: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null)"
+note "versions: $(python3 -c 'import torch, triton; print("torch", torch.__version__, "cuda", torch.version.cuda, "cudnn", torch.backends.cudnn.version(), "triton", triton.__version__)' 2>&1)"
+
+step pytest_gpu 240 python3 -m pytest -m gpu -q -x --no-header -p no:cacheprovider -o addopts="" tests
+step overhead 60 python3 scripts/bench_overhead.py --device cuda --out "$WORK/benchmarks" --rounds 100
+step overhead_cpu 60 python3 scripts/bench_overhead.py --device cpu --out "$WORK/benchmarks" --rounds 100
+[ -f scripts/bench_kernels.py ] && step bench_kernels 180 python3 scripts/bench_kernels.py --out "$WORK/benchmarks"
+# GPU_CHECK_EXTRA: steps added by the CLI / sharing work go here
+
+tar -C "$WORK" -czf "$OUT/results.tar.gz" benchmarks tuning_db logs
+note "results: $(tar -tzf "$OUT/results.tar.gz" | tr '\n' ' ')"
