@@ -81,7 +81,13 @@ def tune(problems: Iterable[Problem | str], *, db=None, progress: bool = True, d
                     from .environment import environment
                     fp, _ = environment(dev)
                     st.measurements[(fp, Problem.from_call(call, st.threshold).key)] = {}
-                d, _, _ = dispatch.decide(call, ("tune", None), (True,) * 4, allow_tune=True)
+                prev_det = (torch.are_deterministic_algorithms_enabled(),
+                            torch.is_deterministic_algorithms_warn_only_enabled())
+                torch.use_deterministic_algorithms(p.deterministic)  # part of the key, and of what may run
+                try:
+                    d, _, _ = dispatch.decide(call, ("tune", None), (True,) * 4, allow_tune=True)
+                finally:
+                    torch.use_deterministic_algorithms(prev_det[0], warn_only=prev_det[1])
                 if progress:
                     print(f"[{i + 1}/{len(probs)}] {p.key} -> {d.backend} ({d.reason})", flush=True)
                 out.append(d)

@@ -2,9 +2,76 @@
 
 ``agree(store, fingerprint, key, winner, eligible)`` is called by the dispatcher after it picked ``winner``
 among ``eligible`` for an unrestricted problem; it returns the backend to use.
+
+Design: no collectives here. The dispatcher reaches this on a *miss*, and ranks may miss on different calls
+(different sequence lengths, a rank that skips a layer), so a collective in this path could deadlock. Instead
+the store keeps a ``decision`` table (environment, problem key) -> backend with first-writer-wins
+insert-if-absent semantics: the first rank to decide a problem fixes it, the others read it. Ranks that share
+one database (one SQLite file on a node, or a PostgreSQL server for the fleet) agree without talking. Ranks with
+separate databases call the collective ``autosdpa.distributed.sync_decisions()`` at a safe point.
+
+When the agreed backend cannot run this rank's tensors (not in ``eligible``), the rank keeps its own winner:
+correctness first. Without torch.distributed (or with world size 1) this is one cheap check.
 """
 from __future__ import annotations
 
+import logging
+import os
+import socket
+import warnings
+
+log = logging.getLogger("autosdpa")
+_warned: set[str] = set()
+
+
+def world() -> tuple[int, int] | None:
+    """(rank, world size) when torch.distributed is initialized, else None."""
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+    except Exception:  # a half-torn-down process group: behave as not distributed
+        pass
+    return None
+
+
+def environment_info(fingerprint: str) -> dict | None:
+    """The fields of this process's environment that has ``fingerprint`` (CPU or current CUDA device)."""
+    import torch
+
+    from .environment import environment
+
+    devices = ["cpu"]
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        devices.append("cuda")
+    for dev in devices:
+        try:
+            fp, info = environment(dev)
+        except Exception:
+            continue
+        if fp == fingerprint:
+            return info
+    return None
+
 
 def agree(store, fingerprint: str, key: str, winner: str, eligible: list[str]) -> str:
-    return winner
+    w = world()
+    if w is None or w[1] <= 1:
+        return winner
+    rank, size = w
+    try:
+        agreed = store.decide(fingerprint, environment_info(fingerprint), key, winner,
+                              decided_by=f"rank {rank}/{size} pid {os.getpid()} on {socket.gethostname()}")
+    except Exception as e:  # never break the caller's run: decide alone, and say so once
+        if "agree" not in _warned:
+            _warned.add("agree")
+            warnings.warn(f"autosdpa: cannot record rank decisions ({e}); ranks may choose different backends",
+                          RuntimeWarning, stacklevel=3)
+        return winner
+    if agreed is None or agreed not in eligible:
+        if agreed is not None:
+            log.info("autosdpa: agreed backend %s cannot run these inputs on rank %d; using %s", agreed, rank,
+                     winner)
+        return winner
+    return agreed

@@ -41,6 +41,7 @@ _grad_enabled = torch.is_grad_enabled
 _is_compiling = torch.compiler.is_compiling
 
 _MAX_PLANS = 4096
+_INVALID = _backends.get("math")  # runs inputs the reference rejects, so that PyTorch raises its own error
 
 
 class ForcedBackendError(RuntimeError):
@@ -241,9 +242,13 @@ def decide(call: Call, control: tuple | None, flags: tuple, *, allow_tune: bool
             try:
                 with torch.random.fork_rng(devices=[call.query.device] if call.query.is_cuda else []):
                     new = measure(call, to_time, st.config, tuned_shape=_shape_str(call))
-            except InvalidInputs:
-                return (Decision(torch_pick or "pytorch", "inputs rejected by the reference: PyTorch decides",
-                                 problem=problem.key, source="passthrough"), None, True)
+            except InvalidInputs as e:
+                # Run PyTorch's math backend, which raises PyTorch's own error for such inputs. (F.sdpa's
+                # default may not: torch 2.13's CPU flash kernel reads out of bounds when k and v lengths
+                # differ and returns garbage instead of raising.)
+                return (Decision("math", f"inputs rejected by the reference ({e}): PyTorch's math backend "
+                                 "raises its error", problem=problem.key, pytorch_choice=torch_pick,
+                                 source="invalid"), _INVALID, True)
             meas = {**meas, **{m.backend: m for m in new}}
             st.measurements[cache_key] = meas
             source = "tuned"
@@ -276,6 +281,8 @@ def decide(call: Call, control: tuple | None, flags: tuple, *, allow_tune: bool
 
 
 def _plan_for(backend: Backend | None, torch_pick: str | None, call: Call):
+    if backend is _INVALID:
+        return _INVALID.run  # no fallback to F.sdpa: its error (not a silent wrong result) is the answer
     if backend is None or backend.name == torch_pick:
         return None
     run = backend.run

@@ -59,7 +59,11 @@ def _mask_kind(call: Call) -> str:
     if m is None:
         return "none"
     kind = "bool" if m.dtype == torch.bool else "float"
-    shape = (1,) * (4 - m.dim()) + tuple(m.shape[-4:]) if m.dim() <= 4 else tuple(m.shape[-4:])
+    if call.query.dim() == 3:  # (N, L, E): the mask broadcasts to (N, Lq, Lk); there is no head dim
+        s3 = (1,) * max(0, 3 - m.dim()) + tuple(m.shape[-3:])
+        shape = (s3[0], 1, s3[1], s3[2])
+    else:
+        shape = (1,) * max(0, 4 - m.dim()) + tuple(m.shape[-4:])
     pattern = "".join(c if s != 1 else "1" for c, s in zip("BHQK", shape))
     return f"{kind}:{pattern}"
 

@@ -58,6 +58,7 @@ import hashlib
 import itertools
 import json
 import os
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable
@@ -73,7 +74,7 @@ except ModuleNotFoundError:  # Python 3.10
 from .problem import DTYPES, LAYOUTS, Problem
 
 __all__ = ["WorkloadError", "WorkItem", "parse_shape", "problem_from_fields", "load_file", "list_presets",
-           "load_preset", "load_recording", "shard", "dedupe", "apply_overrides", "normalize_dtype",
+           "load_preset", "load_recording", "shard", "parse_shard", "dedupe", "dedupe_canonical", "canonical", "apply_overrides", "normalize_dtype",
            "FIELDS"]
 
 
@@ -184,6 +185,9 @@ def problem_from_fields(fields: dict[str, Any], *, default_dtype: str = "fp32", 
         mask = str(norm.get("mask", "none")).strip()
         if mask.lower() == "none":
             mask = "none"
+        elif not re.fullmatch(r"(bool|float):[B1][H1][Q1][K1]", mask):
+            raise WorkloadError(f"mask={mask!r}: expected none, bool:PATTERN or float:PATTERN where PATTERN is "
+                                "B/1, H/1, Q/1, K/1 in that order, 1 = broadcast (e.g. bool:B11K)")
         drop_v = norm.get("dropout", False)
         if isinstance(drop_v, bool):
             dropout = drop_v
@@ -443,6 +447,26 @@ def dedupe(items: Iterable[WorkItem]) -> list[WorkItem]:
     return list(seen.values())
 
 
+def canonical(problem: Problem, threshold: int | None | str = "env") -> Problem:
+    """The problem as the dispatcher keys it: batch and lengths bucketed (``AUTOSDPA_BUCKET``)."""
+    from .problem import bucket, default_threshold
+
+    t = default_threshold() if threshold == "env" else threshold
+    return problem.with_(batch=bucket(problem.batch, t), lq=bucket(problem.lq, t), lk=bucket(problem.lk, t))
+
+
+def dedupe_canonical(items: Iterable[WorkItem]) -> list[WorkItem]:
+    """Drop items whose bucketed key was already seen (they would share one tuning result)."""
+    seen: set[str] = set()
+    out = []
+    for it in items:
+        k = canonical(it.problem).key
+        if k not in seen:
+            seen.add(k)
+            out.append(it)
+    return out
+
+
 def shard_of(key: str, n: int) -> int:
     """Stable shard index of a problem key (same on every machine and Python run)."""
     return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") % n
@@ -461,4 +485,5 @@ def parse_shard(spec: str) -> tuple[int, int]:
 
 
 def shard(items: Iterable[WorkItem], i: int, n: int) -> list[WorkItem]:
-    return [it for it in items if shard_of(it.problem.key, n) == i]
+    """Items of shard ``i`` of ``n``: split by a hash of the bucketed key, so every machine agrees."""
+    return [it for it in items if shard_of(canonical(it.problem).key, n) == i]

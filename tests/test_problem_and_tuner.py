@@ -42,6 +42,7 @@ def test_parse_rejects_malformed(bad):
     "fwdbwd|fp64|B=1|Hq=2|Hkv=2|Lq=8|Lk=8|D=8|Dv=8|nocausal|mask=float:1HQK|drop=0|gqa=0|layout=blhd|det=0",
     "fwd|fp32|B=2|Hq=1|Hkv=1|Lq=8|Lk=16|D=8|Dv=8|causal_br|mask=none|drop=0|gqa=0|layout=nd3|det=0",
     "fwd|fp32|B=2|Hq=2|Hkv=2|Lq=8|Lk=16|D=8|Dv=8|nocausal|mask=bool:B11K|drop=0|gqa=0|layout=strided|det=0",
+    "fwd|fp32|B=3|Hq=1|Hkv=1|Lq=8|Lk=16|D=8|Dv=8|nocausal|mask=float:B1QK|drop=0|gqa=0|layout=nd3|det=0",
 ])
 def test_make_call_reproduces_the_key(key):
     p = Problem.parse(key)

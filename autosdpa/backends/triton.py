@@ -14,7 +14,7 @@ import sys
 import torch
 from torch.nn.attention.bias import CausalBias
 
-from .base import CAUSAL_NONE, Backend, Call, register
+from .base import Backend, Call, register
 
 _PKG = "autosdpa_kernels"
 _kernels_pkg = None
@@ -56,6 +56,16 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+#: On the CPU the kernels only run under Triton's interpreter, which is a test tool (orders of magnitude
+#: slower than any real backend). The backends therefore stay unavailable on the CPU unless this variable
+#: is "1" as well, so that a process that merely has TRITON_INTERPRET=1 set (a test run) does not time them.
+CPU_OPT_IN = "AUTOSDPA_TRITON_INTERPRET"
+
+
+def _cpu_allowed() -> bool:
+    return _interpreting() and os.environ.get(CPU_OPT_IN, "0") == "1"
+
+
 def _to_4d(q, k, v, mask):
     """(N, L, E) inputs get a head dim; a 3-D mask (N, L, S) then becomes (N, 1, L, S)."""
     if q.dim() == 3 and k.dim() == 3 and v.dim() == 3:
@@ -81,9 +91,13 @@ class _TritonBackend(Backend):
             return _kernels_error
         if device.type == "cuda":
             return None
-        if device.type == "cpu" and _interpreting():
+        if device.type == "cpu" and _cpu_allowed():
             return None
-        return f"Triton kernels need a CUDA device (or CPU with TRITON_INTERPRET=1); got {device.type}"
+        return (f"Triton kernels need a CUDA device (on the CPU only under the Triton interpreter, with "
+                f"TRITON_INTERPRET=1 and {CPU_OPT_IN}=1); got {device.type}")
+
+    def candidate_by_default(self, device) -> bool:
+        return torch.device(device).type == "cuda"  # the CPU interpreter is for tests: forced use only
 
     def not_supported_reasons(self, call: Call) -> list[str]:
         reason = self.unavailable_reason(call.query.device)
@@ -164,4 +178,4 @@ class TritonDecode(_TritonBackend):
 register(TritonFlash())
 register(TritonDecode())
 
-__all__ = ["TritonFlash", "TritonDecode", "CAUSAL_NONE"]
+__all__ = ["TritonFlash", "TritonDecode", "CPU_OPT_IN"]

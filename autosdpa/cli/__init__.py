@@ -11,3 +11,5 @@ def main() -> None:
 
 
 from . import doctor as _doctor  # noqa: E402,F401  (registers its command)
+from . import tune as _tune, show as _show, explain as _explain, bench as _bench, presets as _presets  # noqa: E402,F401,E501
+from . import db as _db  # noqa: E402,F401  (registers the `db` group)

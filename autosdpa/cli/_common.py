@@ -1,0 +1,220 @@
+"""Shared pieces of the ``autosdpa`` commands: workload options, device and database handling, formatting."""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import os
+import sys
+
+import click
+from rich.console import Console
+
+from ..workload import WorkItem, WorkloadError
+
+#: stdout (results) and stderr (progress, notes): with --json only JSON goes to stdout.
+out = Console(soft_wrap=False)
+err = Console(stderr=True)
+
+SHAPE_HELP = ("One problem as comma-separated fields, e.g. "
+              "'b=8,hq=32,hkv=8,lq=4096,d=128,dtype=bf16,causal,train'. Fields: b (batch, 1), hq (heads, 1), "
+              "hkv (kv heads, =hq), lq (query length, required), lk (=lq), d (head dim, 64), dv (=d), "
+              "dtype (fp16|bf16|fp32|fp64; default bf16 on CUDA, fp32 on CPU), causal (flag; causal=br for "
+              "bottom-right), mask (none|bool:B11K|float:...), dropout (flag or =P), gqa (flag, auto if hq!=hkv), "
+              "train (flag: forward+backward), layout (bhld|blhd|strided|nd3), det (flag). "
+              "A full problem key is accepted too. Repeatable.")
+
+
+def workload_options(fn):
+    """--shape/--file/--preset/--from plus --dtype/--train/--limit; passes ``workload`` (a dict) to ``fn``."""
+    opts = [
+        click.option("--shape", "shapes", multiple=True, metavar="SPEC", help=SHAPE_HELP),
+        click.option("--file", "files", multiple=True, metavar="FILE.toml|FILE.json",
+                     type=click.Path(dir_okay=False),
+                     help="Workload file listing problems (TOML or JSON; see docs/cli.md). Repeatable."),
+        click.option("--preset", "presets", multiple=True, metavar="NAME",
+                     help="A shipped model preset (see `autosdpa presets`). Repeatable."),
+        click.option("--from", "recordings", multiple=True, metavar="FILE.jsonl",
+                     type=click.Path(dir_okay=False),
+                     help="Problems recorded by running a program with AUTOSDPA_RECORD=FILE.jsonl. Repeatable."),
+        click.option("--dtype", default=None, metavar="DTYPE",
+                     help="Override every problem's dtype (fp16, bf16, fp32, fp64)."),
+        click.option("--train", is_flag=True, help="Time forward + backward for every problem."),
+        click.option("--limit", type=click.IntRange(min=1), default=None,
+                     help="Only the first N problems (after de-duplication and sharding)."),
+    ]
+    for o in reversed(opts):
+        fn = o(fn)
+
+    @functools.wraps(fn)
+    def wrapper(*args, shapes, files, presets, recordings, dtype, train, limit, **kwargs):
+        wl = dict(shapes=shapes, files=files, presets=presets, recordings=recordings, dtype=dtype, train=train,
+                  limit=limit)
+        return fn(*args, workload=wl, **kwargs)
+    return wrapper
+
+
+def default_dtype_for(device) -> str:
+    return "bf16" if device is not None and getattr(device, "type", "cpu") == "cuda" else "fp32"
+
+
+def gather(wl: dict, device=None, *, shard: tuple[int, int] | None = None, required: bool = True
+           ) -> list[WorkItem]:
+    """Every problem named by the workload options, overridden, de-duplicated (by bucketed key), sharded,
+    limited. Bad input raises click.BadParameter naming the option."""
+    from .. import workload as W
+
+    ddt = default_dtype_for(device)
+    items: list[WorkItem] = []
+    if wl["dtype"]:
+        try:
+            W.normalize_dtype(wl["dtype"])
+        except WorkloadError as e:
+            raise click.BadParameter(str(e), param_hint="--dtype") from None
+    for spec in wl["shapes"]:
+        try:
+            items.append(WorkItem(W.parse_shape(spec, default_dtype=ddt), "", "--shape"))
+        except WorkloadError as e:
+            raise click.BadParameter(f"{spec!r}: {e}", param_hint="--shape") from None
+    for path in wl["files"]:
+        if not os.path.exists(path):
+            raise click.BadParameter(f"no such file: {path}", param_hint="--file")
+        try:
+            items.extend(W.load_file(path, default_dtype=ddt))
+        except WorkloadError as e:
+            raise click.BadParameter(str(e), param_hint="--file") from None
+    for name in wl["presets"]:
+        try:
+            items.extend(W.load_preset(name, default_dtype=ddt))
+        except WorkloadError as e:
+            raise click.BadParameter(str(e), param_hint="--preset") from None
+    for path in wl["recordings"]:
+        if not os.path.exists(path):
+            raise click.BadParameter(f"no such file: {path}", param_hint="--from")
+        try:
+            items.extend(W.load_recording(path))
+        except WorkloadError as e:
+            raise click.BadParameter(str(e), param_hint="--from") from None
+    if required and not items:
+        raise click.UsageError("no problems given: use --shape, --file, --preset or --from (see --help)")
+    try:
+        items = W.apply_overrides(items, dtype=wl["dtype"], train=wl["train"])
+    except WorkloadError as e:
+        raise click.BadParameter(str(e), param_hint="--dtype") from None
+    items = W.dedupe_canonical(items)
+    if shard is not None:
+        items = W.shard(items, *shard)
+    if wl["limit"]:
+        items = items[: wl["limit"]]
+    return items
+
+
+def resolve_device(spec: str | None, param_hint: str = "--device"):
+    """'cpu', 'cuda', 'cuda:1' (default: cuda if available, else cpu) -> torch.device, or BadParameter."""
+    import torch
+
+    if spec is None or not spec.strip():
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    s = spec.strip().lower()
+    if s.isdigit():
+        s = f"cuda:{s}"
+    try:
+        dev = torch.device(s)
+    except (RuntimeError, ValueError):
+        raise click.BadParameter(f"unknown device {spec!r}; expected cpu, cuda or cuda:N",
+                                 param_hint=param_hint) from None
+    if dev.type not in ("cpu", "cuda"):
+        raise click.BadParameter(f"device {spec!r}: autosdpa tunes on cpu or cuda only", param_hint=param_hint)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise click.BadParameter(f"device {spec!r}: CUDA is not available on this machine "
+                                     f"(torch {torch.__version__}); use --device cpu", param_hint=param_hint)
+        n = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= n:
+            raise click.BadParameter(f"device {spec!r}: this machine has {n} CUDA device(s) (0..{n - 1})",
+                                     param_hint=param_hint)
+    return dev
+
+
+def use_db(db: str | None) -> None:
+    """Point this process (and worker processes it spawns) at ``db``; then open it, or fail clearly."""
+    from .. import dispatch
+    from ..store import StoreError
+
+    if db:
+        os.environ["AUTOSDPA_DB"] = db
+        dispatch.reset()
+    try:
+        store = dispatch.get_store()
+    except StoreError as e:  # pragma: no cover - get_store falls back itself
+        raise click.ClickException(str(e)) from None
+    if store.url == "sqlite://" and db:
+        raise click.ClickException(f"cannot use the database {db!r} (see the warning above)")
+
+
+def tune_config(budget: float | None):
+    from ..tuner import TuneConfig
+
+    cfg = TuneConfig.from_env()
+    if budget is not None:
+        cfg = dataclasses.replace(cfg, budget_s=budget)
+    return cfg
+
+
+@contextlib.contextmanager
+def deterministic(on: bool):
+    """Deterministic algorithms on while tuning a ``det=1`` problem (the key reads the global switch)."""
+    import torch
+
+    if not on:
+        yield
+        return
+    prev, prev_warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(prev, warn_only=prev_warn)
+
+
+def fmt_s(s: float | None) -> str:
+    if s is None:
+        return "-"
+    if s < 1e-3:
+        return f"{s * 1e6:.1f} µs"
+    if s < 1:
+        return f"{s * 1e3:.3f} ms"
+    return f"{s:.3f} s"
+
+
+def fmt_x(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}x"
+
+
+def short_key(key: str) -> str:
+    """A compact problem key for tables: ``fwd bf16 B=8 H=32/8 L=4096/4096 D=128 causal``."""
+    parts = key.split("|")
+    if len(parts) != 15:
+        return key
+    f = dict(p.split("=", 1) for p in parts if "=" in p)
+    s = f"{parts[0]} {parts[1]} B={f['B']} H={f['Hq']}/{f['Hkv']} L={f['Lq']}/{f['Lk']} D={f['D']}"
+    if f["Dv"] != f["D"]:
+        s += f" Dv={f['Dv']}"
+    extra = [parts[9]] if parts[9] != "nocausal" else []
+    extra += [f"mask={f['mask']}"] if f["mask"] != "none" else []
+    extra += ["dropout"] if f["drop"] == "1" else []
+    extra += [f"layout={f['layout']}"] if f["layout"] != "bhld" else []
+    extra += ["det"] if f["det"] == "1" else []
+    return " ".join([s, *extra])
+
+
+def shorten(text: str, n: int = 70) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def print_json(obj) -> None:
+    import json
+
+    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+    sys.stdout.flush()

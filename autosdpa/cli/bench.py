@@ -1,0 +1,258 @@
+"""``autosdpa bench``: autosdpa vs PyTorch's default vs the best single backend, timed side by side."""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import platform
+from pathlib import Path
+
+import click
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from . import main
+from ._common import (err, fmt_s, fmt_x, gather, out, print_json, resolve_device, short_key, shorten, tune_config,
+                      use_db, workload_options, deterministic)
+
+
+def _geomean(xs):
+    xs = [x for x in xs if x and x > 0 and math.isfinite(x)]
+    return math.exp(sum(map(math.log, xs)) / len(xs)) if xs else None
+
+
+def pick_single_backend(tuned: list[dict]) -> str | None:
+    """The one backend you would hard-code for this sweep: among those that ran (and passed) on the most
+    problems, the lowest geometric-mean time over them. Where it cannot run, the bench uses PyTorch's default."""
+    names = {b for r in tuned for b, t in r["timings"].items() if t}
+    if not names:
+        return None
+    cover = {b: sum(1 for r in tuned if r["timings"].get(b)) for b in names}
+    most = max(cover.values())
+    # geometric mean of the time relative to each problem's fastest, so big problems do not dominate
+    score = {}
+    for b in (b for b in names if cover[b] == most):
+        rel = [r["timings"][b] / min(t for t in r["timings"].values() if t) for r in tuned if r["timings"].get(b)]
+        score[b] = _geomean(rel)
+    return min(score, key=lambda b: (score[b], b))
+
+
+def _make_fn(fn, call, train: bool):
+    """A no-arg function running ``fn`` on ``call`` (forward, or forward + backward when ``train``)."""
+    import torch
+
+    args = (call.attn_mask, call.dropout_p, call.is_causal)
+    if not train:
+        q, k, v = (t.detach() for t in (call.query, call.key, call.value))
+
+        def run():
+            with torch.no_grad():
+                return fn(q, k, v, *args, scale=call.scale, enable_gqa=call.enable_gqa)
+        return run
+    xs = tuple(t.detach().clone().requires_grad_() for t in (call.query, call.key, call.value))
+    with torch.no_grad():
+        g = torch.randn_like(fn(*(x.detach() for x in xs), *args, scale=call.scale, enable_gqa=call.enable_gqa))
+
+    def run_train():
+        o = fn(*xs, *args, scale=call.scale, enable_gqa=call.enable_gqa)
+        return torch.autograd.grad(o, xs, g)
+    return run_train
+
+
+def _backend_fn(name: str):
+    from .. import backends
+
+    b = backends.get(name)
+
+    def fn(q, k, v, m, dp, ic, scale=None, enable_gqa=False):
+        return b.run(q, k, v, m, dp, ic, scale, enable_gqa)
+    return fn
+
+
+def _versions(device) -> dict:
+    import importlib.metadata as md
+    import sys
+
+    import torch
+
+    v = {"python": sys.version.split()[0], "torch": torch.__version__, "autosdpa": md.version("autosdpa")}
+    for pkg in ("triton", "click", "rich", "sqlalchemy"):
+        try:
+            v[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    if device.type == "cuda":
+        v["cuda"] = torch.version.cuda
+        v["cudnn"] = torch.backends.cudnn.version()
+    return v
+
+
+def write_plot(path: Path, results: list[dict], single: str | None, title: str) -> str | None:
+    """Bar chart of speedup over PyTorch's default; returns a note when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed: skipping the plot (pip install 'autosdpa[plot]')"
+    labels = [shorten(r["label"] or short_key(r["problem"]), 40) for r in results]
+    a = [r["autosdpa_speedup"] or 0 for r in results]
+    s = [r["single_speedup"] or 0 for r in results]
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.6 * len(results) + 3), 4.5))
+    xs = range(len(results))
+    w = 0.38
+    ax.bar([x - w / 2 for x in xs], a, w, label="autosdpa")
+    ax.bar([x + w / 2 for x in xs], s, w, label=f"best single backend ({single})")
+    ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--", label="PyTorch default")
+    ax.set_xticks(list(xs))
+    ax.set_xticklabels(labels, rotation=40, ha="right", fontsize=8)
+    ax.set_ylabel("speedup over PyTorch default (higher is better)")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return None
+
+
+def _markdown(doc: dict) -> str:
+    lines = [f"# autosdpa bench: {doc['device_name']} ({doc['device']})", "",
+             f"{doc['date']}, torch {doc['versions']['torch']}, autosdpa {doc['versions']['autosdpa']}; "
+             f"medians of interleaved rounds ({doc['seconds_per_problem']} s per problem).", "",
+             f"Best single backend for this sweep: **{doc['single_backend']}**.", "",
+             "| problem | PyTorch default | autosdpa | speedup | best single | speedup |",
+             "|---|---|---|---|---|---|"]
+    for r in doc["results"]:
+        lines.append(f"| {r['label'] or short_key(r['problem'])} | {r['pytorch_choice']} {fmt_s(r['pytorch_s'])} | "
+                     f"{r['autosdpa_backend']} {fmt_s(r['autosdpa_s'])} | {fmt_x(r['autosdpa_speedup'])} | "
+                     f"{r['single_backend']} {fmt_s(r['single_s'])} | {fmt_x(r['single_speedup'])} |")
+    s = doc["summary"]
+    lines.append(f"| **geometric mean** | | | **{fmt_x(s['autosdpa_speedup_geomean'])}** | | "
+                 f"**{fmt_x(s['single_speedup_geomean'])}** |")
+    return "\n".join(lines) + "\n"
+
+
+@main.command()
+@workload_options
+@click.option("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu).")
+@click.option("--db", default=None, metavar="PATH|URL", help="Database for the tuning step (default: $AUTOSDPA_DB).")
+@click.option("--budget", type=click.FloatRange(min=0), default=None, metavar="SECONDS",
+              help="Tuning budget per problem not yet tuned.")
+@click.option("--seconds", type=click.FloatRange(min=0), default=1.0, show_default=True,
+              help="Timing time per problem for the side-by-side comparison.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="autosdpa-bench", show_default=True,
+              help="Directory for bench.json, bench.md and bench.png.")
+@click.option("--no-plot", is_flag=True, help="Do not draw bench.png.")
+@click.option("--json", "as_json", is_flag=True, help="Print the JSON document on stdout instead of the table.")
+def bench(workload, device, db, budget, seconds, out_dir, no_plot, as_json) -> None:
+    """Benchmark a sweep: autosdpa vs PyTorch's default vs the best single backend, in one run.
+
+    Each problem is tuned first if needed; then the three are timed side by side (interleaved rounds,
+    medians). Writes a table, OUT/bench.json (machine, versions, date), OUT/bench.md and OUT/bench.png
+    (needs matplotlib).
+
+    \b
+    Examples:
+      autosdpa bench --preset llama3-8b --out benchmarks/h100-llama3
+      autosdpa bench --shape hq=8,lq=1024,d=64 --shape hq=8,lq=4096,d=64,causal --device cpu
+    """
+    import torch
+    import torch.nn.functional as F
+
+    import autosdpa
+
+    from .. import api
+    from ..environment import environment
+    from ..timing import summarize, time_interleaved
+
+    dev = resolve_device(device)
+    items = gather(workload, dev)
+    use_db(db)
+    config = tune_config(budget)
+    _fp, info = environment(dev)
+    tuned: list[dict] = []
+    results: list[dict] = []
+    columns = (TextColumn("[bold]{task.fields[phase]}[/]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("{task.description}"))
+    with Progress(*columns, console=err) as progress:
+        task = progress.add_task("", total=len(items), phase="tuning")
+        for it in items:
+            progress.update(task, description=shorten(it.label or short_key(it.problem.key), 60))
+            with deterministic(it.problem.deterministic):
+                d = api.tune([it.problem], progress=False, device=dev, config=config)[0]
+            tuned.append({"item": it, "decision": d, "timings": {b: t for b, t in d.timings.items() if t}})
+            progress.advance(task)
+        single = pick_single_backend(tuned)
+        progress.reset(task, total=len(items), phase="timing")
+        for r in tuned:
+            it, d = r["item"], r["decision"]
+            progress.update(task, description=shorten(it.label or short_key(it.problem.key), 60))
+            with deterministic(it.problem.deterministic):
+                call = it.problem.make_call(dev)
+                single_here = single if single in r["timings"] else None
+                fns = {"pytorch": _make_fn(F.scaled_dot_product_attention, call, it.problem.train),
+                       "autosdpa": _make_fn(autosdpa.scaled_dot_product_attention, call, it.problem.train)}
+                if single_here:
+                    fns["single"] = _make_fn(_backend_fn(single_here), call, it.problem.train)
+                samples = time_interleaved(fns, dev, budget_s=seconds, min_rounds=5, max_rounds=1000)
+            med = {k: summarize(v)[0] for k, v in samples.items()}
+            spread = {k: summarize(v)[1] for k, v in samples.items()}
+            single_s = med.get("single", med["pytorch"])
+            results.append({
+                "problem": d.problem or it.problem.key, "label": it.label, "train": it.problem.train,
+                "pytorch_choice": d.pytorch_choice, "pytorch_s": med["pytorch"], "pytorch_spread_s": spread["pytorch"],
+                "autosdpa_backend": d.backend, "autosdpa_s": med["autosdpa"], "autosdpa_spread_s": spread["autosdpa"],
+                "autosdpa_speedup": med["pytorch"] / med["autosdpa"],
+                "single_backend": single_here or f"{d.pytorch_choice} (fallback: {single} cannot run this)",
+                "single_s": single_s, "single_spread_s": spread.get("single", spread["pytorch"]),
+                "single_speedup": med["pytorch"] / single_s,
+                "rounds": len(samples["pytorch"]), "tflops_autosdpa": it.problem.flops / med["autosdpa"] / 1e12,
+            })
+            progress.advance(task)
+            del call, fns
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+    summary = {"autosdpa_speedup_geomean": _geomean([r["autosdpa_speedup"] for r in results]),
+               "single_speedup_geomean": _geomean([r["single_speedup"] for r in results]),
+               "autosdpa_vs_single_geomean": _geomean([r["single_s"] / r["autosdpa_s"] for r in results]),
+               "problems": len(results)}
+    doc = {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "device": str(dev),
+           "device_name": info["device_name"],
+           "machine": {"hostname": platform.node(), "platform": platform.platform(), "cpu": platform.processor()
+                       or platform.machine(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                       **info},
+           "versions": _versions(dev), "seconds_per_problem": seconds, "single_backend": single,
+           "summary": summary, "results": results}
+    outp = Path(out_dir)
+    try:
+        outp.mkdir(parents=True, exist_ok=True)
+        (outp / "bench.json").write_text(json.dumps(doc, indent=2, default=str) + "\n")
+        (outp / "bench.md").write_text(_markdown(doc))
+    except OSError as e:
+        raise click.ClickException(f"cannot write results to {outp}: {e}") from None
+    note = "plot skipped (--no-plot)" if no_plot else write_plot(
+        outp / "bench.png", results, single, f"autosdpa bench on {info['device_name']} ({dev})")
+    if as_json:
+        print_json(doc)
+    else:
+        t = Table(title=f"autosdpa bench on {info['device_name']} ({dev}); best single backend: {single}")
+        t.add_column("problem", overflow="fold", max_width=50)
+        t.add_column("PyTorch default", justify="right")
+        t.add_column("autosdpa", justify="right")
+        t.add_column("speedup", justify="right")
+        t.add_column("best single", justify="right")
+        t.add_column("speedup", justify="right")
+        for r in results:
+            t.add_row(r["label"] or short_key(r["problem"]), f"{r['pytorch_choice']} {fmt_s(r['pytorch_s'])}",
+                      f"{r['autosdpa_backend']} {fmt_s(r['autosdpa_s'])}", fmt_x(r["autosdpa_speedup"]),
+                      f"{shorten(r['single_backend'], 24)} {fmt_s(r['single_s'])}", fmt_x(r["single_speedup"]))
+        t.add_section()
+        t.add_row("[bold]geometric mean[/]", "", "", f"[bold]{fmt_x(summary['autosdpa_speedup_geomean'])}[/]", "",
+                  f"[bold]{fmt_x(summary['single_speedup_geomean'])}[/]")
+        out.print(t)
+    err.print(f"wrote {outp / 'bench.json'}, {outp / 'bench.md'}"
+              + ("" if note else f", {outp / 'bench.png'}"))
+    if note:
+        err.print(note, style="yellow", markup=False)

@@ -1,0 +1,111 @@
+"""``autosdpa explain``: every backend for one problem, eligible or why not, times, the choice and why."""
+from __future__ import annotations
+
+import math
+
+import click
+from rich.markup import escape
+from rich.table import Table
+from rich.text import Text
+
+from . import main
+from ._common import (SHAPE_HELP, err, fmt_s, fmt_x, out, print_json, resolve_device, short_key, tune_config,
+                      use_db, deterministic)
+
+
+@main.command()
+@click.option("--shape", "spec", required=True, metavar="SPEC", help=SHAPE_HELP.replace(" Repeatable.", ""))
+@click.option("--dtype", default=None, help="Override the spec's dtype.")
+@click.option("--train", is_flag=True, help="Forward + backward.")
+@click.option("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu).")
+@click.option("--db", default=None, metavar="PATH|URL", help="Database (default: $AUTOSDPA_DB, else the user cache).")
+@click.option("--force", is_flag=True, help="Re-tune even if measurements exist.")
+@click.option("--no-tune", is_flag=True, help="Only look up: never time (a miss shows PyTorch's default).")
+@click.option("--budget", type=click.FloatRange(min=0), default=None, metavar="SECONDS",
+              help="Timing budget if the problem must be tuned.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output on stdout.")
+def explain(spec, dtype, train, device, db, force, no_tune, budget, as_json) -> None:
+    """Why autosdpa picks what it picks for one problem: each backend, eligible or why not, its measurement,
+    the winner and the reason. Tunes the problem first if it has no measurements (unless --no-tune).
+
+    \b
+    Examples:
+      autosdpa explain --shape b=1,hq=32,hkv=8,lq=1,lk=8192,d=128,dtype=bf16
+      autosdpa explain --shape hq=8,lq=4096,lk=77,d=40,fp16 --device cuda:1 --force
+    """
+    import autosdpa
+
+    from .. import api, dispatch, workload as W
+    from ..environment import environment
+    from ._common import default_dtype_for
+
+    dev = resolve_device(device)
+    try:
+        p = W.parse_shape(spec, default_dtype=default_dtype_for(dev))
+        (item,) = W.apply_overrides([W.WorkItem(p)], dtype=dtype, train=train)
+    except W.WorkloadError as e:
+        raise click.BadParameter(f"{spec!r}: {e}", param_hint="--shape") from None
+    p = item.problem
+    use_db(db)
+    with deterministic(p.deterministic):
+        if not no_tune:
+            api.tune([p], progress=False, device=dev, force=force, config=tune_config(budget))
+        call = p.make_call(dev)
+        with autosdpa.mode("lookup"):
+            d = autosdpa.explain(call.query, call.key, call.value, attn_mask=call.attn_mask,
+                                 dropout_p=call.dropout_p, is_causal=call.is_causal, scale=call.scale,
+                                 enable_gqa=call.enable_gqa)
+        elig = dispatch.eligibility(call)
+    unavailable = api.unavailable_reasons(dev)
+    fp, info = environment(dev)
+    meas = dispatch.get_store().lookup(fp, d.problem) if d.problem else {}
+    torch_s = d.timings.get(d.pytorch_choice) if d.pytorch_choice else None
+    backends = []
+    for name, reasons in elig.items():
+        m = meas.get(name)
+        if name in unavailable:
+            state, why = "unavailable", unavailable[name]
+        elif reasons:
+            state, why = "not eligible", "; ".join(reasons)
+        elif m is None:
+            state, why = "not measured", "no measurement yet" if no_tune else ""
+        elif m.status != "ok":
+            state, why = m.status, m.detail
+        else:
+            state, why = "ok", m.detail
+        backends.append({"backend": name, "state": state, "why": why,
+                         "median_s": m.median_s if m else None, "spread_s": m.spread_s if m else None,
+                         "samples": m.samples if m else 0, "max_error": m.max_error if m else None,
+                         "vs_pytorch": (torch_s / m.median_s) if (m and m.ok and torch_s) else None,
+                         "chosen": name == d.backend, "pytorch_choice": name == d.pytorch_choice})
+    if as_json:
+        print_json({"problem": d.problem, "requested": p.key, "device": str(dev), "environment": {"fingerprint": fp, **info},
+                    "choice": d.backend, "reason": d.reason, "source": d.source,
+                    "pytorch_choice": d.pytorch_choice, "backends": backends})
+        return
+    t = Table(title=f"{short_key(d.problem or p.key)} on {info['device_name']}")
+    t.add_column("backend")
+    t.add_column("state")
+    t.add_column("median ± spread", justify="right")
+    t.add_column("samples", justify="right")
+    t.add_column("max error", justify="right")
+    t.add_column("vs PyTorch", justify="right")
+    t.add_column("why / detail", overflow="fold", max_width=50)
+    for b in backends:
+        if b["state"] == "unavailable":
+            continue
+        name = b["backend"] + (" ★" if b["chosen"] else "")
+        state = {"ok": "[green]ok[/]", "rejected": "[red]rejected[/]"}.get(b["state"], f"[dim]{b['state']}[/]")
+        e = b["max_error"]
+        med = fmt_s(b["median_s"]) + (f" ± {fmt_s(b['spread_s'])}" if b["spread_s"] is not None else "")
+        t.add_row(f"[bold]{name}[/]" if b["chosen"] else name, state, med, str(b["samples"] or "-"),
+                  "-" if e is None or not math.isfinite(e) else f"{e:.2g}", fmt_x(b["vs_pytorch"]), Text(b["why"]))
+    out.print(t)
+    gone = [b for b in backends if b["state"] == "unavailable"]
+    if gone:
+        out.print("unavailable on this device: " + "; ".join(f"{b['backend']} ({b['why']})" for b in gone),
+                  style="dim", markup=False)
+    out.print(f"choice: [bold]{d.backend}[/] — {escape(d.reason)}  [dim](source: {d.source})[/]")
+    out.print(f"PyTorch would run: {d.pytorch_choice or '-'}")
+    if d.problem and d.problem != p.key:
+        err.print(f"[dim]stored under the bucketed key {d.problem}[/]")

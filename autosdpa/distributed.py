@@ -1,0 +1,78 @@
+"""Explicit, collective synchronisation of rank decisions (see ``autosdpa.consensus`` for the design).
+
+Ranks that share one database agree by themselves (first writer wins in the ``decision`` table). Ranks on
+different nodes with separate databases call ``sync_decisions()`` at a safe point that every rank reaches
+(after the first step, after warm-up), like any other collective::
+
+    import autosdpa.distributed
+    model(batch)                             # first step: each rank tunes and decides
+    autosdpa.distributed.sync_decisions()    # every rank: rank 0's decisions, then the lowest rank's, win
+
+Payloads are JSON (never pickle) and are validated on receipt.
+"""
+from __future__ import annotations
+
+import json
+
+from .store import BACKEND_NAME_RE, ENV_FIELDS, Store, environment_problem, key_problem
+
+
+def _gather_bytes(payload: bytes, group) -> list[bytes]:
+    import torch
+    import torch.distributed as dist
+
+    backend = str(dist.get_backend(group)).lower()
+    device = torch.device("cuda", torch.cuda.current_device()) if "nccl" in backend else torch.device("cpu")
+    size = dist.get_world_size(group)
+    n = torch.tensor([len(payload)], dtype=torch.int64, device=device)
+    sizes = [torch.zeros_like(n) for _ in range(size)]
+    dist.all_gather(sizes, n, group=group)
+    longest = max(int(s.item()) for s in sizes)
+    buf = torch.zeros(longest, dtype=torch.uint8, device=device)
+    if payload:
+        buf[:len(payload)] = torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(device)
+    bufs = [torch.zeros_like(buf) for _ in range(size)]
+    dist.all_gather(bufs, buf, group=group)
+    return [bytes(b[:int(s.item())].cpu().tolist()) for b, s in zip(bufs, sizes)]
+
+
+def _valid(dec) -> bool:
+    if not isinstance(dec, dict):
+        return False
+    info = dec.get("info")
+    return (isinstance(dec.get("backend"), str) and bool(BACKEND_NAME_RE.match(dec["backend"]))
+            and key_problem(dec.get("problem_key")) is None
+            and isinstance(info, dict) and environment_problem({"fingerprint": dec.get("fingerprint"), **info}) is None)
+
+
+def sync_decisions(group=None, *, store: Store | None = None) -> int:
+    """Collective: make every rank's decisions equal to rank 0's (for problems rank 0 has not decided, the
+    lowest rank that has). Every rank of ``group`` must call it. Returns how many decisions this rank changed
+    or added. A no-op without torch.distributed."""
+    import torch.distributed as dist
+
+    from . import dispatch
+    from .consensus import world
+
+    if world() is None:
+        return 0
+    store = store or dispatch.get_store()
+    envs = {e["fingerprint"]: {f: e[f] for f in ENV_FIELDS} for e in store.environments()}
+    mine = [{**d, "info": envs.get(d["fingerprint"])} for d in store.decisions()]
+    payloads = _gather_bytes(json.dumps(mine).encode(), group)
+    merged: dict[tuple[str, str], dict] = {}
+    for raw in payloads:  # group rank order: rank 0 first
+        try:
+            decs = json.loads(raw.decode() or "[]")
+        except (UnicodeDecodeError, ValueError):
+            continue
+        for dec in decs if isinstance(decs, list) else []:
+            if _valid(dec):
+                merged.setdefault((dec["fingerprint"], dec["problem_key"]), dec)
+    current = {(d["fingerprint"], d["problem_key"]): d["backend"] for d in mine}
+    changed = [d for k, d in merged.items() if current.get(k) != d["backend"]]
+    n = store.set_decisions(changed) if changed else 0
+    if n:
+        dispatch.clear_plans()  # the next call of each problem re-decides and reads the agreed backend
+    dist.barrier(group=group)
+    return n

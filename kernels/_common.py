@@ -1,0 +1,166 @@
+"""Shared helpers for the Triton attention kernels.
+
+Nothing here imports triton: the eligibility checks must work (and say "triton is not installed")
+on machines without it, and importing the package must never launch or compile anything.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import math
+import os
+
+import torch
+
+CAUSAL_KINDS = ("none", "top_left", "bottom_right")
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MIN_HEAD_DIM = 16
+MAX_HEAD_DIM = 512
+
+# Mask kinds as the kernels see them (constexpr).
+MASK_NONE, MASK_BOOL, MASK_ADD = 0, 1, 2
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels on the CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=1)
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def next_pow2(x: int) -> int:
+    return 1 << max(0, int(x) - 1).bit_length()
+
+
+def length_bucket(n: int) -> int:
+    """Bucket a sequence length for autotune keys: next power of two, at least 16."""
+    return max(16, next_pow2(n))
+
+
+def head_dim_reason(d: int, what: str = "head dim") -> str | None:
+    if d < MIN_HEAD_DIM or d > MAX_HEAD_DIM:
+        return f"{what} {d} outside the supported range {MIN_HEAD_DIM}..{MAX_HEAD_DIM}"
+    if d % 8 != 0:
+        return f"{what} {d} is not a multiple of 8"
+    return None
+
+
+def device_reason(t: torch.Tensor) -> str | None:
+    if t.device.type == "cuda":
+        return None
+    if interpreting() and t.device.type == "cpu":
+        return None
+    return (f"device {t.device.type} is not supported (needs CUDA, or CPU under TRITON_INTERPRET=1)")
+
+
+def common_reasons(query, key, value, attn_mask, dropout_p, causal, enable_gqa) -> list[str]:
+    """Checks shared by every kernel in this package."""
+    reasons: list[str] = []
+    if not triton_available():
+        reasons.append("triton is not installed")
+    tensors = (query, key, value)
+    if not all(isinstance(t, torch.Tensor) for t in tensors):
+        return reasons + ["query/key/value must be tensors"]
+    if any(t.dim() != 4 for t in tensors):
+        reasons.append("inputs must be 4-D (batch, heads, seq, dim); got "
+                       f"{query.dim()}-D/{key.dim()}-D/{value.dim()}-D")
+        return reasons
+    r = device_reason(query)
+    if r:
+        reasons.append(r)
+    if not (query.device == key.device == value.device):
+        reasons.append("query, key and value are on different devices")
+    if query.dtype not in SUPPORTED_DTYPES:
+        reasons.append(f"dtype {query.dtype} not supported (float16, bfloat16, float32)")
+    if not (query.dtype == key.dtype == value.dtype):
+        reasons.append(f"mixed dtypes {query.dtype}/{key.dtype}/{value.dtype}")
+    if dropout_p and dropout_p > 0.0:
+        reasons.append("dropout_p > 0 is not supported")
+    if causal not in CAUSAL_KINDS:
+        reasons.append(f"unknown causal kind {causal!r}")
+    B, Hq, Lq, D = query.shape
+    Bk, Hkv, Lk, Dk = key.shape
+    Bv, Hv, Lv, Dv = value.shape
+    if Bk != B or Bv != B:
+        reasons.append(f"batch sizes differ: {B}/{Bk}/{Bv}")
+    if Hv != Hkv:
+        reasons.append(f"key has {Hkv} heads but value has {Hv}")
+    if Lv != Lk:
+        reasons.append(f"key length {Lk} != value length {Lv}")
+    if Dk != D:
+        reasons.append(f"query head dim {D} != key head dim {Dk}")
+    for d, what in ((D, "head dim"), (Dv, "value head dim")):
+        r = head_dim_reason(d, what)
+        if r:
+            reasons.append(r)
+    if Hkv != Hq:
+        if not enable_gqa:
+            reasons.append(f"query has {Hq} heads and key {Hkv}: needs enable_gqa=True")
+        elif Hkv == 0 or Hq % Hkv != 0:
+            reasons.append(f"query heads {Hq} not a multiple of key/value heads {Hkv}")
+    if Lq == 0 or Lk == 0 or B == 0 or Hq == 0:
+        reasons.append("empty input")
+    if attn_mask is not None:
+        if not isinstance(attn_mask, torch.Tensor):
+            reasons.append(f"attn_mask of type {type(attn_mask).__name__} not supported (pass a tensor)")
+        else:
+            if attn_mask.dtype != torch.bool and attn_mask.dtype not in SUPPORTED_DTYPES:
+                reasons.append(f"mask dtype {attn_mask.dtype} not supported (bool, float16, bfloat16 or float32)")
+            if attn_mask.device != query.device:
+                reasons.append("attn_mask is on another device")
+            if attn_mask.dim() > 4:
+                reasons.append(f"attn_mask has {attn_mask.dim()} dims (at most 4)")
+            else:
+                try:
+                    torch.broadcast_shapes(attn_mask.shape, (B, Hq, Lq, Lk))
+                    ok = tuple(torch.broadcast_shapes(attn_mask.shape, (B, Hq, Lq, Lk))) == (B, Hq, Lq, Lk)
+                except RuntimeError:
+                    ok = False
+                if not ok:
+                    reasons.append(f"attn_mask shape {tuple(attn_mask.shape)} does not broadcast to "
+                                   f"{(B, Hq, Lq, Lk)}")
+    return reasons
+
+
+def prepare_mask(attn_mask, B, H, Lq, Lk):
+    """Return (mask_tensor, kind, strides(4)) with stride 0 on broadcast dims; no copy."""
+    if attn_mask is None:
+        return None, MASK_NONE, (0, 0, 0, 0)
+    m = attn_mask
+    while m.dim() < 4:
+        m = m.unsqueeze(0)
+    m = m.expand(B, H, Lq, Lk)
+    kind = MASK_BOOL if m.dtype == torch.bool else MASK_ADD
+    return m, kind, tuple(m.stride())
+
+
+def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """Kernels assume unit stride on the last dim; copy only when that is not the case."""
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
+def default_scale(d: int, scale) -> float:
+    return float(scale) if scale is not None else 1.0 / math.sqrt(d)
+
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+def tf32_allowed() -> bool:
+    return bool(torch.backends.cuda.matmul.allow_tf32)
+
+
+def dot_precision(dtype) -> str:
+    """tl.dot input precision: exact fp32 unless the user allowed TF32 matmuls (like torch); fp16/bf16 use the
+    tensor-core default ("tf32" is the name Triton uses for its default, it does not change fp16/bf16 dots)."""
+    if dtype == torch.float32 and not tf32_allowed():
+        return "ieee"
+    return "tf32"
+
+
+def cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b

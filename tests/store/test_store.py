@@ -1,0 +1,143 @@
+"""The Store on SQLite and PostgreSQL: round trips, schema versions and migrations, layering, decisions."""
+from __future__ import annotations
+
+import os
+import sqlite3
+
+import pytest
+import sqlalchemy as sa
+
+from autosdpa.store import SCHEMA_VERSION, Store, StoreError
+
+from .helpers import KEY, KEY2, build_v1, env, meas, raw_insert
+
+
+def test_roundtrip_and_upsert(any_db):
+    fp, info = env()
+    s = Store(any_db)
+    assert s.version == SCHEMA_VERSION == 2
+    s.save(fp, info, KEY, [meas("math", 2e-3), meas("flash", 1e-3), meas("efficient", status="rejected")])
+    got = s.lookup(fp, KEY)
+    assert set(got) == {"math", "flash", "efficient"} and got["flash"].median_s == 1e-3
+    s.save(fp, info, KEY, [meas("flash", 5e-4, samples=3)])  # re-measurement replaces the row
+    assert s.lookup(fp, KEY)["flash"].median_s == 5e-4
+    assert s.counts() == {"environments": 1, "measurements": 3, "decisions": 0}
+    assert s.lookup(fp, KEY2) == {} and s.lookup("0" * 16, KEY) == {}
+    env_row, key, m = s.rows()[0]
+    assert env_row["fingerprint"] == fp and env_row["device_name"] == info["device_name"] and key == KEY
+    s.close()
+    s2 = Store(any_db)  # reopening an up-to-date database changes nothing
+    assert s2.counts()["measurements"] == 3
+    s2.close()
+
+
+def test_v1_database_upgraded_in_place(any_db):
+    e = env()
+    build_v1(any_db, [(e, KEY, meas("math")), (e, KEY2, meas("flash"))])
+    s = Store(any_db)
+    assert s.version == 2 and s.schema_version() == 2
+    insp = sa.inspect(s.engine)
+    assert "decision" in insp.get_table_names()
+    assert "ix_measurement_problem_key" in {i["name"] for i in insp.get_indexes("measurement")}
+    assert set(s.lookup(e[0], KEY)) == {"math"} and s.counts()["measurements"] == 2
+    assert s.decide(e[0], e[1], KEY, "math") == "math"
+    s.close()
+
+
+def test_newer_schema_refused(any_db):
+    build_v1(any_db, version="99")
+    with pytest.raises(StoreError, match="schema version 99, newer than this autosdpa understands"):
+        Store(any_db)
+
+
+def test_foreign_database_refused(tmp_path):
+    path = tmp_path / "other.sqlite"
+    raw_insert(path, "CREATE TABLE users (id INTEGER, name TEXT)")
+    with pytest.raises(StoreError, match="not an autosdpa database"):
+        Store(str(path))
+    with pytest.raises(StoreError, match="not an autosdpa database"):
+        Store(str(path), readonly=True)
+    garbage = tmp_path / "garbage.sqlite"
+    garbage.write_bytes(os.urandom(4096))
+    with pytest.raises(StoreError, match="not an SQLite database"):
+        Store(str(garbage))
+    with pytest.raises(StoreError, match="not an SQLite database"):
+        Store(str(garbage), readonly=True)
+
+
+def test_decisions_first_writer_wins(any_db):
+    fp, info = env()
+    a, b = Store(any_db), Store(any_db)
+    assert a.decide(fp, info, KEY, "flash", "rank 0") == "flash"
+    assert b.decide(fp, info, KEY, "math", "rank 1") == "flash"
+    assert b.decide(fp, info, KEY2, "math", "rank 1") == "math"
+    assert {d["problem_key"]: d["backend"] for d in a.decisions()} == {KEY: "flash", KEY2: "math"}
+    assert a.set_decisions([{"fingerprint": fp, "problem_key": KEY, "backend": "math"}]) == 1
+    assert b.decide(fp, info, KEY, "flash") == "math"
+    a.close(), b.close()
+
+
+def _snapshot(path):
+    st = path.stat()
+    return path.read_bytes(), st.st_mtime_ns, sorted(p.name for p in path.parent.iterdir())
+
+
+@pytest.mark.parametrize("journal", ["delete", "wal"])
+def test_shared_layer_user_rows_win_and_file_untouched(any_db, tmp_path, journal):
+    fp, info = env()
+    shipped = tmp_path / "shipped" / "h100.sqlite"
+    shipped.parent.mkdir()
+    s = Store(str(shipped), wal=journal == "wal")
+    s.save(fp, info, KEY, [meas("math", 1e-3), meas("flash", 9e-3)])
+    s.save(fp, info, KEY2, [meas("flash", 1e-3)])
+    s.close()
+    if journal == "wal":
+        con = sqlite3.connect(str(shipped))
+        assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        con.close()
+    before = _snapshot(shipped)
+    user = Store(any_db, shared=[str(shipped)])
+    user.save(fp, info, KEY, [meas("flash", 5e-4)])
+    got = user.lookup(fp, KEY)
+    assert got["flash"].median_s == 5e-4  # the user's own measurement wins
+    assert got["math"].median_s == 1e-3  # the shared layer fills in what the user lacks
+    assert set(user.lookup(fp, KEY2)) == {"flash"}
+    user.shared[0].counts()
+    user.close()
+    assert _snapshot(shipped) == before  # same bytes, same mtime, no -wal/-shm/-journal next to it
+
+
+def test_shared_layer_invalid_rows_ignored(tmp_path):
+    fp, info = env()
+    shipped = tmp_path / "bad.sqlite"
+    s = Store(str(shipped), wal=False)
+    s.save(fp, info, KEY, [meas("math", 1e-3), meas("flash", 2e-3)])
+    s.close()
+    raw_insert(shipped, "UPDATE measurement SET median_s = -1 WHERE backend = 'flash'")
+    raw_insert(shipped, "INSERT INTO measurement (environment_id, problem_key, backend, status, median_s, samples, "
+                        "detail, tuned_shape, measured_at) VALUES (1, ?, 'Evil Name;--', 'ok', 0.0, 5, '', '', 1.0)",
+               (KEY,))
+    user = Store(str(tmp_path / "user.sqlite"), shared=[str(shipped)])
+    assert set(user.lookup(fp, KEY)) == {"math"}
+    user.close()
+
+
+def test_unusable_shared_layer_skipped_with_warning(tmp_path):
+    bad = tmp_path / "bad.sqlite"
+    bad.write_bytes(b"not a database at all" * 100)
+    with pytest.warns(RuntimeWarning, match="skipping shared tuning database"):
+        user = Store(str(tmp_path / "user.sqlite"), shared=[str(bad), str(tmp_path / "missing.sqlite")])
+    assert user.shared == []
+    user.close()
+
+
+def test_measurement_validate():
+    meas("math").validate()
+    for bad in (dict(median_s=float("nan")), dict(median_s=float("inf")), dict(median_s=-1.0), dict(samples=-1),
+                dict(status="winner"), dict(backend="x'; DROP TABLE measurement;--"), dict(detail="x" * 5000),
+                dict(measured_at=1e12), dict(samples=10**12), dict(median_s="fast")):
+        m = meas("math")
+        for k, v in bad.items():
+            setattr(m, k, v)
+        with pytest.raises(ValueError):
+            m.validate()
