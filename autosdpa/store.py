@@ -223,7 +223,7 @@ def _sqlite_wal_header(path: str | os.PathLike) -> bool:
 def _sqlite_pragmas(dbapi_conn, _record, *, readonly: bool, wal: bool = True):
     dbapi_conn.isolation_level = None  # we emit BEGIN ourselves (see _on_begin)
     cur = dbapi_conn.cursor()
-    cur.execute("PRAGMA busy_timeout = 30000")
+    cur.execute(f"PRAGMA busy_timeout = {int(lock_timeout_s() * 1000)}")
     if readonly:
         cur.execute("PRAGMA query_only = 1")
         cur.execute("PRAGMA trusted_schema = 0")  # a hostile file's views/triggers may not call functions
@@ -259,7 +259,7 @@ def make_engine(url: str, *, readonly: bool = False, wal: bool = True) -> sa.Eng
             Path(db).parent.mkdir(parents=True, exist_ok=True)
             if Path(db).is_file() and Path(db).stat().st_size and not is_sqlite_file(db):
                 raise StoreError(f"{db} is not an SQLite database file")
-        engine = sa.create_engine(url, connect_args={"timeout": 30})
+        engine = sa.create_engine(url, connect_args={"timeout": lock_timeout_s()})
         event.listen(engine, "connect", lambda c, r: _sqlite_pragmas(c, r, readonly=readonly, wal=wal))
         event.listen(engine, "begin", _on_begin)
         return engine
@@ -278,8 +278,18 @@ def _transient(e: BaseException) -> bool:
     return isinstance(e, sa.exc.OperationalError) and ("locked" in msg or "busy" in msg)
 
 
-def retrying(fn: Callable[[], T], *, deadline_s: float = 120.0) -> T:
+def lock_timeout_s() -> float:
+    """How long to wait for a locked database before giving up (``AUTOSDPA_DB_TIMEOUT``, default 30 s).
+    The dispatcher then falls back to memory with one warning, so a stuck lock never stalls a run for long."""
+    try:
+        return max(0.0, float(os.environ.get("AUTOSDPA_DB_TIMEOUT", "30")))
+    except ValueError:
+        return 30.0
+
+
+def retrying(fn: Callable[[], T], *, deadline_s: float | None = None) -> T:
     """Run ``fn`` (one whole transaction), retrying with jittered exponential backoff on transient errors."""
+    deadline_s = lock_timeout_s() if deadline_s is None else deadline_s
     start, delay = time.monotonic(), 0.01
     while True:
         try:
@@ -349,7 +359,8 @@ class Store:
         try:
             self.engine = make_engine(self.url, readonly=readonly, wal=wal)
             self._write = self.engine.execution_options(autosdpa_write=True)
-            self._check_schema()
+            # retried: a concurrent process creating the file (or switching it to WAL) holds the lock briefly
+            retrying(self._check_schema)
         except sa.exc.SQLAlchemyError as e:
             if self.engine is not None:
                 self.engine.dispose()

@@ -7,6 +7,12 @@ os.environ.setdefault("AUTOSDPA_BUDGET", "0.02")  # seconds of timing per proble
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# Without CUDA the Triton kernel tests run on Triton's interpreter, which must be chosen before anything
+# imports triton (autosdpa does, through torch.nn.attention.bias). The dispatcher still leaves the Triton
+# backends out on the CPU unless AUTOSDPA_TRITON_INTERPRET=1 (tests/kernels sets it for its own tests).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 @pytest.fixture(autouse=True)
 def _fresh_autosdpa(tmp_path, monkeypatch):

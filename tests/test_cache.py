@@ -147,3 +147,24 @@ def test_compile_tracing_does_not_tune_and_matches(monkeypatch):
     torch.testing.assert_close(compiled(q, q, q), F.scaled_dot_product_attention(q, q, q, is_causal=True) * 2)
     assert calls == []
     assert dispatch.get_store().counts()["measurements"] == 0
+
+
+def test_locked_database_warns_once_and_keeps_working(tmp_path, monkeypatch):
+    import sqlite3
+
+    q = torch.randn(1, 1, 8, 8)
+    autosdpa.sdpa(q, q, q)  # create the database
+    autosdpa.reset()
+    monkeypatch.setenv("AUTOSDPA_DB_TIMEOUT", "0.3")
+    holder = sqlite3.connect(str(tmp_path / "autosdpa.sqlite"), isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")  # another process holding the write lock for good
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for L in (16, 32):
+                q = torch.randn(1, 2, L, 8)
+                torch.testing.assert_close(autosdpa.sdpa(q, q, q), F.scaled_dot_product_attention(q, q, q))
+        _check_fallback(caught)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
