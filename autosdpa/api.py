@@ -9,7 +9,6 @@ import torch.nn.functional as F
 
 from . import backends as _backends
 from . import dispatch
-from .backends.base import Call
 from .problem import Problem
 from .store import Store
 from .tuner import Decision, TuneConfig

@@ -1,6 +1,6 @@
 """Rank-consistent decisions: every rank of a distributed job must route a problem to the same backend.
 
-``agree(store, fingerprint, key, winner, eligible)`` is called by the dispatcher after it picked ``winner``
+``agree(store, fingerprint, info, key, winner, eligible)`` is called by the dispatcher after it picked ``winner``
 among ``eligible`` for an unrestricted problem; it returns the backend to use.
 
 Design: no collectives here. The dispatcher reaches this on a *miss*, and ranks may miss on different calls
@@ -36,32 +36,13 @@ def world() -> tuple[int, int] | None:
     return None
 
 
-def environment_info(fingerprint: str) -> dict | None:
-    """The fields of this process's environment that has ``fingerprint`` (CPU or current CUDA device)."""
-    import torch
-
-    from .environment import environment
-
-    devices = ["cpu"]
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        devices.append("cuda")
-    for dev in devices:
-        try:
-            fp, info = environment(dev)
-        except Exception:
-            continue
-        if fp == fingerprint:
-            return info
-    return None
-
-
-def agree(store, fingerprint: str, key: str, winner: str, eligible: list[str]) -> str:
+def agree(store, fingerprint: str, info: dict, key: str, winner: str, eligible: list[str]) -> str:
     w = world()
     if w is None or w[1] <= 1:
         return winner
     rank, size = w
     try:
-        agreed = store.decide(fingerprint, environment_info(fingerprint), key, winner,
+        agreed = store.decide(fingerprint, info, key, winner,
                               decided_by=f"rank {rank}/{size} pid {os.getpid()} on {socket.gethostname()}")
     except Exception as e:  # never break the caller's run: decide alone, and say so once
         if "agree" not in _warned:

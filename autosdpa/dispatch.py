@@ -275,7 +275,7 @@ def decide(call: Call, control: tuple | None, flags: tuple, *, allow_tune: bool
                       if not any(n in meas for n in names) else "no candidate passed its check: PyTorch's choice")
             source = "default"
         elif not forced and not why:
-            agreed = consensus.agree(get_store(), fp, problem.key, winner, names)
+            agreed = consensus.agree(get_store(), fp, info, problem.key, winner, names)
             if agreed != winner:
                 winner, reason, source = agreed, f"agreed with the other ranks (own pick: {winner})", "agreed"
     if why:

@@ -241,12 +241,13 @@ def run_case(c, rounds, warmup, flush_buf, with_bwd=False):
         if skip:
             results[name] = dict(status="skipped", reason=skip)
             continue
-        call = fn
         if with_bwd:
             def call(fn=fn):
                 o = fn()
                 o.backward(do)
                 return o
+        else:
+            call = fn
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")

@@ -11,11 +11,10 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
-from .conftest import TINY, child_env, cli_cmd, db_keys, run_cli
+from .conftest import child_env, cli_cmd, db_keys, run_cli
 
 RECORD_PROGRAM = """
 import torch, autosdpa
