@@ -180,8 +180,7 @@ def bench(workload, device, db, budget, seconds, out_dir, no_plot, as_json) -> N
         task = progress.add_task("", total=len(items), phase="tuning")
         for it in items:
             progress.update(task, description=shorten(it.label or short_key(it.problem.key), 60))
-            with deterministic(it.problem.deterministic):
-                d = api.tune([it.problem], progress=False, device=dev, config=config)[0]
+            d = api.tune([it.problem], progress=False, device=dev, config=config)[0]
             tuned.append({"item": it, "decision": d, "timings": {b: t for b, t in d.timings.items() if t}})
             progress.advance(task)
         single = pick_single_backend(tuned)

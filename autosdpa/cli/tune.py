@@ -13,7 +13,7 @@ from rich.text import Text
 
 from . import main
 from ._common import (err, fmt_s, fmt_x, gather, out, print_json, resolve_device, short_key, shorten, tune_config,
-                      use_db, workload_options, deterministic)
+                      use_db, workload_options)
 
 
 def _list_presets(ctx, _param, value):
@@ -50,8 +50,7 @@ def tune_one(item, device, force: bool, config) -> dict:
 
     t0 = time.perf_counter()
     try:
-        with deterministic(item.problem.deterministic):
-            d = api.tune([item.problem], progress=False, device=device, force=force, config=config)[0]
+        d = api.tune([item.problem], progress=False, device=device, force=force, config=config)[0]
         return result_row(item, d, time.perf_counter() - t0, str(device))
     except KeyboardInterrupt:
         raise
