@@ -7,6 +7,7 @@
 #   pip download --python-version 3.12 --only-binary=:all: --platform manylinux2014_x86_64 \
 #       --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 -d .gpu_wheels sqlalchemy platformdirs
 #   device run: command="bash scripts/gpu_check.sh", carry=[".gpu_wheels"], timeout_s=540
+# Rehearse it here first (same steps on the CPU, tiny preset): GPU_CHECK_DEVICE=cpu OUT=/tmp/gc bash scripts/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/autosdpa-gpu-out}
@@ -25,7 +26,7 @@ step() {  # step NAME SECONDS CMD...: run with a time limit, log to logs/NAME.lo
 }
 
 export OPENBLAS_NUM_THREADS=1 PYTHONUNBUFFERED=1
-export AUTOSDPA_DB="$WORK/tuning_db/user.sqlite"
+export AUTOSDPA_DB="$WORK/user.sqlite"  # the working DB; tuning_db/ gets only the export
 [ -d .gpu_wheels ] && python3 -m pip install -q --no-index --find-links .gpu_wheels sqlalchemy platformdirs >/dev/null 2>&1
 python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >"$WORK/logs/install.log" 2>&1 \
   || note "editable install failed (see logs/install.log)"
@@ -33,15 +34,18 @@ note "date: $(date -u +%FT%TZ)"
 note "gpu: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null)"
 note "versions: $(python3 -c 'import torch, triton; print("torch", torch.__version__, "cuda", torch.version.cuda, "cudnn", torch.backends.cudnn.version(), "triton", triton.__version__)' 2>&1)"
 
+DEV=${GPU_CHECK_DEVICE:-cuda}
+PRESET=llama3-8b
+[ "$DEV" = cpu ] && PRESET=tiny
+gpu=$(python3 -c 'import torch; print(torch.cuda.get_device_name().split()[-1].lower())' 2>/dev/null || echo "$DEV")
 # Time limits add up to ~500 s: run with timeout_s=540 and leave the rest of the 15 device minutes for a rerun.
 step pytest_gpu 150 python3 -m pytest -m gpu -q --no-header -p no:cacheprovider -o addopts="" tests
-step overhead 40 python3 scripts/bench_overhead.py --device cuda --out "$WORK/benchmarks" --rounds 100
+step overhead 40 python3 scripts/bench_overhead.py --device "$DEV" --out "$WORK/benchmarks" --rounds 100
 step bench_kernels 120 python3 scripts/bench_kernels.py --quick --out "$WORK/benchmarks"
-gpu=$(python3 -c 'import torch; print(torch.cuda.get_device_name().split()[-1].lower())' 2>/dev/null || echo gpu)
-step tune_llama3 100 sh -c "autosdpa tune --preset llama3-8b --budget 0.3 --json > '$WORK/benchmarks/tune_llama3-8b_$gpu.json'"
-step bench_llama3 60 autosdpa bench --preset llama3-8b --seconds 0.3 --out "$WORK/benchmarks/bench_llama3-8b_$gpu"
+step tune_preset 100 sh -c "autosdpa tune --device $DEV --preset $PRESET --budget 0.3 --json > '$WORK/benchmarks/tune_${PRESET}_$gpu.json'"
+step bench_preset 60 autosdpa bench --device "$DEV" --preset "$PRESET" --seconds 0.3 --out "$WORK/benchmarks/bench_${PRESET}_$gpu"
 step export_db 20 autosdpa db export -o "$WORK/tuning_db/$gpu.sqlite"
-step doctor 20 autosdpa doctor
+step doctor 20 autosdpa doctor --device "$DEV"
 
 tar -C "$WORK" -czf "$OUT/results.tar.gz" benchmarks tuning_db logs
 note "results: $(tar -tzf "$OUT/results.tar.gz" | tr '\n' ' ')"
