@@ -9,26 +9,37 @@ import torch.nn.functional as F
 
 from . import backends as _backends
 from . import dispatch
+from .backends.torch_backends import torch_flags
 from .problem import Problem
 from .store import Store
 from .tuner import Decision, TuneConfig
 
 
-def _flags() -> tuple:
-    return (dispatch._gf(), dispatch._ge(), dispatch._gm(), dispatch._gc())
+@contextlib.contextmanager
+def deterministic_mode(on: bool):
+    """PyTorch's deterministic-algorithms switch set to ``on`` for the block (``det=`` is part of a problem's
+    key, and restricts what may run)."""
+    prev = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    if prev[0] == on:
+        yield
+        return
+    torch.use_deterministic_algorithms(on)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(prev[0], warn_only=prev[1])
 
 
 def explain(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
             enable_gqa=False) -> Decision:
     """The Decision autosdpa takes for this call (tuning first if the problem is new and mode is 'tune')."""
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
     call = dispatch._make_call(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
-                               needs_grad)
+                               dispatch._needs_grad(query, key, value))
     if call is None:
         return Decision("pytorch", "inputs autosdpa does not key (nested, subclass, odd arguments): "
                         "passed to PyTorch", source="passthrough")
     with dispatch._state.lock:
-        decision, _, _ = dispatch.decide(call, dispatch._control, _flags(), allow_tune=True)
+        decision, _, _ = dispatch.decide(call, dispatch._control, torch_flags(), allow_tune=True)
     return decision
 
 
@@ -70,7 +81,7 @@ def tune(problems: Iterable[Problem | str], *, db=None, progress: bool = True, d
     probs = [p if isinstance(p, Problem) else Problem.parse(p) for p in problems]
     out = []
     st = dispatch._state
-    with _using_store(db), st.lock:
+    with st.lock, _using_store(db):  # the lock first: no concurrent miss may save into ``db``
         prev_cfg = st.config
         st.config = config or st.config
         try:
@@ -80,13 +91,8 @@ def tune(problems: Iterable[Problem | str], *, db=None, progress: bool = True, d
                     from .environment import environment
                     fp, _ = environment(dev)
                     st.measurements[(fp, Problem.from_call(call, st.threshold).key)] = {}
-                prev_det = (torch.are_deterministic_algorithms_enabled(),
-                            torch.is_deterministic_algorithms_warn_only_enabled())
-                torch.use_deterministic_algorithms(p.deterministic)  # part of the key, and of what may run
-                try:
+                with deterministic_mode(p.deterministic):
                     d, _, _ = dispatch.decide(call, ("tune", None), (True,) * 4, allow_tune=True)
-                finally:
-                    torch.use_deterministic_algorithms(prev_det[0], warn_only=prev_det[1])
                 if progress:
                     print(f"[{i + 1}/{len(probs)}] {p.key} -> {d.backend} ({d.reason})", flush=True)
                 out.append(d)
@@ -115,7 +121,3 @@ def patch() -> _Patch:
 
 def unpatch() -> None:
     F.scaled_dot_product_attention = dispatch._sdpa
-
-
-def is_patched() -> bool:
-    return F.scaled_dot_product_attention is dispatch.scaled_dot_product_attention

@@ -33,7 +33,11 @@ def configure_logging() -> None:
     level = os.environ.get("AUTOSDPA_LOG")
     if level:
         logger = logging.getLogger("autosdpa")
-        logger.setLevel(level.upper())
+        try:
+            logger.setLevel(level.upper())
+        except ValueError:
+            logger.warning("AUTOSDPA_LOG=%r is not a logging level (DEBUG, INFO, WARNING, ...); ignored", level)
+            return
         if not logger.handlers:
             h = logging.StreamHandler()
             h.setFormatter(logging.Formatter("[autosdpa] %(levelname)s %(message)s"))

@@ -37,7 +37,7 @@ _gf, _ge, _gm, _gc = (_C._get_flash_sdp_enabled, _C._get_mem_efficient_sdp_enabl
                       _C._get_cudnn_sdp_enabled)
 _get_priority = _C._get_sdp_priority_order
 _DEFAULT_PRIORITY = list(_get_priority())
-_grad_enabled = torch.is_grad_enabled
+_det = _C._get_deterministic_algorithms
 _is_compiling = torch.compiler.is_compiling
 
 _MAX_PLANS = 4096
@@ -58,7 +58,7 @@ class _State:
         self.seen_problems: set[str] = set()
         self.warned: set[str] = set()
         self.lock = threading.RLock()
-        self.depth = 0
+        self.local = threading.local()  # .depth: re-entry from inside a backend, per thread
 
 
 _plans: dict = {}
@@ -75,8 +75,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     # not plain F.sdpa re-check what they depend on and fall back to F.sdpa.
     try:
         fk = (query.shape, key.shape, query.dtype, query.get_device(),
-              None if attn_mask is None else (attn_mask.shape, attn_mask.dtype, attn_mask.__class__),
-              dropout_p, is_causal, enable_gqa, query.requires_grad, _gf(), _ge(), _gm(), _gc(), _control)
+              None if attn_mask is None else (attn_mask.shape, attn_mask.dtype, attn_mask.__class__,
+                                              attn_mask.requires_grad),
+              dropout_p, is_causal, enable_gqa, query.requires_grad, _gf(), _ge(), _gm(), _gc(), _det(), _control)
         plan = _plans[fk]
     except KeyError:
         plan = _miss(fk, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
@@ -118,18 +119,19 @@ sdpa = scaled_dot_product_attention
 
 def _miss(fk, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
     st = _state
-    if st.depth:  # re-entered from inside a backend (e.g. CausalBias calling F.sdpa while patched)
+    local = st.local
+    if getattr(local, "depth", 0):  # re-entered from inside a backend (CausalBias calls F.sdpa, maybe patched)
         return None
-    st.depth += 1
+    local.depth = 1
     try:
         with st.lock:
             call = _make_call(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
                               _needs_grad(query, key, value))
-            if call is None:
-                plan, cacheable = None, True
+            if call is None:  # not cached: the fast key cannot tell these inputs from ordinary ones
+                plan, cacheable = None, False
             else:
                 decision, backend, cacheable = decide(call, fk[-1], fk[9:13], allow_tune=True)
-                plan = _plan_for(backend, decision.pytorch_choice, call)
+                plan = _plan_for(backend, decision.pytorch_choice, call, forced=bool(fk[-1] and fk[-1][1]))
     except ForcedBackendError:
         raise
     except Exception as e:  # the cache or tuner misbehaving must never break the caller's run
@@ -137,7 +139,7 @@ def _miss(fk, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_
         log.debug("resolve failed", exc_info=True)
         plan, cacheable = None, True
     finally:
-        st.depth -= 1
+        local.depth = 0
     if cacheable:
         if len(_plans) >= _MAX_PLANS:
             _plans.clear()
@@ -178,13 +180,18 @@ def _tuning_forbidden(call: Call) -> str | None:
 def eligibility(call: Call, backends: list[Backend] | None = None) -> dict[str, list[str]]:
     """{backend: reasons it cannot run this call}; an empty list means eligible."""
     out = {}
+    m = call.dense_mask
+    mask_grad = m is not None and m.requires_grad and torch.is_grad_enabled()
     for b in backends if backends is not None else _backends.all_backends():
         try:
             reasons = list(b.not_supported_reasons(call))
         except Exception as e:
             reasons = [f"eligibility check failed: {type(e).__name__}: {e}"]
-        if call.needs_grad and not b.supports_grad and not reasons:
-            reasons = ["forward only: cannot compute gradients"]
+        if not reasons:
+            if call.needs_grad and not b.supports_grad:
+                reasons = ["forward only: cannot compute gradients"]
+            elif mask_grad and b.torch_backend is None:
+                reasons = ["attn_mask requires grad: only PyTorch's backends compute the mask's gradient"]
         out[b.name] = reasons
     return out
 
@@ -251,14 +258,17 @@ def decide(call: Call, control: tuple | None, flags: tuple, *, allow_tune: bool
                 # Run PyTorch's math backend, which raises PyTorch's own error for such inputs. (F.sdpa's
                 # default may not: torch 2.13's CPU flash kernel reads out of bounds when k and v lengths
                 # differ and returns garbage instead of raising.)
+                # Not cached: the fast key leaves out v's shape and k/v dtypes, which valid calls may fix.
                 return (Decision("math", f"inputs rejected by the reference ({e}): PyTorch's math backend "
                                  "raises its error", problem=problem.key, pytorch_choice=torch_pick,
-                                 source="invalid"), _INVALID, True)
+                                 source="invalid"), _INVALID, False)
             meas = {**meas, **{m.backend: m for m in new}}
             st.measurements[cache_key] = meas
             source = "tuned"
             if any(m.ok for m in new):
-                _save(fp, info, problem.key, new)
+                # Failures (exceptions, out of memory, skipped for memory) may be passing trouble: kept in
+                # memory for this process, not in the database. Wrong results are kept: that is evidence.
+                _save(fp, info, problem.key, [m for m in new if m.ok or m.detail.startswith("wrong result")])
 
     for n, m in meas.items():
         if not m.ok and n not in rejected:
@@ -285,7 +295,7 @@ def decide(call: Call, control: tuple | None, flags: tuple, *, allow_tune: bool
     return decision, _backends.get(winner), cacheable
 
 
-def _plan_for(backend: Backend | None, torch_pick: str | None, call: Call):
+def _plan_for(backend: Backend | None, torch_pick: str | None, call: Call, forced: bool = False):
     if backend is _INVALID:
         return _INVALID.run  # no fallback to F.sdpa: its error (not a silent wrong result) is the answer
     if backend is None or backend.name == torch_pick:
@@ -298,6 +308,8 @@ def _plan_for(backend: Backend | None, torch_pick: str | None, call: Call):
             try:
                 return run(q, k, v, m, dp, ic, sc, gqa)
             except RuntimeError:  # e.g. strides the plan was not made for: PyTorch's own pick (or error)
+                if forced:  # autosdpa.backend(...) means exactly that backend: its error is the answer
+                    raise
                 return _sdpa(q, k, v, m, dp, ic, scale=sc, enable_gqa=gqa)
         return plan
 
@@ -308,6 +320,7 @@ def _plan_for(backend: Backend | None, torch_pick: str | None, call: Call):
         qd, dt = q.get_device(), q.dtype
         if (q.__class__ is _Tensor and k.__class__ is _Tensor and v.__class__ is _Tensor and k.dtype is dt
                 and v.dtype is dt and k.get_device() == qd and v.get_device() == qd and v.shape == v_shape
+                and (m is None or m.get_device() == qd)
                 and (needs_grad or not fwd_only or not _needs_grad(q, k, v))):
             return run(q, k, v, m, dp, ic, sc, gqa)
         return _sdpa(q, k, v, m, dp, ic, scale=sc, enable_gqa=gqa)
@@ -328,7 +341,7 @@ def get_store() -> Store:
     if st.store is None:
         try:
             st.store = Store(None, shared=shared_db_paths())
-        except StoreError as e:
+        except Exception as e:  # StoreError, or OSError/ImportError from an odd location or URL
             _fallback_store(e)
     return st.store
 

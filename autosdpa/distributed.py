@@ -41,6 +41,8 @@ def _valid(dec) -> bool:
         return False
     info = dec.get("info")
     return (isinstance(dec.get("backend"), str) and bool(BACKEND_NAME_RE.match(dec["backend"]))
+            and isinstance(dec.get("decided_at"), (int, float)) and not isinstance(dec.get("decided_at"), bool)
+            and 0 <= dec["decided_at"] < 1e11
             and key_problem(dec.get("problem_key")) is None
             and isinstance(info, dict) and environment_problem({"fingerprint": dec.get("fingerprint"), **info}) is None)
 
@@ -71,8 +73,10 @@ def sync_decisions(group=None, *, store: Store | None = None) -> int:
                 merged.setdefault((dec["fingerprint"], dec["problem_key"]), dec)
     current = {(d["fingerprint"], d["problem_key"]): d["backend"] for d in mine}
     changed = [d for k, d in merged.items() if current.get(k) != d["backend"]]
-    n = store.set_decisions(changed) if changed else 0
+    try:
+        n = store.set_decisions(changed) if changed else 0
+    finally:
+        dist.barrier(group=group)  # even when this rank failed: the others must not wait forever
     if n:
         dispatch.clear_plans()  # the next call of each problem re-decides and reads the agreed backend
-    dist.barrier(group=group)
     return n

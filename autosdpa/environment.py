@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import functools
-import hashlib
 import importlib.metadata
-import json
 import platform
 
 import torch
+
+from .store import fingerprint_of
 
 KERNELS_VERSION = "1"  # bump when kernels/ changes in a way that invalidates its timings
 
@@ -19,7 +19,7 @@ def _pkg_version(name: str) -> str:
         return ""
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -44,10 +44,9 @@ def _describe(device_type: str, index: int | None, threads: int) -> tuple:
                     memory_gb=round(p.total_memory / 2**30), cuda=torch.version.cuda or "",
                     cudnn=str(torch.backends.cudnn.version() or ""))
     else:
-        info.update(device_name=_cpu_name(), capability=torch.backends.cpu.get_cpu_capability(), cores=threads,
+        info.update(device_name=cpu_name(), capability=torch.backends.cpu.get_cpu_capability(), cores=threads,
                     memory_gb=0, cuda="", cudnn="")
-    fp = hashlib.sha256(json.dumps(info, sort_keys=True).encode()).hexdigest()[:16]
-    return fp, info
+    return fingerprint_of(info), info
 
 
 def environment(device: torch.device | str = "cpu") -> tuple[str, dict]:

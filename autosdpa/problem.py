@@ -62,8 +62,9 @@ def _mask_kind(call: Call) -> str:
     if call.query.dim() == 3:  # (N, L, E): the mask broadcasts to (N, Lq, Lk); there is no head dim
         s3 = (1,) * max(0, 3 - m.dim()) + tuple(m.shape[-3:])
         shape = (s3[0], 1, s3[1], s3[2])
-    else:
-        shape = (1,) * max(0, 4 - m.dim()) + tuple(m.shape[-4:])
+    else:  # leading dims fold into one batch dim, as for q
+        full = (1,) * max(0, call.query.dim() - m.dim()) + tuple(m.shape)
+        shape = (math.prod(full[:-3]), *full[-3:])
     pattern = "".join(c if s != 1 else "1" for c, s in zip("BHQK", shape))
     return f"{kind}:{pattern}"
 
@@ -180,6 +181,9 @@ class Problem:
             q = rand(self.batch, self.lq, self.hq, self.d).transpose(1, 2)
             k = rand(self.batch, self.lk, self.hkv, self.d).transpose(1, 2)
             v = rand(self.batch, self.lk, self.hkv, self.dv).transpose(1, 2)
+        elif self.layout == "nd5+":  # all leading dims fold into the batch: (B, 1, H, L, D) keys the same
+            q, k, v = (rand(self.batch, 1, self.hq, self.lq, self.d), rand(self.batch, 1, self.hkv, self.lk, self.d),
+                       rand(self.batch, 1, self.hkv, self.lk, self.dv))
         else:
             q, k, v = (rand(self.batch, self.hq, self.lq, self.d), rand(self.batch, self.hkv, self.lk, self.d),
                        rand(self.batch, self.hkv, self.lk, self.dv))
@@ -198,6 +202,8 @@ class Problem:
             shape = [full[c] if c != "1" else 1 for c in pattern]
             if self.layout == "nd3":
                 shape = [shape[0], shape[2], shape[3]]
+            elif self.layout == "nd5+":
+                shape = [shape[0], 1, *shape[1:]]
             if kind == "bool":
                 mask = torch.rand(*shape, generator=g) > 0.25
                 mask[..., 0] = True  # no fully masked rows
@@ -218,4 +224,10 @@ class Problem:
 
 
 def default_threshold() -> int | None:
-    return parse_bucketing(os.environ.get("AUTOSDPA_BUCKET"))
+    try:
+        return parse_bucketing(os.environ.get("AUTOSDPA_BUCKET"))
+    except ValueError as e:
+        import logging
+
+        logging.getLogger("autosdpa").warning("%s; using 'pow2'", e)
+        return parse_bucketing("pow2")

@@ -20,6 +20,7 @@ import re
 import sqlite3
 import time
 from pathlib import Path
+from urllib.parse import unquote
 from typing import Iterable, Iterator
 
 import sqlalchemy as sa
@@ -81,7 +82,7 @@ def _is_url(target) -> bool:
 def open_source(target: str | os.PathLike) -> Store:
     """Open a file (read-only, validated, never written) or a database URL for reading."""
     if _is_url(target):
-        return Store(str(target), readonly=True) if str(target).startswith("sqlite") else Store(str(target))
+        return Store(str(target), readonly=True)
     p = Path(target).expanduser()
     if not p.exists():
         raise SharingError(f"{target}: no such file")
@@ -93,6 +94,18 @@ def open_source(target: str | os.PathLike) -> Store:
         raise
     except StoreError as e:
         raise SharingError(str(e).replace(db_url(p), str(target))) from None
+
+
+def _same_file(url: str, out: str | os.PathLike) -> bool:
+    """Whether the SQLite database at ``url`` is the file ``out`` (through links and ``..`` too)."""
+    if _is_url(out) or not url.startswith("sqlite:///"):
+        return False
+    u = sa.engine.make_url(url).database or ""
+    u = u[len("file:"):].split("?")[0] if u.startswith("file:") else u
+    try:
+        return Path(out).expanduser().exists() and os.path.samefile(unquote(u), Path(out).expanduser())
+    except OSError:
+        return False
 
 
 def _fresh_output(out: str | os.PathLike, force: bool) -> Path:
@@ -312,7 +325,7 @@ def export(source: str | os.PathLike | None, out: str | os.PathLike, *, device: 
     ``out`` (journal_mode=DELETE: one self-contained file, readable by any SQLite tool)."""
     src = open_source(source) if source is not None else Store(None)
     try:
-        if not _is_url(out) and src.url == db_url(out):
+        if _same_file(src.url, out):
             raise SharingError("the output file is the source database")
         path = _fresh_output(out, force)
         report = Report()
@@ -355,7 +368,7 @@ def merge_files(sources: list[str | os.PathLike], out: str | os.PathLike, *, for
     try:
         for s in sources:  # open (and so validate) every input before writing anything
             srcs.append(open_source(s))
-        if any(not _is_url(out) and s.url == db_url(out) for s in srcs):
+        if any(_same_file(s.url, out) for s in srcs):
             raise SharingError("the output file is one of the inputs")
         path = _fresh_output(out, force)
         total, each = Report(), []

@@ -27,6 +27,7 @@ import os
 import random
 import re
 import time
+from urllib.parse import quote
 from pathlib import Path
 from typing import Callable, Iterable, Sequence, TypeVar
 
@@ -38,7 +39,6 @@ STATUSES = ("ok", "rejected", "skipped")
 
 # Limits for data that may come from elsewhere (see docs/sharing.md, "Validation").
 MAX_KEY_LEN = 512
-MAX_BACKEND_LEN = 64
 MAX_DETAIL_LEN = 2000
 MAX_SHAPE_LEN = 512
 MAX_SAMPLES = 10**7
@@ -121,7 +121,7 @@ class Measurement:
 
     @property
     def ok(self) -> bool:
-        return self.status == "ok" and self.median_s is not None
+        return self.status == "ok" and self.median_s is not None and self.median_s > 0
 
     def validate(self) -> None:
         """Raise ValueError unless this row is sane data (rows may come from files made elsewhere)."""
@@ -134,8 +134,8 @@ class Measurement:
             if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v)
                                   or v < 0 or v > MAX_SECONDS):
                 raise ValueError(f"{f}={str(v)[:40]!r} is not a finite non-negative number")
-        if self.status == "ok" and self.median_s is None:
-            raise ValueError("an ok measurement needs a median")
+        if self.status == "ok" and not (self.median_s and self.median_s > 0):
+            raise ValueError("an ok measurement needs a positive median")
         if not isinstance(self.samples, int) or isinstance(self.samples, bool) or not 0 <= self.samples <= MAX_SAMPLES:
             raise ValueError(f"samples={str(self.samples)[:40]!r} is not an integer in 0..{MAX_SAMPLES}")
         t = self.measured_at
@@ -144,8 +144,8 @@ class Measurement:
             raise ValueError(f"measured_at={str(t)[:40]!r} is not a plausible time")
         for f, limit in (("detail", MAX_DETAIL_LEN), ("tuned_shape", MAX_SHAPE_LEN)):
             v = getattr(self, f)
-            if not isinstance(v, str) or len(v) > limit:
-                raise ValueError(f"{f} is not a string of at most {limit} characters")
+            if not isinstance(v, str) or len(v) > limit or not _PRINTABLE_RE.match(v):
+                raise ValueError(f"{f} is not a printable string of at most {limit} characters")
 
 
 def fingerprint_of(fields: dict) -> str:
@@ -250,7 +250,7 @@ def make_engine(url: str, *, readonly: bool = False, wal: bool = True) -> sa.Eng
             # mode=ro: never create, never write. A WAL-mode file without its -wal/-shm is opened immutable so
             # that SQLite does not create those files next to a shipped file either.
             immutable = _sqlite_wal_header(p) and not Path(str(p) + "-wal").exists()
-            url = f"sqlite:///file:{p}?mode=ro{'&immutable=1' if immutable else ''}&uri=true"
+            url = f"sqlite:///file:{quote(str(p))}?mode=ro{'&immutable=1' if immutable else ''}&uri=true"
         elif not db or db == ":memory:":  # one shared in-memory database, not one per connection
             engine = sa.create_engine("sqlite://", poolclass=sa.pool.StaticPool,
                                       connect_args={"check_same_thread": False})
@@ -357,7 +357,10 @@ class Store:
         self._env_ids: dict[str, int] = {}
         self.engine = None
         try:
-            self.engine = make_engine(self.url, readonly=readonly, wal=wal)
+            try:
+                self.engine = make_engine(self.url, readonly=readonly, wal=wal)
+            except (OSError, ImportError, ValueError) as e:  # a path that cannot exist, a missing driver, a bad URL
+                raise StoreError(f"cannot open {self.display_url}: {type(e).__name__}: {e}") from e
             self._write = self.engine.execution_options(autosdpa_write=True)
             # retried: a concurrent process creating the file (or switching it to WAL) holds the lock briefly
             retrying(self._check_schema)
@@ -456,15 +459,9 @@ class Store:
             with self.engine.connect() as c:
                 eid = c.execute(sa.select(t.c.id).where(t.c.fingerprint == fingerprint)).scalar()
             if eid is None and create and not self.readonly:
-                row = {f: (info or {}).get(f, 0 if f in ("cores", "memory_gb") else "") for f in ENV_FIELDS}
-
                 def insert():
                     with self._write.begin() as c:
-                        stmt = _insert(c, t).values(fingerprint=fingerprint, created_at=time.time(), **row)
-                        if hasattr(stmt, "on_conflict_do_nothing"):
-                            stmt = stmt.on_conflict_do_nothing(index_elements=["fingerprint"])
-                        c.execute(stmt)
-                        return c.execute(sa.select(t.c.id).where(t.c.fingerprint == fingerprint)).scalar()
+                        return _environment_id_in(c, fingerprint, info)
                 eid = retrying(insert)
         except sa.exc.SQLAlchemyError as e:
             raise StoreError(f"{self.display_url}: {_describe(e)}") from e
@@ -522,22 +519,18 @@ class Store:
         measurements = sorted(measurements, key=lambda m: m.backend)  # one lock order for every writer
         if not measurements:
             return
-        for attempt in (0, 1):
-            eid = self.environment_id(fingerprint, info)
-            rows = [dict(environment_id=eid, problem_key=key, **dataclasses.asdict(m)) for m in measurements]
-
-            def write():
-                with self._write.begin() as c:
-                    _upsert_measurements(c, rows)
-            try:
-                retrying(write)
-                return
-            except sa.exc.IntegrityError as e:  # the environment was pruned by another process meanwhile
-                self._env_ids.pop(fingerprint, None)
-                if attempt:
-                    raise StoreError(f"{self.display_url}: {_describe(e)}") from e
-            except sa.exc.SQLAlchemyError as e:
-                raise StoreError(f"{self.display_url}: {_describe(e)}") from e
+        def write():
+            with self._write.begin() as c:
+                # Resolved inside the write transaction, never from a cache: a pruned environment's id can be
+                # reused by SQLite for another environment.
+                eid = _environment_id_in(c, fingerprint, info)
+                _upsert_measurements(c, [dict(environment_id=eid, problem_key=key, **dataclasses.asdict(m))
+                                         for m in measurements])
+                return eid
+        try:
+            self._env_ids[fingerprint] = retrying(write)
+        except sa.exc.SQLAlchemyError as e:
+            raise StoreError(f"{self.display_url}: {_describe(e)}") from e
 
     def rows(self, *, fingerprint: str | None = None) -> list[tuple[dict, str, Measurement]]:
         """Every (environment fields, problem key, measurement) in this database (not the shared layers)."""
@@ -577,11 +570,11 @@ class Store:
         decision in force."""
         if self.readonly:
             raise StoreError(f"{self.display_url} is read-only")
-        eid = self.environment_id(fingerprint, info)
         d = decision_table
 
         def write():
             with self._write.begin() as c:
+                eid = _environment_id_in(c, fingerprint, info)  # not cached: ids can be reused after a prune
                 stmt = _insert(c, d).values(environment_id=eid, problem_key=key, backend=backend,
                                             decided_at=time.time(), decided_by=decided_by[:256])
                 if hasattr(stmt, "on_conflict_do_nothing"):
@@ -643,6 +636,20 @@ class Store:
 def _describe(e: BaseException) -> str:
     orig = getattr(e, "orig", None)
     return f"{e.__class__.__name__}: {str(orig if orig is not None else e).splitlines()[0][:300]}"
+
+
+def _environment_id_in(c, fingerprint: str, info: dict | None) -> int:
+    """The id of ``fingerprint``'s environment, created from ``info`` if missing, inside transaction ``c``."""
+    t = environment_table
+    eid = c.execute(sa.select(t.c.id).where(t.c.fingerprint == fingerprint)).scalar()
+    if eid is None:
+        row = {f: (info or {}).get(f, 0 if f in ("cores", "memory_gb") else "") for f in ENV_FIELDS}
+        stmt = _insert(c, t).values(fingerprint=fingerprint, created_at=time.time(), **row)
+        if hasattr(stmt, "on_conflict_do_nothing"):
+            stmt = stmt.on_conflict_do_nothing(index_elements=["fingerprint"])
+        c.execute(stmt)
+        eid = c.execute(sa.select(t.c.id).where(t.c.fingerprint == fingerprint)).scalar()
+    return eid
 
 
 def _row_to_measurement(r) -> Measurement:

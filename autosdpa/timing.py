@@ -12,7 +12,6 @@ from typing import Callable
 import torch
 
 _L2_FLUSH_BYTES = 256 << 20  # larger than any current GPU's L2
-_flush_buffers: dict[int, torch.Tensor] = {}
 
 
 def summarize(samples: list[float]) -> tuple[float, float]:
@@ -56,17 +55,11 @@ def _time_cpu(fns, budget_s, min_rounds, max_rounds):
     return samples
 
 
-def _flush_buffer(device: torch.device) -> torch.Tensor:
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    buf = _flush_buffers.get(idx)
-    if buf is None:
-        buf = _flush_buffers[idx] = torch.empty(_L2_FLUSH_BYTES // 4, dtype=torch.int32, device=device)
-    return buf
-
-
 def _time_cuda(fns, device, budget_s, min_rounds, max_rounds):
     with torch.cuda.device(device):
-        flush = _flush_buffer(device)
+        # Written before every sample so that no candidate finds its inputs in L2. Allocated per tuning run
+        # and freed after it: 256 MiB should not stay in the user's memory pool.
+        flush = torch.empty(_L2_FLUSH_BYTES // 4, dtype=torch.int32, device=device)
         for fn in fns.values():  # warm-up: plans, autotuning, lazy init
             fn()
             fn()

@@ -29,8 +29,15 @@ class TuneConfig:
     @classmethod
     def from_env(cls) -> "TuneConfig":
         cfg = cls()
-        if os.environ.get("AUTOSDPA_BUDGET"):
-            cfg.budget_s = float(os.environ["AUTOSDPA_BUDGET"])
+        raw = os.environ.get("AUTOSDPA_BUDGET")
+        if raw:
+            try:
+                cfg.budget_s = float(raw)
+                if not 0 <= cfg.budget_s < 1e6:
+                    raise ValueError
+            except ValueError:
+                cfg.budget_s = cls.budget_s
+                log.warning("AUTOSDPA_BUDGET=%r is not a number of seconds; using %s", raw, cfg.budget_s)
         return cfg
 
 
@@ -82,15 +89,16 @@ def measure(call: Call, backends: list[Backend], config: TuneConfig | None = Non
 
     train = call.needs_grad
     q, k, v = (t.detach() for t in (call.query, call.key, call.value))
+    if train:  # one upstream gradient (F.sdpa's output has q's shape with v's last dim) and one input set
+        g = torch.randn(*q.shape[:-1], v.shape[-1], generator=torch.Generator().manual_seed(0))
+        grad_out = g.to(device=device, dtype=q.dtype)
+        xs = tuple(t.clone().requires_grad_() for t in (q, k, v))
     try:
         if train:
             rq, rk, rv = (t.detach().requires_grad_() for t in (q, k, v))
             ref_call = dataclasses.replace(call, query=rq, key=rk, value=rv)
             ref = reference_attention(ref_call)
-            g = torch.randn(ref.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float32)
-            g = g.to(device=device, dtype=ref.dtype)
-            ref_grads = torch.autograd.grad(ref, (rq, rk, rv), g)
-            grad_out = g.to(call.query.dtype)
+            ref_grads = torch.autograd.grad(ref, (rq, rk, rv), g.to(device=device, dtype=ref.dtype))
         else:
             with torch.no_grad():
                 ref = reference_attention(call)
@@ -106,9 +114,7 @@ def measure(call: Call, backends: list[Backend], config: TuneConfig | None = Non
     errors: dict[str, float | None] = {}
     for b in runnable:
         if train:
-            xs = tuple(t.clone().requires_grad_() for t in (q, k, v))
-
-            def fn(b=b, xs=xs):
+            def fn(b=b):  # autograd.grad returns the gradients without accumulating into xs
                 out = b.run(xs[0], xs[1], xs[2], call.attn_mask, call.dropout_p, call.is_causal, call.scale,
                             call.enable_gqa)
                 return out, torch.autograd.grad(out, xs, grad_out)

@@ -74,7 +74,7 @@ except ModuleNotFoundError:  # Python 3.10
 from .problem import DTYPES, LAYOUTS, Problem
 
 __all__ = ["WorkloadError", "WorkItem", "parse_shape", "problem_from_fields", "load_file", "list_presets",
-           "load_preset", "load_recording", "shard", "parse_shard", "dedupe", "dedupe_canonical", "canonical", "apply_overrides", "normalize_dtype",
+           "load_preset", "load_recording", "shard", "parse_shard", "dedupe_canonical", "canonical", "apply_overrides", "normalize_dtype",
            "FIELDS"]
 
 
@@ -437,14 +437,6 @@ def apply_overrides(items: Iterable[WorkItem], *, dtype: str | None = None, trai
             changes["train"] = True
         out.append(dataclasses.replace(it, problem=it.problem.with_(**changes)) if changes else it)
     return out
-
-
-def dedupe(items: Iterable[WorkItem]) -> list[WorkItem]:
-    """First occurrence of each problem key wins (its label is kept)."""
-    seen: dict[str, WorkItem] = {}
-    for it in items:
-        seen.setdefault(it.problem.key, it)
-    return list(seen.values())
 
 
 def canonical(problem: Problem, threshold: int | None | str = "env") -> Problem:

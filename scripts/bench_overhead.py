@@ -108,10 +108,12 @@ def run_case(case, args, kwargs, winner, ours_ctx, torch_ctx, a, sync, dev):
 
 
 def write(results, a, dev):
+    from autosdpa.environment import cpu_name
+
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "machine": platform.node(), "cpu": platform.processor() or platform.machine(),
+            "machine": platform.node(), "cpu": cpu_name(),
             "python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+            "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU {cpu_name()}",
             "target_us": 1.5, "method": "median of per-round differences, rounds interleaved A/B, "
             f"{a.calls} calls per sample, {a.rounds} rounds"}
     out = Path(a.out)

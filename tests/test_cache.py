@@ -168,3 +168,23 @@ def test_locked_database_warns_once_and_keeps_working(tmp_path, monkeypatch):
     finally:
         holder.execute("ROLLBACK")
         holder.close()
+
+
+def test_uncreatable_database_location_falls_back_to_memory(monkeypatch):
+    monkeypatch.setenv("AUTOSDPA_DB", "/proc/autosdpa-cannot-exist/db.sqlite")
+    autosdpa.reset()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        q = torch.randn(1, 2, 16, 8)
+        autosdpa.sdpa(q, q, q)
+    _check_fallback(caught)
+    assert autosdpa.explain(q, q, q).timings["flash"] is not None  # tuned, in memory
+
+
+def test_bad_environment_variables_do_not_break_import(tmp_path):
+    env = {**os.environ, "AUTOSDPA_DB": str(tmp_path / "x.sqlite"), "AUTOSDPA_LOG": "verbose",
+           "AUTOSDPA_BUDGET": "abc", "AUTOSDPA_BUCKET": "pow3", "AUTOSDPA_MODE": "fast"}
+    r = subprocess.run([sys.executable, "-c", "import torch, autosdpa; q = torch.randn(1, 1, 8, 8); "
+                        "print(autosdpa.sdpa(q, q, q).shape)"], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "torch.Size([1, 1, 8, 8])" in r.stdout

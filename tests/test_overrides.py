@@ -159,3 +159,91 @@ def test_patch_routes_torch_functional_and_mha():
         assert dispatch.get_store().counts()["measurements"] > 0  # MHA's attention went through autosdpa
     assert F.scaled_dot_product_attention is dispatch._sdpa
     torch.testing.assert_close(out, ref)
+
+
+def test_learned_mask_gets_its_gradient_and_keeps_our_kernels_out():
+    from autosdpa.backends import Backend, register, unregister
+
+    class Fake(Backend):  # stands in for a Triton kernel that gives the mask no gradient
+        name = "fake_kernel"
+
+        def not_supported_reasons(self, call):
+            return []
+
+        def run(self, q, k, v, m=None, dp=0.0, ic=False, sc=None, gqa=False):
+            return F.scaled_dot_product_attention(q, k, v, None if m is None else m.detach(), dp, ic, scale=sc)
+    register(Fake())
+    try:
+        q, k, v = qkv(L=12)
+        bias = torch.randn(1, 2, 12, 12, requires_grad=True)
+        d = autosdpa.explain(q, k, v, attn_mask=bias)
+        assert "fake_kernel" in d.rejected and "mask" in d.rejected["fake_kernel"]
+        autosdpa.sdpa(q, k, v, attn_mask=bias).sum().backward()
+        b2 = bias.detach().clone().requires_grad_()
+        F.scaled_dot_product_attention(q, k, v, attn_mask=b2).sum().backward()
+        torch.testing.assert_close(bias.grad, b2.grad)
+        with torch.no_grad():  # the same mask without grad: our kernels are candidates again
+            assert "fake_kernel" not in autosdpa.explain(q, k, v, attn_mask=bias.detach()).rejected
+    finally:
+        unregister("fake_kernel")
+
+
+def test_deterministic_mode_is_part_of_the_key():
+    q, k, v = qkv(L=20)
+    autosdpa.sdpa(q, k, v)
+    assert autosdpa.explain(q, k, v).problem.endswith("det=0")
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        autosdpa.sdpa(q, k, v)
+        assert autosdpa.explain(q, k, v).problem.endswith("det=1")
+        assert len(dispatch._plans) == 2
+    finally:
+        torch.use_deterministic_algorithms(prev)
+
+
+def test_invalid_call_does_not_pin_its_fast_key():
+    q, k, _ = qkv(L=16)
+    bad_v = torch.randn(1, 2, 17, 8)
+    with pytest.raises(RuntimeError):
+        autosdpa.sdpa(q, k, bad_v)
+    v = torch.randn(1, 2, 16, 8)  # same fast key (q and k shapes), valid
+    autosdpa.sdpa(q, k, v)  # first sight of the valid call: tunes
+    assert ran(autosdpa.sdpa, q, k, v) == {"flash"}
+
+
+def test_threads_running_toggling_plans_leave_the_flags_alone():
+    import threading
+
+    q, k, v = qkv(L=28)
+    seed_measurements(q, k, v, {"flash": 5e-3, "math": 1e-3})  # math wins: its plan toggles the flags
+    q2, k2, v2 = qkv(L=36)
+    errors = []
+
+    def work(args):
+        try:
+            for _ in range(300):
+                autosdpa.sdpa(*args)
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+    threads = [threading.Thread(target=work, args=((q, k, v) if i % 2 else (q2, k2, v2),)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert torch_flags() == (True, True, True, True)
+
+
+def test_zero_median_row_from_elsewhere_is_ignored():
+    q, k, v = qkv(L=44)
+    seed_measurements(q, k, v, {"flash": 1e-3, "math": 1e-3})
+    key = Problem.from_call(Call(q, k, v)).key
+    fp, info = environment(q.device)
+    import sqlalchemy as sa
+    store = dispatch.get_store()
+    with store.engine.begin() as c:  # a hand-edited row: a median of zero would win every comparison
+        c.execute(sa.text("UPDATE measurement SET median_s = 0 WHERE backend = 'math' AND problem_key = :k"),
+                  {"k": key})
+    d = autosdpa.explain(q, k, v)  # the bad row is skipped: math counts as unmeasured and is timed afresh
+    assert d.timings["math"] is not None and d.timings["math"] > 0

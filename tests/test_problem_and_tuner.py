@@ -43,6 +43,7 @@ def test_parse_rejects_malformed(bad):
     "fwd|fp32|B=2|Hq=1|Hkv=1|Lq=8|Lk=16|D=8|Dv=8|causal_br|mask=none|drop=0|gqa=0|layout=nd3|det=0",
     "fwd|fp32|B=2|Hq=2|Hkv=2|Lq=8|Lk=16|D=8|Dv=8|nocausal|mask=bool:B11K|drop=0|gqa=0|layout=strided|det=0",
     "fwd|fp32|B=3|Hq=1|Hkv=1|Lq=8|Lk=16|D=8|Dv=8|nocausal|mask=float:B1QK|drop=0|gqa=0|layout=nd3|det=0",
+    "fwd|fp32|B=2|Hq=4|Hkv=2|Lq=8|Lk=16|D=8|Dv=8|nocausal|mask=bool:BHQK|drop=0|gqa=1|layout=nd5+|det=0",
 ])
 def test_make_call_reproduces_the_key(key):
     p = Problem.parse(key)
@@ -112,7 +113,7 @@ def test_our_backend_can_win_and_runs(fakes):
     q = torch.randn(1, 2, 32, 16)
     with autosdpa.backend("speedy", "math"):
         d = autosdpa.explain(q, q, q)
-    assert set(d.timings) >= {"speedy", "math"}
+    assert d.timings["speedy"] is not None and d.timings["math"] is not None
     with autosdpa.backend("speedy"):
         seen.clear()
         autosdpa.sdpa(q, q, q)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import threading
 import warnings
 
 import torch
@@ -25,6 +26,11 @@ TORCH_NAMES = {int(SDPBackend.MATH): "math", int(SDPBackend.FLASH_ATTENTION): "f
                int(SDPBackend.EFFICIENT_ATTENTION): "efficient", int(SDPBackend.CUDNN_ATTENTION): "cudnn"}
 _FLAG_SLOT = {"flash": 0, "efficient": 1, "math": 2, "cudnn": 3}
 
+# PyTorch's flags are process-wide: toggles by different threads must not interleave (a lost restore would
+# leave the whole process on one backend). Threads calling F.sdpa directly meanwhile can still see them,
+# exactly as with PyTorch's own sdpa_kernel.
+_FLAG_LOCK = threading.Lock()
+
 _TRIGGERED = re.compile(r"\s*\(Triggered internally at .*\)\s*$", re.S)
 
 
@@ -36,14 +42,15 @@ def torch_flags() -> tuple[bool, bool, bool, bool]:
 @contextlib.contextmanager
 def only_flags(on: tuple[bool, bool, bool, bool]):
     """Set PyTorch's four SDPA flags, restoring them after (cheaper than ``sdpa_kernel``)."""
-    prev = tuple(g() for g in _GET)
-    for s, v in zip(_SET, on):
-        s(v)
-    try:
-        yield
-    finally:
-        for s, v in zip(_SET, prev):
+    with _FLAG_LOCK:
+        prev = tuple(g() for g in _GET)
+        for s, v in zip(_SET, on):
             s(v)
+        try:
+            yield
+        finally:
+            for s, v in zip(_SET, prev):
+                s(v)
 
 
 def _messages(caught) -> list[str]:
@@ -55,24 +62,27 @@ def _messages(caught) -> list[str]:
     return out
 
 
+def _as_pytorch_sees_it(call: Call, efficient: bool = False):
+    """(mask, is_causal) that PyTorch's checks see for this call. A CausalBias dispatches itself: upper-left is
+    is_causal=True; lower-right is efficient attention's own causal variant, else F.sdpa on the
+    materialised mask."""
+    if call.attn_mask is None or call.dense_mask is not None:
+        return call.dense_mask, call.is_causal
+    if call.causal != CAUSAL_BOTTOM_RIGHT or efficient:
+        return None, True
+    return call.attn_mask._materialize(call.query.device), False
+
+
 def pytorch_choice(call: Call) -> str | None:
     """The backend PyTorch itself would run for this call under the current flags (None if none)."""
-    q, k, v, m = call.query, call.key, call.value, call.attn_mask
-    if call.causal == CAUSAL_BOTTOM_RIGHT:
-        # CausalBias dispatches itself: efficient attention if it can, else a materialised mask.
-        eff = get_torch("efficient")
-        if torch_flags()[1] and not eff.not_supported_reasons(call):
-            return "efficient"
-        return "math" if torch_flags()[2] else None
-    if m is not None and call.dense_mask is None:  # top-left CausalBias == is_causal=True
-        m, is_causal = None, True
-    else:
-        is_causal = call.is_causal
+    if call.causal == CAUSAL_BOTTOM_RIGHT and torch_flags()[1] and not EFFICIENT.not_supported_reasons(call):
+        return "efficient"
+    m, is_causal = _as_pytorch_sees_it(call)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            idx = torch._fused_sdp_choice(q, k, v, m, call.dropout_p, is_causal, scale=call.scale,
-                                          enable_gqa=call.enable_gqa)
+            idx = torch._fused_sdp_choice(call.query, call.key, call.value, m, call.dropout_p, is_causal,
+                                          scale=call.scale, enable_gqa=call.enable_gqa)
     except RuntimeError:
         return None
     return TORCH_NAMES.get(int(idx))
@@ -108,13 +118,13 @@ class TorchBackend(Backend):
             return [why]
         if self.name == "math":
             return []
-        if call.causal == CAUSAL_BOTTOM_RIGHT and self.name != "efficient":
-            return [f"PyTorch's {self.name} backend has no bottom-right causal mask (CausalBias lower-right)"]
-        mask, is_causal = call.dense_mask, call.is_causal or call.attn_mask is not None and call.dense_mask is None
+        mask, is_causal = _as_pytorch_sees_it(call, efficient=self.name == "efficient")
         # Ask PyTorch's own checks, with this backend's flag on so the answer is about the inputs.
         with warnings.catch_warnings(record=True) as caught, only_flags(self._flags):
             warnings.simplefilter("always")
             if device.type == "cuda":
+                if self._cuda_check is None:
+                    return [f"this PyTorch ({torch.__version__}) has no can_use_{self.name}_attention check"]
                 params = torch.backends.cuda.SDPAParams(call.query, call.key, call.value, mask,
                                                         call.dropout_p, is_causal, call.enable_gqa)
                 ok = self._cuda_check(params, True)
@@ -134,13 +144,15 @@ class TorchBackend(Backend):
     def run(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
             enable_gqa=False):
         g, s = _GET, _SET
-        prev = (g[0](), g[1](), g[2](), g[3]())
         on = self._flags
-        s[0](on[0]); s[1](on[1]); s[2](on[2]); s[3](on[3])
-        try:
-            return _sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
-        finally:
-            s[0](prev[0]); s[1](prev[1]); s[2](prev[2]); s[3](prev[3])
+        with _FLAG_LOCK:
+            prev = (g[0](), g[1](), g[2](), g[3]())
+            s[0](on[0]); s[1](on[1]); s[2](on[2]); s[3](on[3])
+            try:
+                return _sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale=scale,
+                             enable_gqa=enable_gqa)
+            finally:
+                s[0](prev[0]); s[1](prev[1]); s[2](prev[2]); s[3](prev[3])
 
     def workspace_bytes(self, call: Call) -> int:
         if self.name != "math":

@@ -130,6 +130,12 @@ class _TritonBackend(Backend):
         q, k, v, mask, squeeze = _to_4d(query, key, value, call.dense_mask)
         return q, k, v, mask, call.causal, squeeze
 
+    def run(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+            enable_gqa=False):
+        q, k, v, mask, causal, squeeze = self._prepare(query, key, value, attn_mask, dropout_p, is_causal)
+        out = self._kmod().attention(q, k, v, attn_mask=mask, causal=causal, scale=scale, enable_gqa=enable_gqa)
+        return out.squeeze(1) if squeeze else out
+
     def workspace_bytes(self, call: Call) -> int:
         kmod = self._kmod()
         q, k, v, _, _ = _to_4d(call.query, call.key, call.value, None)
@@ -151,12 +157,6 @@ class TritonFlash(_TritonBackend):
     def _workspace(self, kmod, q, k, v, call):
         return kmod.workspace_bytes(q, k, v, needs_grad=call.needs_grad)
 
-    def run(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-            enable_gqa=False):
-        q, k, v, mask, causal, squeeze = self._prepare(query, key, value, attn_mask, dropout_p, is_causal)
-        out = self._kmod().attention(q, k, v, attn_mask=mask, causal=causal, scale=scale, enable_gqa=enable_gqa)
-        return out.squeeze(1) if squeeze else out
-
 
 class TritonDecode(_TritonBackend):
     """Split-KV decoding kernel: Lq <= 16, long Lk, GQA-aware; forward only."""
@@ -167,12 +167,6 @@ class TritonDecode(_TritonBackend):
 
     def _workspace(self, kmod, q, k, v, call):
         return kmod.workspace_bytes(q, k, v)
-
-    def run(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-            enable_gqa=False):
-        q, k, v, mask, causal, squeeze = self._prepare(query, key, value, attn_mask, dropout_p, is_causal)
-        out = self._kmod().attention(q, k, v, attn_mask=mask, causal=causal, scale=scale, enable_gqa=enable_gqa)
-        return out.squeeze(1) if squeeze else out
 
 
 register(TritonFlash())

@@ -1,7 +1,6 @@
 """Shared pieces of the ``autosdpa`` commands: workload options, device and database handling, formatting."""
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import os
@@ -161,20 +160,11 @@ def tune_config(budget: float | None):
     return cfg
 
 
-@contextlib.contextmanager
 def deterministic(on: bool):
-    """Deterministic algorithms on while tuning a ``det=1`` problem (the key reads the global switch)."""
-    import torch
+    """Deterministic algorithms on while timing a ``det=1`` problem (the key reads the global switch)."""
+    from ..api import deterministic_mode
 
-    if not on:
-        yield
-        return
-    prev, prev_warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(prev, warn_only=prev_warn)
+    return deterministic_mode(on)
 
 
 def fmt_s(s: float | None) -> str:

@@ -4,6 +4,8 @@ from __future__ import annotations
 import datetime as _dt
 import json
 
+import re
+
 import click
 
 from . import main
@@ -34,6 +36,10 @@ def _time(value: str | None, param: str) -> float | None:
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint=param) from None
 
+
+
+def _printable(v):
+    return re.sub(r"[\x00-\x1f\x7f]", "?", v) if isinstance(v, str) else v
 
 @main.group()
 def db() -> None:
@@ -69,7 +75,8 @@ def info_cmd(target: str, as_json: bool) -> None:
                f"{data['counts'].get('decisions', 0)} decisions")
     if data.get("newest_measurement"):
         click.echo(f"newest measurement: {_dt.datetime.fromtimestamp(data['newest_measurement']):%Y-%m-%d %H:%M}")
-    for e in data["environments"]:
+    for e in data["environments"]:  # fields of a file from elsewhere: no control characters to the terminal
+        e = {k: _printable(v) for k, v in e.items()}
         dev = e["device_name"] + (f" (sm {e['capability']})" if e["device_type"] == "cuda" else "")
         click.echo(f"  {e['fingerprint']}  {e['device_type']:<4} {dev}  torch {e['torch']}"
                    + (f" cuda {e['cuda']}" if e["cuda"] else "") + f" kernels {e['kernels']}: "

@@ -50,7 +50,7 @@ def show(db, device, key_glob, backends, shared, as_json) -> None:
       autosdpa show --device H100 --key '*Hq=32*' --backend flash,cudnn
     """
     from .. import dispatch
-    from ..store import StoreError
+    from ..store import StoreError, environment_problem
 
     use_db(db)
     store = dispatch.get_store()
@@ -63,6 +63,12 @@ def show(db, device, key_glob, backends, shared, as_json) -> None:
         except StoreError as e:
             raise click.ClickException(str(e)) from None
         for env, key, m in got:
+            try:  # rows from elsewhere are data: what fails validation is not shown either
+                m.validate()
+            except ValueError:
+                continue
+            if environment_problem(env):
+                continue
             if device and not _match_device(env, device):
                 continue
             if key_glob and not fnmatch.fnmatchcase(key, key_glob) and key_glob not in key:
@@ -118,6 +124,7 @@ def show(db, device, key_glob, backends, shared, as_json) -> None:
         prev = g
     out.print(t)
     for fp, env in envs.items():
-        out.print(f"[dim]env {fp[:8]}: {env['device_name']} ({env['device_type']}"
-                  + (f" {env['capability']}" if env["capability"] else "")
-                  + f", torch {env['torch']}" + (f", CUDA {env['cuda']}" if env["cuda"] else "") + ")[/]")
+        out.print(Text(f"env {fp[:8]}: {env['device_name']} ({env['device_type']}"
+                       + (f" {env['capability']}" if env["capability"] else "")
+                       + f", torch {env['torch']}" + (f", CUDA {env['cuda']}" if env["cuda"] else "") + ")",
+                       style="dim"))
