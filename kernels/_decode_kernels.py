@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from ._common import interpreting
+from ._flash_kernels import _apply_mask
 
 NEG_INF = float("-inf")
 
@@ -26,7 +27,6 @@ def decode_split_kernel(Q, K, V, Msk, PO, PLSE,
                         DV_PAD: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr,
                         PRECISION: tl.constexpr, UPCAST: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    LOG2E: tl.constexpr = 1.4426950408889634
     split = tl.program_id(0)
     off_bhk = tl.program_id(1).to(tl.int64)
     off_b = off_bhk // HKV
@@ -70,12 +70,7 @@ def decode_split_kernel(Q, K, V, Msk, PO, PLSE,
         if MASK_KIND != 0:
             mp = m_rows + offs_n[None, :] * stride_mn
             mm = row_ok[:, None] & col_ok[None, :]
-            if MASK_KIND == 1:
-                mb = tl.load(mp, mask=mm, other=0)
-                s = tl.where(mb != 0, s, NEG_INF)
-            else:
-                mb = tl.load(mp, mask=mm, other=0.0).to(tl.float32)
-                s = s + mb * LOG2E
+            s = _apply_mask(s, mp, mm, MASK_KIND)
         if CAUSAL:
             s = tl.where(offs_n[None, :] <= off_i[:, None] + causal_off, s, NEG_INF)
         s = tl.where(col_ok[None, :], s, NEG_INF)

@@ -20,6 +20,20 @@ from ._common import interpreting
 NEG_INF = float("-inf")
 
 
+@triton.jit
+def _apply_mask(s, ptrs, valid, MASK_KIND: tl.constexpr):
+    """Scores (log2 units) with the attention-mask tile at ``ptrs`` applied: a bool mask sets -inf where it is
+    False (1), a float mask is added (2). ``valid`` masks the load at ragged edges."""
+    LOG2E: tl.constexpr = 1.4426950408889634
+    if MASK_KIND == 1:
+        mb = tl.load(ptrs, mask=valid, other=0)
+        s = tl.where(mb != 0, s, NEG_INF)
+    else:
+        mb = tl.load(ptrs, mask=valid, other=0.0).to(tl.float32)
+        s = s + mb * LOG2E
+    return s
+
+
 # ----------------------------------------------------------------------------------------------
 # forward
 # ----------------------------------------------------------------------------------------------
@@ -30,7 +44,6 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, m_base, lo, hi, offs_m, offs_d,
                DV_PAD: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr,
                APPLY_CAUSAL: tl.constexpr, BOUNDS: tl.constexpr, PRECISION: tl.constexpr,
                UPCAST: tl.constexpr):
-    LOG2E: tl.constexpr = 1.4426950408889634
     offs_n0 = tl.arange(0, BLOCK_N)
     row_ok = offs_m < Lq
     for start_n in range(lo, hi, BLOCK_N):
@@ -56,12 +69,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, m_base, lo, hi, offs_m, offs_d,
                 mm = row_ok[:, None] & (offs_n[None, :] < Lk)
             else:
                 mm = row_ok[:, None]
-            if MASK_KIND == 1:
-                mb = tl.load(mp, mask=mm, other=0)
-                qk = tl.where(mb != 0, qk, NEG_INF)
-            else:
-                mb = tl.load(mp, mask=mm, other=0.0).to(tl.float32)
-                qk = qk + mb * LOG2E
+            qk = _apply_mask(qk, mp, mm, MASK_KIND)
         if APPLY_CAUSAL:
             qk = tl.where(offs_n[None, :] <= offs_m[:, None] + causal_off, qk, NEG_INF)
         if BOUNDS:
@@ -191,7 +199,6 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, m_base, lse_base, delta_base,
                     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, D_PAD: tl.constexpr,
                     DV_PAD: tl.constexpr, BLOCK_M: tl.constexpr, MASK_KIND: tl.constexpr,
                     APPLY_CAUSAL: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    LOG2E: tl.constexpr = 1.4426950408889634
     offs_m0 = tl.arange(0, BLOCK_M)
     col_ok = offs_n < Lk
     for start_m in range(lo, hi, BLOCK_M):
@@ -210,12 +217,7 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, m_base, lse_base, delta_base,
         if MASK_KIND != 0:
             mp = m_base + offs_m[None, :] * stride_mm + offs_n[:, None] * stride_mn
             mm = row_ok[None, :] & col_ok[:, None]
-            if MASK_KIND == 1:
-                mb = tl.load(mp, mask=mm, other=0)
-                st = tl.where(mb != 0, st, NEG_INF)
-            else:
-                mb = tl.load(mp, mask=mm, other=0.0).to(tl.float32)
-                st = st + mb * LOG2E
+            st = _apply_mask(st, mp, mm, MASK_KIND)
         pt = tl.math.exp2(st - lse[None, :])
         if APPLY_CAUSAL:
             pt = tl.where(offs_n[:, None] <= offs_m[None, :] + causal_off, pt, 0.0)
@@ -301,7 +303,6 @@ def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, m_base, lo, hi, offs_m,
                   HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, D_PAD: tl.constexpr,
                   DV_PAD: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr,
                   APPLY_CAUSAL: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    LOG2E: tl.constexpr = 1.4426950408889634
     offs_n0 = tl.arange(0, BLOCK_N)
     row_ok = offs_m < Lq
     for start_n in range(lo, hi, BLOCK_N):
@@ -318,12 +319,7 @@ def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, m_base, lo, hi, offs_m,
         if MASK_KIND != 0:
             mp = m_base + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn
             mm = row_ok[:, None] & col_ok[None, :]
-            if MASK_KIND == 1:
-                mb = tl.load(mp, mask=mm, other=0)
-                s = tl.where(mb != 0, s, NEG_INF)
-            else:
-                mb = tl.load(mp, mask=mm, other=0.0).to(tl.float32)
-                s = s + mb * LOG2E
+            s = _apply_mask(s, mp, mm, MASK_KIND)
         p = tl.math.exp2(s - lse[:, None])
         if APPLY_CAUSAL:
             p = tl.where(offs_n[None, :] <= offs_m[:, None] + causal_off, p, 0.0)
