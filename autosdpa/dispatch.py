@@ -35,7 +35,8 @@ _Tensor = torch.Tensor
 _C = torch._C
 _gf, _ge, _gm, _gc = (_C._get_flash_sdp_enabled, _C._get_mem_efficient_sdp_enabled, _C._get_math_sdp_enabled,
                       _C._get_cudnn_sdp_enabled)
-_get_priority = _C._get_sdp_priority_order
+# PyTorch before 2.6 has no priority order: a constant stands in, so "no priority order set" always holds.
+_get_priority = getattr(_C, "_get_sdp_priority_order", lambda: [])
 _DEFAULT_PRIORITY = list(_get_priority())
 _det = _C._get_deterministic_algorithms
 _is_compiling = torch.compiler.is_compiling

@@ -42,10 +42,10 @@ gpu=$(python3 -c 'import torch; print(torch.cuda.get_device_name().split()[-1].l
 step pytest_gpu 150 python3 -m pytest -m gpu -q --no-header -p no:cacheprovider -o addopts="" tests
 step overhead 40 python3 scripts/bench_overhead.py --device "$DEV" --out "$WORK/benchmarks" --rounds 100
 step bench_kernels 120 python3 scripts/bench_kernels.py --quick --out "$WORK/benchmarks"
-step tune_preset 100 sh -c "autosdpa tune --device $DEV --preset $PRESET --budget 0.3 --json > '$WORK/benchmarks/tune_${PRESET}_$gpu.json'"
-step bench_preset 60 autosdpa bench --device "$DEV" --preset "$PRESET" --seconds 0.3 --out "$WORK/benchmarks/bench_${PRESET}_$gpu"
-step export_db 20 autosdpa db export -o "$WORK/tuning_db/$gpu.sqlite"
-step doctor 20 autosdpa doctor --device "$DEV"
+step tune_preset 100 sh -c "python3 -m autosdpa.cli tune --device $DEV --preset $PRESET --budget 0.3 --json > '$WORK/benchmarks/tune_${PRESET}_$gpu.json'"
+step bench_preset 60 python3 -m autosdpa.cli bench --device "$DEV" --preset "$PRESET" --seconds 0.3 --out "$WORK/benchmarks/bench_${PRESET}_$gpu"
+step export_db 20 python3 -m autosdpa.cli db export -o "$WORK/tuning_db/$gpu.sqlite"
+step doctor 20 python3 -m autosdpa.cli doctor --device "$DEV"
 
 tar -C "$WORK" -czf "$OUT/results.tar.gz" benchmarks tuning_db logs
 note "results: $(tar -tzf "$OUT/results.tar.gz" | tr '\n' ' ')"
