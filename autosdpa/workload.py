@@ -24,7 +24,7 @@ mask       ``none`` or ``bool:PATTERN`` / ``float:PATTERN``, PATTERN   none
 dropout    bare flag, or ``dropout=0.1`` (any value > 0 means dropout)  off
 gqa        pass ``enable_gqa=True``; automatic when hq != hkv          auto
 train      time forward + backward                                     off
-layout     bhld | blhd | strided | nd3                                 bhld
+layout     bhld | blhd | strided | nd3 | nd5+                          bhld
 det        deterministic algorithms on                                 off
 =========  ==========================================================  ==================
 
@@ -104,7 +104,7 @@ FIELDS: dict[str, tuple[str, str]] = {
     "dropout": ("flag or dropout=P (P>0 means dropout)", "off"),
     "gqa": ("flag: enable_gqa=True", "auto (hq != hkv)"),
     "train": ("flag: time forward + backward", "off"),
-    "layout": ("bhld|blhd|strided|nd3", "bhld"),
+    "layout": ("bhld|blhd|strided|nd3|nd5+", "bhld"),
     "det": ("flag: deterministic algorithms", "off"),
 }
 _ALIASES = {"batch": "b", "h": "hq", "heads": "hq", "l": "lq", "seq": "lq", "kv_heads": "hkv",

@@ -20,7 +20,7 @@ SHAPE_HELP = ("One problem as comma-separated fields, e.g. "
               "hkv (kv heads, =hq), lq (query length, required), lk (=lq), d (head dim, 64), dv (=d), "
               "dtype (fp16|bf16|fp32|fp64; default bf16 on CUDA, fp32 on CPU), causal (flag; causal=br for "
               "bottom-right), mask (none|bool:B11K|float:...), dropout (flag or =P), gqa (flag, auto if hq!=hkv), "
-              "train (flag: forward+backward), layout (bhld|blhd|strided|nd3), det (flag). "
+              "train (flag: forward+backward), layout (bhld|blhd|strided|nd3|nd5+), det (flag). "
               "A full problem key is accepted too. Repeatable.")
 
 
