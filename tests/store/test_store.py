@@ -141,3 +141,22 @@ def test_measurement_validate():
             setattr(m, k, v)
         with pytest.raises(ValueError):
             m.validate()
+
+
+def test_rows_stay_with_their_environment_after_another_process_prunes_it(any_db):
+    """A long-lived Store caches environment ids; after a prune elsewhere, SQLite may hand the same id to a new
+    environment. Saves must still land under the right fingerprint."""
+    fp_a, info_a = env("GPU A")
+    fp_b, info_b = env("GPU B")
+    s = Store(any_db)
+    s.save(fp_a, info_a, KEY, [meas("math")])  # caches A's id
+    other = Store(any_db)
+    with other.engine.begin() as c:  # "another process" prunes A and records B, which may reuse A's id
+        c.execute(sa.text("DELETE FROM measurement"))
+        c.execute(sa.text("DELETE FROM environment"))
+    other.save(fp_b, info_b, KEY, [meas("flash")])
+    s.save(fp_a, info_a, KEY2, [meas("math")])
+    assert set(s.lookup(fp_b, KEY)) == {"flash"} and s.lookup(fp_b, KEY2) == {}
+    assert set(Store(any_db).lookup(fp_a, KEY2)) == {"math"}
+    s.close()
+    other.close()
