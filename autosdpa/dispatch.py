@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from . import backends as _backends
 from . import consensus
 from .backends.base import Backend, Call
-from .backends.torch_backends import pytorch_choice
+from .backends.torch_backends import _GET as _FLAG_GETTERS, pytorch_choice
 from .config import env_mode, shared_db_paths
 from .environment import environment
 from .problem import DTYPE_NAMES, Problem, default_threshold
@@ -33,8 +33,7 @@ log = logging.getLogger("autosdpa")
 _sdpa = F.scaled_dot_product_attention  # the original, even after autosdpa.patch()
 _Tensor = torch.Tensor
 _C = torch._C
-_gf, _ge, _gm, _gc = (_C._get_flash_sdp_enabled, _C._get_mem_efficient_sdp_enabled, _C._get_math_sdp_enabled,
-                      _C._get_cudnn_sdp_enabled)
+_gf, _ge, _gm, _gc = _FLAG_GETTERS  # bound to module names: the hot path reads them on every call
 # PyTorch before 2.6 has no priority order: a constant stands in, so "no priority order set" always holds.
 _get_priority = getattr(_C, "_get_sdp_priority_order", lambda: [])
 _DEFAULT_PRIORITY = list(_get_priority())

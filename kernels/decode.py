@@ -10,6 +10,8 @@ One program handles every query head of a KV group, so each K/V tile is loaded o
 """
 from __future__ import annotations
 
+import importlib
+
 import torch
 
 from . import _common as C
@@ -20,15 +22,9 @@ MAX_LQ = 16          # queries per call
 MAX_ROWS = 128       # (query heads per KV head) * Lq packed into one program
 MAX_AUTO_SPLITS = 64  # the combine kernel holds (splits x Dv) fp32 in registers
 
-_K = None
-
-
 def _kernels():
-    global _K
-    if _K is None:
-        from . import _decode_kernels
-        _K = _decode_kernels
-    return _K
+    """The Triton kernel module, imported on first launch (importing it imports triton)."""
+    return importlib.import_module("._decode_kernels", __package__)
 
 
 def not_supported_reasons(query, key, value, attn_mask=None, dropout_p=0.0, causal="none",

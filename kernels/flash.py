@@ -10,21 +10,17 @@ Importing this module does not import triton; the kernels are compiled on first 
 """
 from __future__ import annotations
 
+import importlib
+
 import torch
 
 from . import _common as C
 
 __all__ = ["attention", "not_supported_reasons", "workspace_bytes"]
 
-_K = None  # the lazily imported kernel module
-
-
 def _kernels():
-    global _K
-    if _K is None:
-        from . import _flash_kernels
-        _K = _flash_kernels
-    return _K
+    """The Triton kernel module, imported on first launch (importing it imports triton)."""
+    return importlib.import_module("._flash_kernels", __package__)
 
 
 def not_supported_reasons(query, key, value, attn_mask=None, dropout_p=0.0, causal="none",
