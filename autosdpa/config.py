@@ -1,44 +1,147 @@
-"""Settings read from the environment (see the README's table)."""
+"""Every setting autosdpa reads from the environment, in one place (see the README's table).
+
+``Settings.from_env()`` reads them once; a bad value gives one warning naming the variable, the value and
+what is used instead. Library code never writes ``os.environ``: to change a setting for this process, build a
+``Settings`` (``dataclasses.replace(settings, db=...)``) and hand it to ``autosdpa.dispatch.dispatcher.configure``.
+"""
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 import os
+import re
+import warnings
+from pathlib import Path
+from typing import Mapping
 
 MODES = ("tune", "lookup", "off")
+DEFAULT_BUDGET_S = 1.0
+DEFAULT_DB_TIMEOUT_S = 30.0
+DEFAULT_BUCKET_THRESHOLD = 16
+MAX_BUDGET_S = 3600.0
+MAX_DB_TIMEOUT_S = 3600.0
+
+#: name -> one line for the README table and ``autosdpa doctor``.
+VARIABLES = {
+    "AUTOSDPA_DB": "database file path or SQLAlchemy URL (default: the user cache file)",
+    "AUTOSDPA_MODE": "tune (default) | lookup | off",
+    "AUTOSDPA_SHARED_DBS": "extra read-only tuning DB files, os.pathsep-separated",
+    "AUTOSDPA_RECORD": "append every new problem seen to this JSONL file",
+    "AUTOSDPA_BUDGET": f"seconds per new problem, checks included (default {DEFAULT_BUDGET_S})",
+    "AUTOSDPA_BUCKET": "pow2 (default) | pow2:THRESHOLD | exact",
+    "AUTOSDPA_DB_TIMEOUT": f"seconds to wait for a locked database (default {DEFAULT_DB_TIMEOUT_S:g})",
+    "AUTOSDPA_LOG": "level of the autosdpa logger (DEBUG, INFO, ...)",
+    "AUTOSDPA_TRITON_INTERPRET": "1: allow the Triton kernels on the CPU interpreter (tests only)",
+}
 
 
-def env_mode() -> str:
-    mode = (os.environ.get("AUTOSDPA_MODE") or "tune").strip().lower()
-    if mode not in MODES:
-        logging.getLogger("autosdpa").warning("AUTOSDPA_MODE=%r is not one of %s; using 'tune'", mode, MODES)
-        return "tune"
-    return mode
+def _warn(name: str, value: str, why: str, used) -> None:
+    warnings.warn(f"autosdpa: {name}={value!r} {why}; using {used!r}", RuntimeWarning, stacklevel=4)
 
 
-def shared_db_paths() -> list[str]:
-    """Shipped ``tuning_db/*.sqlite`` files, then ``AUTOSDPA_SHARED_DBS`` (os.pathsep-separated)."""
-    from pathlib import Path
+def parse_bucketing(spec: str | None) -> int | None:
+    """``pow2`` (default, threshold 16), ``pow2:T`` or ``exact`` -> threshold, or None for exact."""
+    spec = (spec or "pow2").strip().lower()
+    if spec == "exact":
+        return None
+    if spec == "pow2":
+        return DEFAULT_BUCKET_THRESHOLD
+    m = re.fullmatch(r"pow2:(\d{1,9})", spec)
+    if not m:
+        raise ValueError(f"expected 'pow2', 'pow2:THRESHOLD' or 'exact', got {spec!r}")
+    return int(m.group(1))
 
-    paths = []
-    shipped = Path(__file__).resolve().parent.parent / "tuning_db"
-    for base in (Path(__file__).resolve().parent / "tuning_db", shipped):
+
+def _seconds(env: Mapping[str, str], name: str, default: float, upper: float) -> float:
+    raw = env.get(name)
+    if raw is None or not raw.strip():
+        return default
+    try:
+        v = float(raw)
+    except ValueError:
+        _warn(name, raw, "is not a number of seconds", default)
+        return default
+    if not math.isfinite(v) or v < 0:
+        _warn(name, raw, "is not a finite, non-negative number of seconds", default)
+        return default
+    if v > upper:
+        _warn(name, raw, f"is above the limit of {upper:g} s", upper)
+        return upper
+    return v
+
+
+def _paths(raw: str | None) -> tuple[str, ...]:
+    return tuple(p for p in (raw or "").split(os.pathsep) if p.strip())
+
+
+def shipped_db_paths() -> tuple[str, ...]:
+    """The shipped ``tuning_db/*.sqlite`` files (inside the installed package, or the source checkout's)."""
+    here = Path(__file__).resolve().parent
+    out = []
+    for base in (here / "tuning_db", here.parent / "tuning_db"):
         if base.is_dir():
-            paths.extend(str(p) for p in sorted(base.glob("*.sqlite")))
-    extra = os.environ.get("AUTOSDPA_SHARED_DBS", "")
-    paths.extend(p for p in extra.split(os.pathsep) if p.strip())
-    return list(dict.fromkeys(paths))
+            out.extend(str(p) for p in sorted(base.glob("*.sqlite")))
+    return tuple(dict.fromkeys(out))
 
 
-def configure_logging() -> None:
-    level = os.environ.get("AUTOSDPA_LOG")
-    if level:
-        logger = logging.getLogger("autosdpa")
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """What the environment asks for. Build with ``from_env()``; change with ``dataclasses.replace``."""
+
+    db: str | None = None                      # AUTOSDPA_DB: path or URL; None = the default cache file
+    mode: str = "tune"                         # AUTOSDPA_MODE
+    shared_dbs: tuple[str, ...] = ()           # AUTOSDPA_SHARED_DBS (the shipped files come first)
+    record: str | None = None                  # AUTOSDPA_RECORD
+    budget_s: float = DEFAULT_BUDGET_S         # AUTOSDPA_BUDGET
+    bucket_threshold: int | None = DEFAULT_BUCKET_THRESHOLD  # AUTOSDPA_BUCKET (None: exact)
+    db_timeout_s: float = DEFAULT_DB_TIMEOUT_S  # AUTOSDPA_DB_TIMEOUT
+    log_level: str | None = None               # AUTOSDPA_LOG
+    triton_interpret: bool = False             # AUTOSDPA_TRITON_INTERPRET=1 and TRITON_INTERPRET=1
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
+        env = os.environ if env is None else env
+        mode = (env.get("AUTOSDPA_MODE") or "tune").strip().lower()
+        if mode not in MODES:
+            _warn("AUTOSDPA_MODE", env["AUTOSDPA_MODE"], f"is not one of {', '.join(MODES)}", "tune")
+            mode = "tune"
         try:
-            logger.setLevel(level.upper())
+            threshold = parse_bucketing(env.get("AUTOSDPA_BUCKET"))
         except ValueError:
-            logger.warning("AUTOSDPA_LOG=%r is not a logging level (DEBUG, INFO, WARNING, ...); ignored", level)
-            return
-        if not logger.handlers:
-            h = logging.StreamHandler()
-            h.setFormatter(logging.Formatter("[autosdpa] %(levelname)s %(message)s"))
-            logger.addHandler(h)
+            _warn("AUTOSDPA_BUCKET", env["AUTOSDPA_BUCKET"], "is not 'pow2', 'pow2:THRESHOLD' or 'exact'", "pow2")
+            threshold = DEFAULT_BUCKET_THRESHOLD
+        level = (env.get("AUTOSDPA_LOG") or "").strip().upper() or None
+        if level is not None and not isinstance(logging.getLevelName(level), int):
+            _warn("AUTOSDPA_LOG", env["AUTOSDPA_LOG"], "is not a logging level (DEBUG, INFO, WARNING, ...)", None)
+            level = None
+        interp = env.get("AUTOSDPA_TRITON_INTERPRET", "0").strip()
+        if interp not in ("", "0", "1"):
+            _warn("AUTOSDPA_TRITON_INTERPRET", interp, "is not 0 or 1", "0")
+            interp = "0"
+        return cls(
+            db=(env.get("AUTOSDPA_DB") or "").strip() or None,
+            mode=mode,
+            shared_dbs=_paths(env.get("AUTOSDPA_SHARED_DBS")),
+            record=(env.get("AUTOSDPA_RECORD") or "").strip() or None,
+            budget_s=_seconds(env, "AUTOSDPA_BUDGET", DEFAULT_BUDGET_S, MAX_BUDGET_S),
+            bucket_threshold=threshold,
+            db_timeout_s=_seconds(env, "AUTOSDPA_DB_TIMEOUT", DEFAULT_DB_TIMEOUT_S, MAX_DB_TIMEOUT_S),
+            log_level=level,
+            triton_interpret=interp == "1" and env.get("TRITON_INTERPRET", "0") == "1",
+        )
+
+    def all_shared_dbs(self) -> tuple[str, ...]:
+        """Shipped files, then ``shared_dbs``: the read-only layers under the user's database."""
+        return tuple(dict.fromkeys(shipped_db_paths() + self.shared_dbs))
+
+
+def configure_logging(level: str | None) -> None:
+    if not level:
+        return
+    logger = logging.getLogger("autosdpa")
+    logger.setLevel(level)
+    if not logger.handlers:
+        h = logging.StreamHandler()
+        h.setFormatter(logging.Formatter("[autosdpa] %(levelname)s %(message)s"))
+        logger.addHandler(h)

@@ -22,9 +22,9 @@ from . import backends as _backends
 from . import consensus
 from .backends.base import Backend, Call
 from .backends.torch_backends import _GET as _FLAG_GETTERS, pytorch_choice
-from .config import env_mode, shared_db_paths
+from .config import Settings
 from .environment import environment
-from .problem import DTYPE_NAMES, Problem, default_threshold
+from .problem import DTYPE_NAMES, Problem
 from .store import Measurement, Store, StoreError
 from .tuner import Decision, InvalidInputs, TuneConfig, choose, measure
 
@@ -50,9 +50,10 @@ class ForcedBackendError(RuntimeError):
 
 class _State:
     def __init__(self):
-        self.mode = env_mode()
-        self.threshold = default_threshold()
-        self.config = TuneConfig.from_env()
+        self.settings = Settings.from_env()
+        self.mode = self.settings.mode
+        self.threshold = self.settings.bucket_threshold
+        self.config = TuneConfig(budget_s=self.settings.budget_s)
         self.store: Store | None = None
         self.measurements: dict[tuple[str, str], dict[str, Measurement]] = {}
         self.seen_problems: set[str] = set()
@@ -340,7 +341,7 @@ def get_store() -> Store:
     st = _state
     if st.store is None:
         try:
-            st.store = Store(None, shared=shared_db_paths())
+            st.store = Store(_state.settings.db, shared=list(_state.settings.all_shared_dbs()))
         except Exception as e:  # StoreError, or OSError/ImportError from an odd location or URL
             _fallback_store(e)
     return st.store
@@ -375,7 +376,7 @@ def _save(fp: str, info: dict, key: str, rows: list[Measurement]) -> None:
 
 
 def _record(problem: Problem) -> None:
-    path = os.environ.get("AUTOSDPA_RECORD")
+    path = _state.settings.record
     if not path or problem.key in _state.seen_problems:
         return
     _state.seen_problems.add(problem.key)

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import re
 
 import torch
 
+from .config import parse_bucketing  # noqa: F401  (re-exported)
 from .backends.base import CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE, CAUSAL_TOP_LEFT, Call
 
 DTYPES = {"fp64": torch.float64, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -20,19 +20,6 @@ _CAUSAL_WORDS = {CAUSAL_NONE: "nocausal", CAUSAL_TOP_LEFT: "causal", CAUSAL_BOTT
 _CAUSAL_FROM_WORD = {v: k for k, v in _CAUSAL_WORDS.items()}
 LAYOUTS = ("bhld", "blhd", "strided", "nd3", "nd5+")
 _MASK_RE = re.compile(r"^(none|(bool|float):[B1][H1][Q1][K1])$")
-
-
-def parse_bucketing(spec: str | None) -> int | None:
-    """``pow2`` (default, threshold 16), ``pow2:T`` or ``exact`` -> threshold, or None for exact."""
-    spec = (spec or "pow2").strip().lower()
-    if spec == "exact":
-        return None
-    if spec == "pow2":
-        return 16
-    m = re.fullmatch(r"pow2:(\d+)", spec)
-    if not m:
-        raise ValueError(f"AUTOSDPA_BUCKET={spec!r}: expected 'pow2', 'pow2:THRESHOLD' or 'exact'")
-    return int(m.group(1))
 
 
 def bucket(n: int, threshold: int | None = 16) -> int:
@@ -224,10 +211,6 @@ class Problem:
 
 
 def default_threshold() -> int | None:
-    try:
-        return parse_bucketing(os.environ.get("AUTOSDPA_BUCKET"))
-    except ValueError as e:
-        import logging
+    from .config import Settings
 
-        logging.getLogger("autosdpa").warning("%s; using 'pow2'", e)
-        return parse_bucketing("pow2")
+    return Settings.from_env().bucket_threshold

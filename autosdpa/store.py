@@ -199,7 +199,10 @@ def default_db_path() -> Path:
 
 def db_url(target: str | os.PathLike | None = None) -> str:
     """A path or SQLAlchemy URL -> URL; None means ``AUTOSDPA_DB`` or the default cache file."""
-    target = target if target is not None else os.environ.get("AUTOSDPA_DB") or default_db_path()
+    if target is None:
+        from .config import Settings
+
+        target = Settings.from_env().db or default_db_path()
     target = str(target)
     if "://" in target:
         return target
@@ -281,10 +284,9 @@ def _transient(e: BaseException) -> bool:
 def lock_timeout_s() -> float:
     """How long to wait for a locked database before giving up (``AUTOSDPA_DB_TIMEOUT``, default 30 s).
     The dispatcher then falls back to memory with one warning, so a stuck lock never stalls a run for long."""
-    try:
-        return max(0.0, float(os.environ.get("AUTOSDPA_DB_TIMEOUT", "30")))
-    except ValueError:
-        return 30.0
+    from .config import Settings
+
+    return Settings.from_env().db_timeout_s
 
 
 def retrying(fn: Callable[[], T], *, deadline_s: float | None = None) -> T:

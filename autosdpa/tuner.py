@@ -28,17 +28,9 @@ class TuneConfig:
 
     @classmethod
     def from_env(cls) -> "TuneConfig":
-        cfg = cls()
-        raw = os.environ.get("AUTOSDPA_BUDGET")
-        if raw:
-            try:
-                cfg.budget_s = float(raw)
-                if not 0 <= cfg.budget_s < 1e6:
-                    raise ValueError
-            except ValueError:
-                cfg.budget_s = cls.budget_s
-                log.warning("AUTOSDPA_BUDGET=%r is not a number of seconds; using %s", raw, cfg.budget_s)
-        return cfg
+        from .config import Settings
+
+        return cls(budget_s=Settings.from_env().budget_s)
 
 
 @dataclasses.dataclass

@@ -129,6 +129,7 @@ def test_broken_database_warns_once_and_keeps_working(tmp_path, monkeypatch, kin
 def test_record_appends_new_problems(tmp_path, monkeypatch):
     rec = tmp_path / "seen.jsonl"
     monkeypatch.setenv("AUTOSDPA_RECORD", str(rec))
+    autosdpa.reset()  # settings are read from the environment once, at import or reset()
     for L in (16, 16, 64):
         q = torch.randn(1, 2, L, 8)
         autosdpa.sdpa(q, q, q)
