@@ -9,8 +9,8 @@ from rich.table import Table
 from rich.text import Text
 
 from . import main
-from ._common import (SHAPE_HELP, err, fmt_s, fmt_x, out, print_json, resolve_device, short_key, tune_config,
-                      use_db, deterministic)
+from ._common import (SHAPE_HELP, current_store, err, fmt_s, fmt_x, out, print_json, resolve_device, short_key,
+                      tune_config, use_db, deterministic)
 
 
 @main.command()
@@ -58,7 +58,7 @@ def explain(spec, dtype, train, device, db, force, no_tune, budget, as_json) -> 
         elig = dispatch.eligibility(call)
     unavailable = api.unavailable_reasons(dev)
     fp, info = environment(dev)
-    meas = dispatch.get_store().lookup(fp, d.problem) if d.problem else {}
+    meas = current_store().lookup(fp, d.problem) if d.problem else {}
     torch_s = d.timings.get(d.pytorch_choice) if d.pytorch_choice else None
     backends = []
     for name, reasons in elig.items():
