@@ -269,6 +269,20 @@ def _describe(e: BaseException) -> str:
     return f"{e.__class__.__name__}: {str(orig if orig is not None else e).splitlines()[0][:300]}"
 
 
+def _hint(e: BaseException, timeout_s: float) -> str:
+    """What SQLite's terse messages usually mean, for the one warning a user gets."""
+    msg = str(getattr(e, "orig", None) or e).lower()
+    if "locked" in msg or "busy" in msg:
+        return f" (another process held it longer than the {timeout_s:g} s timeout, AUTOSDPA_DB_TIMEOUT)"
+    if "disk i/o error" in msg or "disk is full" in msg:
+        return " (is the disk full, or the file size limited?)"
+    if "readonly" in msg or "read-only" in msg:
+        return " (the file or its folder is read-only)"
+    if "not a database" in msg or "malformed" in msg:
+        return " (the file was damaged or replaced)"
+    return ""
+
+
 # -- schema and migrations ---------------------------------------------------------------------------------------
 
 def _create(conn, items) -> None:
@@ -313,6 +327,14 @@ def _read_version(conn, where: str) -> int:
     if version < 1:
         raise StoreError(f"{where}: unreadable schema version {version}")
     return version
+
+
+def _writable_version(c, where: str) -> None:
+    """Inside a write transaction: refuse to write into a database a newer autosdpa has upgraded meanwhile."""
+    version = _read_version(c, where)
+    if version > SCHEMA_VERSION:
+        raise StoreError(f"{where} was upgraded to schema version {version} by a newer autosdpa; not writing "
+                         f"to it (this autosdpa understands {SCHEMA_VERSION}); upgrade autosdpa")
 
 
 def _refuse_hidden_objects(c, where: str) -> None:
@@ -528,10 +550,8 @@ class Store:
         """Every database error (SQLAlchemy's, or the driver's) becomes one StoreError naming the database."""
         try:
             yield
-        except sa.exc.SQLAlchemyError as e:
-            raise StoreError(f"{prefix}{self.display_url}: {_describe(e)}") from e
-        except sqlite3.Error as e:
-            raise StoreError(f"{prefix}{self.display_url}: {type(e).__name__}: {e}") from e
+        except (sa.exc.SQLAlchemyError, sqlite3.Error) as e:
+            raise StoreError(f"{prefix}{self.display_url}: {_describe(e)}{_hint(e, self.timeout_s)}") from e
 
     # -- schema -----------------------------------------------------------------------------------------
     def _check_schema(self, known: int | None) -> int:
@@ -655,6 +675,7 @@ class Store:
 
         def write():
             with self._write.begin() as c:
+                _writable_version(c, self.display_url)
                 # Resolved inside the write transaction, never from a cache: a pruned environment's id can be
                 # reused by SQLite for another environment.
                 eid = _environment_id_in(c, fingerprint, info)
@@ -727,6 +748,7 @@ class Store:
         def work():
             with self._write.connect() as c:
                 trans = c.begin()
+                _writable_version(c, self.display_url)
                 ids = {fp: i for i, fp in c.execute(sa.select(e.c.id, e.c.fingerprint))}
                 scope_ids = list(ids.values()) if scope_fps is None else [ids[f] for f in scope_fps if f in ids]
                 res = PruneResult()
@@ -766,6 +788,7 @@ class Store:
 
         def write():
             with self._write.begin() as c:
+                _writable_version(c, self.display_url)
                 eid = _environment_id_in(c, fingerprint, info)  # not cached: ids can be reused after a prune
                 stmt = _insert(c, d).values(environment_id=eid, problem_key=key, backend=backend,
                                             decided_at=time.time(), decided_by=decided_by[:256])
@@ -804,6 +827,7 @@ class Store:
 
         def write():
             with self._write.begin() as c:
+                _writable_version(c, self.display_url)
                 for it in sorted(items, key=lambda i: (i["environment_id"], i["problem_key"])):
                     c.execute(sa.delete(d).where(d.c.environment_id == it["environment_id"],
                                                  d.c.problem_key == it["problem_key"]))

@@ -30,6 +30,36 @@ def tune(lengths: list[int]) -> None:
                       "warnings": [str(w.message) for w in caught if "autosdpa" in str(w.message)]}), flush=True)
 
 
+def disk_full(limit: int) -> None:
+    """The disk fills up while tuning: files may not grow past ``limit`` bytes (RLIMIT_FSIZE; SIGXFSZ ignored,
+    so a write past it fails with EFBIG, which SQLite reports as a full disk). AUTOSDPA_DB is already tuned for
+    L=8; new problems are tuned with the limit on."""
+    import resource
+    import signal
+
+    warnings.simplefilter("always")
+    import torch
+    import torch.nn.functional as F
+
+    torch.set_num_threads(1)
+    import autosdpa
+
+    with warnings.catch_warnings(record=True) as caught:
+        q = torch.randn(1, 2, 8, 16)
+        autosdpa.sdpa(q, q, q)  # a known problem: read from the database (opens it, -wal/-shm included)
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        hard = resource.getrlimit(resource.RLIMIT_FSIZE)[1]
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+        right = True
+        for L in (32, 64, 128):
+            q = torch.randn(1, 2, L, 16)
+            right &= bool(torch.allclose(autosdpa.sdpa(q, q, q), F.scaled_dot_product_attention(q, q, q),
+                                         atol=1e-5, rtol=1e-4))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (hard, hard))
+    print(json.dumps({"right": right, "warnings": [str(w.message) for w in caught if "autosdpa" in str(w.message)]}),
+          flush=True)
+
+
 def save_loop(url: str) -> None:
     """Save rows forever; after each committed save print its index (the parent SIGKILLs us)."""
     from autosdpa.store import Measurement, Store
@@ -94,6 +124,8 @@ if __name__ == "__main__":
     mode = sys.argv[1]
     if mode == "tune":
         tune([int(x) for x in sys.argv[2].split(",")])
+    elif mode == "disk_full":
+        disk_full(int(sys.argv[2]))
     elif mode == "save_loop":
         save_loop(sys.argv[2])
     elif mode == "distributed":
