@@ -94,3 +94,9 @@ def environment(device: torch.device | str = "cpu", kernels: bool = False) -> tu
     index = dev.index if dev.index is not None else (torch.cuda.current_device() if dev.type == "cuda" else None)
     fp, info = _describe(dev.type, index, threads, bool(kernels))
     return fp, dict(info)
+
+
+def cache_clear() -> None:
+    """Forget the computed fingerprints and kernel hash (after installing or editing something in-process)."""
+    _describe.cache_clear()
+    kernels_hash.cache_clear()
