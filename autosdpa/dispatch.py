@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import threading
 import time
 import warnings
@@ -33,7 +34,7 @@ from .eligibility import ForcedBackendError, eligibility, reasons_text
 from .environment import environment
 from .plans import InvalidPlan, plan_for
 from .policy import NO_OVERRIDES, Overrides, Policy, resolve
-from .problem import Problem
+from .problem import DECODE_LQ, Problem, bucket, layout_class
 from .store import Measurement, Store, StoreError
 from .tuner import Decision, InvalidInputs, TuneConfig, choose, measure
 
@@ -50,6 +51,7 @@ _tracing = torch.jit.is_tracing
 
 _MAX_PLANS = 4096
 _plans: dict = {}                       # fast key -> plan (None: F.sdpa)
+_bucket_plans: dict = {}                # bucket key -> plan: a new length in a known bucket decides nothing
 _overrides: Overrides = NO_OVERRIDES    # autosdpa.backend(...) / mode(...) in force; part of the fast key
 _FK_FLAGS = slice(10, 15)               # where the fast key holds PyTorch's four sdp flags and det mode
 _FK_OVERRIDES = 15
@@ -87,6 +89,27 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
 
 
 sdpa = scaled_dot_product_attention
+
+
+def _mask_bucket(m):
+    if m.__class__ is CausalBias:
+        return (m.variant, m.seq_len_q == m.seq_len_kv)
+    return (tuple(n == 1 for n in m.shape), m.dim(), m.dtype, m.__class__, m.requires_grad, m.get_device())
+
+
+def _bucket_key(fk: tuple, q, m, threshold: int | None):
+    """The fast key with lengths and batch bucketed as the problem key buckets them, or None when the shapes
+    are not plainly valid (those are decided per exact shape). Any plan is safe to share within a bucket:
+    None is F.sdpa itself, and a Plan re-checks eligibility on each new layout."""
+    qs, ks, vs = fk[0], fk[1], fk[2]
+    if not (len(qs) == len(ks) == len(vs) >= 3) or ks[-2] != vs[-2] or qs[-1] != ks[-1] or 0 in qs or 0 in ks:
+        return None
+    lq, lk = qs[-2], ks[-2]
+    batch = math.prod(qs[:-2] if len(qs) == 3 else qs[:-3])
+    heads = () if len(qs) == 3 else (qs[-3], ks[-3], vs[-3], qs[:-3] == ks[:-3] == vs[:-3])
+    shape = (len(qs), bucket(batch, threshold), heads, bucket(lq, threshold),
+             bucket(lk, 0 if threshold is not None and lq <= DECODE_LQ else threshold), qs[-1], vs[-1])
+    return (shape, layout_class(q), None if m is None else _mask_bucket(m), *fk[3:5], *fk[6:])
 
 
 def _priority_set() -> bool:
@@ -131,7 +154,7 @@ class Dispatcher:
         self._claims: dict[tuple, set[str]] = {}    # rows from shared layers, not yet checked in this process
         self._recorded: set[str] = set()
         self._warned: set[str] = set()
-        _plans.clear()
+        self.clear_plans()
         configure_logging(settings.log_level)
 
     def configure(self, settings: Settings) -> None:
@@ -154,6 +177,7 @@ class Dispatcher:
 
     def clear_plans(self) -> None:
         _plans.clear()
+        _bucket_plans.clear()
 
     def measured_problems(self) -> dict[str, list[str]]:
         """{problem key: backends with a row} for what this process looked up or measured (diagnostics)."""
@@ -199,7 +223,7 @@ class Dispatcher:
                 if not isinstance(db, Store):
                     self._store.close()
                 self._store, self._memory, self._claims = prev
-                _plans.clear()
+                self.clear_plans()
 
     def warn_once(self, kind: str, message: str) -> None:
         if kind not in self._warned:
@@ -212,6 +236,13 @@ class Dispatcher:
         local = self._local
         if getattr(local, "busy", False):  # re-entered from inside a backend (CausalBias calls F.sdpa)
             return None
+        try:
+            bk = _bucket_key(fk, q, m, self.settings.bucket_threshold)
+        except Exception:  # odd inputs: decided (or passed to PyTorch) the long way
+            bk = None
+        if bk is not None and bk in _bucket_plans:
+            plan = _plans[fk] = _bucket_plans[bk]
+            return plan
         local.busy = True
         try:
             plan, cacheable = self._plan(fk, q, k, v, m, dp, ic, sc, gqa)
@@ -227,7 +258,10 @@ class Dispatcher:
         if cacheable:
             if len(_plans) >= _MAX_PLANS:
                 _plans.clear()
+                _bucket_plans.clear()
             _plans[fk] = plan
+            if bk is not None and not isinstance(plan, InvalidPlan):
+                _bucket_plans[bk] = plan
         return plan
 
     def _plan(self, fk, q, k, v, m, dp, ic, sc, gqa):

@@ -17,7 +17,7 @@ from .backends.base import CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE, CAUSAL_TOP_LEFT, Ca
 DTYPES = {"fp64": torch.float64, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 _CAUSAL_WORDS = {CAUSAL_NONE: "nocausal", CAUSAL_TOP_LEFT: "causal", CAUSAL_BOTTOM_RIGHT: "causal_br"}
-LAYOUTS = ("bhld", "blhd", "strided", "nd3", "nd5+")
+LAYOUTS = ("bhld", "blhd", "strided", "nd3", "nd5+", "jagged")
 _MASK_RE = re.compile(r"^(none|(bool|float):[B1][H1][Q1][K1])$")
 
 
@@ -33,7 +33,8 @@ def bucket(n: int, threshold: int | None = 16) -> int:
     return 1 << (n - 1).bit_length()
 
 
-def _layout(t: torch.Tensor) -> str:
+def layout_class(t: torch.Tensor) -> str:
+    """The ``layout=`` field of the key: 3-D, 5-D and more, or for 4-D: contiguous, BLHD-strided, other."""
     if t.dim() == 3:
         return "nd3"
     if t.dim() != 4:
@@ -70,6 +71,7 @@ class Field:
     spec: str                    # name in shape specs
     help: str
     words: tuple[tuple[object, str], ...] = ()  # value <-> word, for enumerations written as words
+    optional: bool = False       # written only when it differs from the default (keys of older files stay)
 
     def format(self, value) -> str:
         if self.words:
@@ -124,6 +126,7 @@ FIELDS: tuple[Field, ...] = (
     Field("gqa", "gqa", "gqa", "enable_gqa=True"),
     Field("layout", "layout", "layout", " | ".join(LAYOUTS)),
     Field("deterministic", "det", "det", "deterministic algorithms on"),
+    Field("tokens", "tok", "tokens", "jagged (NestedTensor) inputs: total query tokens, bucketed", optional=True),
 )
 
 
@@ -144,6 +147,7 @@ class Problem:
     train: bool = False
     layout: str = "bhld"
     deterministic: bool = False
+    tokens: int = 0  # jagged inputs only: total query tokens (0 for dense inputs)
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -160,10 +164,13 @@ class Problem:
             raise ValueError(f"unknown layout {self.layout!r}")
         if self.hq % self.hkv:
             raise ValueError(f"hq={self.hq} is not a multiple of hkv={self.hkv}")
+        if (self.layout == "jagged") != (self.tokens > 0) or not isinstance(self.tokens, int) or self.tokens > 1 << 40:
+            raise ValueError("tokens (total tokens) is set exactly for the jagged layout")
 
     @property
     def key(self) -> str:
-        return "|".join(f.format(getattr(self, f.attr)) for f in FIELDS)
+        return "|".join(f.format(getattr(self, f.attr)) for f in FIELDS
+                        if not (f.optional and getattr(self, f.attr) == getattr(Problem, f.attr)))
 
     def __str__(self) -> str:
         return self.key
@@ -172,8 +179,9 @@ class Problem:
     def parse(cls, key: str) -> "Problem":
         """Inverse of ``key``; raises ValueError on anything malformed (keys may come from files)."""
         parts = key.split("|") if isinstance(key, str) else []
-        if len(parts) != len(FIELDS):
-            raise ValueError(f"malformed problem key {str(key)[:200]!r}: expected {len(FIELDS)} fields")
+        required = [f for f in FIELDS if not f.optional]
+        if not len(required) <= len(parts) <= len(FIELDS):
+            raise ValueError(f"malformed problem key {str(key)[:200]!r}: expected {len(required)} fields")
         values = {}
         for f, part in zip(FIELDS, parts):
             try:
@@ -205,7 +213,7 @@ class Problem:
             raise ValueError(f"unsupported dtype {q.dtype}")
         exact = cls(dtype=dtype, batch=batch, hq=hq, hkv=hkv, lq=q.shape[-2], lk=k.shape[-2], d=q.shape[-1],
                     dv=v.shape[-1], causal=call.causal, mask=_mask_kind(call), dropout=call.dropout_p > 0,
-                    gqa=bool(call.enable_gqa), train=call.needs_grad, layout=_layout(q),
+                    gqa=bool(call.enable_gqa), train=call.needs_grad, layout=layout_class(q),
                     deterministic=torch.are_deterministic_algorithms_enabled())
         return exact.bucketed(threshold)
 

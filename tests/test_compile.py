@@ -62,8 +62,15 @@ def test_dynamic_lengths_compile_once():
 
 def test_no_tuning_while_tracing_and_the_op_tunes_at_run_time():
     q, k, v = qkv(L=48, D=16)
-    compiled = torch.compile(attn, backend="aot_eager", fullgraph=True)
-    compiled(q, k, v)
+    graphs = []
+
+    def trace_only(gm, example_inputs):  # records the graph, never runs it
+        graphs.append(gm)
+        return lambda *args: (torch.zeros_like(q),)
+    torch.compile(attn, backend=trace_only, fullgraph=True)(q, k, v)
+    assert graphs and dispatcher.measured_problems() == {}  # tracing decided nothing
+    assert "autosdpa.sdpa" in str(graphs[0].graph)
+    torch.compile(attn, backend="aot_eager", fullgraph=True)(q, k, v)
     assert any(key.startswith("fwd|fp32") for key in dispatcher.measured_problems())  # measured when run
 
 
