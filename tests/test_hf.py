@@ -176,3 +176,18 @@ def test_bert_padding_mask_equals_sdpa():
     torch.testing.assert_close(got, want, **TOL)
     # the padding really matters here: without the mask the sequences' outputs differ
     assert not torch.allclose(ours(ids).last_hidden_state[2], got[2], **TOL)
+
+
+@pytest.mark.skipif(not _HF_BIAS, reason="this transformers' sdpa path takes no position_bias")
+def test_t5_position_bias_and_generation_equal_sdpa():
+    """T5 adds a learned position bias to attention scores: it reaches autosdpa merged into the mask."""
+    cfg = transformers.T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                                decoder_start_token_id=0, pad_token_id=0)
+    ref, ours = _pair(transformers.T5ForConditionalGeneration, cfg)
+    ids, mask = _padded(vocab=64, side="right")
+    dec = ids[:, :4].clamp(min=1)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids, attention_mask=mask, decoder_input_ids=dec).logits,
+                                   ref(ids, attention_mask=mask, decoder_input_ids=dec).logits, **TOL)
+        kw = dict(attention_mask=mask, max_new_tokens=4, do_sample=False)
+        assert torch.equal(ours.generate(ids, **kw), ref.generate(ids, **kw))
