@@ -43,7 +43,8 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
                       attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                       is_causal: bool | None = None, position_bias: torch.Tensor | None = None,
                       **kwargs) -> tuple[torch.Tensor, None]:
-    """transformers' attention-function signature: q, k, v are (B, H, L, D); returns ((B, Lq, H, Dv), None)."""
+    """transformers' attention-function signature: q, k, v are (B, H, L, D); returns ((B, Lq, H, Dv), None).
+    Mirrors ``transformers.integrations.sdpa_attention.sdpa_attention_forward`` (as of transformers 5.24)."""
     if kwargs.get("softcap") is not None:
         raise ValueError('attn_implementation="autosdpa" does not support `softcap` (as "sdpa"): use "eager"')
     if kwargs.get("output_attentions", False):
@@ -52,15 +53,15 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     groups = getattr(module, "num_key_value_groups", 1)
     gqa = False
     if groups > 1:
-        if attention_mask is None:
-            gqa = True  # no mask: let the backends read the shared kv heads themselves
+        if attention_mask is None and key.shape[-1] == value.shape[-1] <= 256:
+            gqa = True  # the fused kernels read shared kv heads themselves, but take no mask with them
         elif q_len == 1 and not torch.compiler.is_compiling():
             # One query token: fold the query heads that share a kv head into query rows of that kv head,
             # so no kv copy is made (the decode step of generation).
             query, attention_mask, position_bias = (_fold_heads(t, groups)
                                                     for t in (query, attention_mask, position_bias))
         else:
-            # A mask with GQA: PyTorch's fused kernels take no enable_gqa then, so repeat kv heads.
+            # Otherwise enable_gqa would leave only PyTorch's math kernel: repeat the kv heads instead.
             key, value = _repeat_kv(key, groups), _repeat_kv(value, groups)
 
     if is_causal is None:
