@@ -2,9 +2,6 @@
 sight, checks each against a reference, remembers the results in SQLite, and routes to the winner."""
 import warnings as _warnings
 
-from .config import Settings as _Settings, configure_logging as _configure_logging
-
-_configure_logging(_Settings.from_env().log_level)
 
 with _warnings.catch_warnings():  # torch's dynamo (imported for CausalBias) warns when numpy is absent
     _warnings.filterwarnings("ignore", message="Failed to initialize NumPy")

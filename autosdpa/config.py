@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Mapping
 
 MODES = ("tune", "lookup", "off")
+COMPILE_MODES = ("dispatch", "pytorch")
 DEFAULT_BUDGET_S = 1.0
 DEFAULT_DB_TIMEOUT_S = 30.0
 DEFAULT_BUCKET_THRESHOLD = 16
@@ -32,6 +33,7 @@ VARIABLES = {
     "AUTOSDPA_BUCKET": "pow2 (default) | pow2:THRESHOLD | exact",
     "AUTOSDPA_DB_TIMEOUT": f"seconds to wait for a locked database (default {DEFAULT_DB_TIMEOUT_S:g})",
     "AUTOSDPA_LOG": "level of the autosdpa logger (DEBUG, INFO, ...)",
+    "AUTOSDPA_COMPILE": "dispatch (default: compiled graphs run the tuned winner) | pytorch (plain F.sdpa)",
     "AUTOSDPA_TRITON_INTERPRET": "1: allow the Triton kernels on the CPU interpreter (tests only)",
 }
 
@@ -97,6 +99,7 @@ class Settings:
     bucket_threshold: int | None = DEFAULT_BUCKET_THRESHOLD  # AUTOSDPA_BUCKET (None: exact)
     db_timeout_s: float = DEFAULT_DB_TIMEOUT_S  # AUTOSDPA_DB_TIMEOUT
     log_level: str | None = None               # AUTOSDPA_LOG
+    compile: str = "dispatch"                  # AUTOSDPA_COMPILE
     triton_interpret: bool = False             # AUTOSDPA_TRITON_INTERPRET=1 and TRITON_INTERPRET=1
 
     @classmethod
@@ -115,6 +118,11 @@ class Settings:
         if level is not None and not isinstance(logging.getLevelName(level), int):
             _warn("AUTOSDPA_LOG", env["AUTOSDPA_LOG"], "is not a logging level (DEBUG, INFO, WARNING, ...)", None)
             level = None
+        compile_mode = (env.get("AUTOSDPA_COMPILE") or "dispatch").strip().lower()
+        if compile_mode not in COMPILE_MODES:
+            _warn("AUTOSDPA_COMPILE", env["AUTOSDPA_COMPILE"], f"is not one of {', '.join(COMPILE_MODES)}",
+                  "dispatch")
+            compile_mode = "dispatch"
         interp = env.get("AUTOSDPA_TRITON_INTERPRET", "0").strip()
         if interp not in ("", "0", "1"):
             _warn("AUTOSDPA_TRITON_INTERPRET", interp, "is not 0 or 1", "0")
@@ -128,6 +136,7 @@ class Settings:
             bucket_threshold=threshold,
             db_timeout_s=_seconds(env, "AUTOSDPA_DB_TIMEOUT", DEFAULT_DB_TIMEOUT_S, MAX_DB_TIMEOUT_S),
             log_level=level,
+            compile=compile_mode,
             triton_interpret=interp == "1" and env.get("TRITON_INTERPRET", "0") == "1",
         )
 

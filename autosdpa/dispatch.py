@@ -1,87 +1,79 @@
 """The dispatcher: the per-call hot path, and the first-sight path that decides and remembers.
 
-Hot path: one tuple of cheap call properties (shapes, dtype, device, mask kind, flags, grad, overrides) is
-looked up in a dict. Its value is the *plan*: ``None`` means "PyTorch would pick the winner itself: call
-F.sdpa directly" (no flag toggling); otherwise a function that runs the winner.
-A miss builds the canonical ``Problem``, gets its measurements (memory, then the database layers, then
-tuning on these very tensors) and caches the plan. Anything going wrong there falls back to F.sdpa.
+Hot path: a tuple of cheap call properties (the *fast key*: shapes, dtype, device, mask kind, flags, grad,
+overrides) is looked up in a dict. Its value is the *plan*: ``None`` means "call F.sdpa directly" (PyTorch's
+own pick won, or PyTorch decides); otherwise a ``plans.Plan`` that runs the winner.
+
+A miss goes through the layers in order (DESIGN §1), each in its own function:
+``policy.resolve`` (overrides) -> ``eligibility`` (these tensors) -> measurements (memory, then the user's
+database, then the read-only shared layers, then tuning) -> ``choose`` (+ claims checked, + rank consensus).
+The ``Dispatcher`` object owns all of this state; other modules change it only through its methods.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-import os
+import math
 import threading
 import time
 import warnings
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import CausalBias
 
 from . import backends as _backends
-from . import consensus
+from . import compiled, consensus
 from .backends.base import Backend, Call
-from .backends.torch_backends import _GET as _FLAG_GETTERS, pytorch_choice
-from .config import Settings
+from .backends.torch_backends import _GET as _FLAG_GETTERS, pytorch_choice, torch_flags
+from .calls import degenerate_reason, invalid_reason, make_call
+from .claims import check_claim
+from .config import Settings, configure_logging
+from .eligibility import ForcedBackendError, eligibility, reasons_text
 from .environment import environment
-from .problem import DTYPE_NAMES, Problem
+from .plans import InvalidPlan, plan_for
+from .policy import NO_OVERRIDES, Overrides, Policy, resolve
+from .problem import DECODE_LQ, Problem, bucket, layout_class
 from .store import Measurement, Store, StoreError
 from .tuner import Decision, InvalidInputs, TuneConfig, choose, measure
 
 log = logging.getLogger("autosdpa")
 
-_sdpa = F.scaled_dot_product_attention  # the original, even after autosdpa.patch()
-_Tensor = torch.Tensor
+_sdpa = pytorch_sdpa = F.scaled_dot_product_attention  # the original, even after autosdpa.patch()
 _C = torch._C
 _gf, _ge, _gm, _gc = _FLAG_GETTERS  # bound to module names: the hot path reads them on every call
 # PyTorch before 2.6 has no priority order: a constant stands in, so "no priority order set" always holds.
 _get_priority = getattr(_C, "_get_sdp_priority_order", lambda: [])
 _DEFAULT_PRIORITY = list(_get_priority())
 _det = _C._get_deterministic_algorithms
-_is_compiling = torch.compiler.is_compiling
+_tracing = torch.jit.is_tracing
 
 _MAX_PLANS = 4096
-_INVALID = _backends.get("math")  # runs inputs the reference rejects, so that PyTorch raises its own error
+_plans: dict = {}                       # fast key -> plan (None: F.sdpa)
+_bucket_plans: dict = {}                # bucket key -> plan: a new length in a known bucket decides nothing
+_overrides: Overrides = NO_OVERRIDES    # autosdpa.backend(...) / mode(...) in force; part of the fast key
+_FK_FLAGS = slice(10, 15)               # where the fast key holds PyTorch's four sdp flags and det mode
+_FK_OVERRIDES = 15
 
 
-class ForcedBackendError(RuntimeError):
-    """``autosdpa.backend(...)`` named backends none of which can run these inputs."""
-
-
-class _State:
-    def __init__(self):
-        self.settings = Settings.from_env()
-        self.mode = self.settings.mode
-        self.threshold = self.settings.bucket_threshold
-        self.config = TuneConfig(budget_s=self.settings.budget_s)
-        self.store: Store | None = None
-        self.measurements: dict[tuple[str, str], dict[str, Measurement]] = {}
-        self.seen_problems: set[str] = set()
-        self.warned: set[str] = set()
-        self.lock = threading.RLock()
-        self.local = threading.local()  # .depth: re-entry from inside a backend, per thread
-
-
-_plans: dict = {}
-_control: tuple | None = None  # (mode or None, forced backend names or None); None = no override
-_state = _State()
+def _mask_sig(m):
+    if m.__class__ is CausalBias:
+        return (m.variant, m.seq_len_q, m.seq_len_kv)
+    return (m.shape, m.dtype, m.__class__, m.requires_grad, m.get_device())
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                                  enable_gqa=False):
     """Drop-in for ``torch.nn.functional.scaled_dot_product_attention`` that runs the measured-fastest
     correct backend for these inputs on this device. Same arguments, same results, same exceptions."""
-    # The fast key holds only what is cheap to read (~1 us for all of it). What it leaves out (value's
-    # shape, k/v dtypes, strides, k/v requires_grad) cannot make a plan run something wrong: plans that are
-    # not plain F.sdpa re-check what they depend on and fall back to F.sdpa.
     try:
-        fk = (query.shape, key.shape, query.dtype, query.get_device(),
-              None if attn_mask is None else (attn_mask.shape, attn_mask.dtype, attn_mask.__class__,
-                                              attn_mask.requires_grad),
-              dropout_p, is_causal, enable_gqa, query.requires_grad, _gf(), _ge(), _gm(), _gc(), _det(), _control)
+        fk = (query.shape, key.shape, value.shape, query.dtype, query.get_device(),
+              None if attn_mask is None else _mask_sig(attn_mask), dropout_p, is_causal, enable_gqa,
+              query.requires_grad, _gf(), _ge(), _gm(), _gc(), _det(), _overrides)
         plan = _plans[fk]
     except KeyError:
-        plan = _miss(fk, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+        plan = dispatcher.miss(fk, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     except Exception:  # inputs we cannot key (nested tensors, odd types): PyTorch handles (or rejects) them
         plan = None
     if plan is None:
@@ -96,78 +88,32 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     return plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
 
 
-def _as_pytorch(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-    return _sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
-
-
-# Never tune while tracing: torch.compile sees plain F.sdpa in place of the dispatcher (no graph break, and no
-# is_compiling() test on the eager hot path). PyTorch without substitute_in_graph gets that test instead.
-try:
-    torch.compiler.substitute_in_graph(scaled_dot_product_attention)(_as_pytorch)
-except (AttributeError, TypeError):  # pragma: no cover - older PyTorch
-    _dispatch_eager = scaled_dot_product_attention
-
-    def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
-                                     scale=None, enable_gqa=False):
-        if _is_compiling():
-            return _sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
-        return _dispatch_eager(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
-
 sdpa = scaled_dot_product_attention
 
 
-# -- first sight ----------------------------------------------------------------------------------------------
+def _mask_bucket(m):
+    if m.__class__ is CausalBias:
+        return (m.variant, m.seq_len_q == m.seq_len_kv)
+    return (tuple(n == 1 for n in m.shape), m.dim(), m.dtype, m.__class__, m.requires_grad, m.get_device())
 
-def _miss(fk, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
-    st = _state
-    local = st.local
-    if getattr(local, "depth", 0):  # re-entered from inside a backend (CausalBias calls F.sdpa, maybe patched)
+
+def _bucket_key(fk: tuple, q, m, threshold: int | None):
+    """The fast key with lengths and batch bucketed as the problem key buckets them, or None when the shapes
+    are not plainly valid (those are decided per exact shape). Any plan is safe to share within a bucket:
+    None is F.sdpa itself, and a Plan re-checks eligibility on each new layout."""
+    qs, ks, vs = fk[0], fk[1], fk[2]
+    if not (len(qs) == len(ks) == len(vs) >= 3) or ks[-2] != vs[-2] or qs[-1] != ks[-1] or 0 in qs or 0 in ks:
         return None
-    local.depth = 1
-    try:
-        with st.lock:
-            call = _make_call(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
-                              _needs_grad(query, key, value))
-            if call is None:  # not cached: the fast key cannot tell these inputs from ordinary ones
-                plan, cacheable = None, False
-            else:
-                decision, backend, cacheable = decide(call, fk[-1], fk[9:13], allow_tune=True)
-                plan = _plan_for(backend, decision.pytorch_choice, call, forced=bool(fk[-1] and fk[-1][1]))
-    except ForcedBackendError:
-        raise
-    except Exception as e:  # the cache or tuner misbehaving must never break the caller's run
-        _warn_once("resolve", f"autosdpa: could not decide ({type(e).__name__}: {e}); using PyTorch's SDPA")
-        log.debug("resolve failed", exc_info=True)
-        plan, cacheable = None, True
-    finally:
-        local.depth = 0
-    if cacheable:
-        if len(_plans) >= _MAX_PLANS:
-            _plans.clear()
-        _plans[fk] = plan
-    return plan
+    lq, lk = qs[-2], ks[-2]
+    batch = math.prod(qs[:-2] if len(qs) == 3 else qs[:-3])
+    heads = () if len(qs) == 3 else (qs[-3], ks[-3], vs[-3], qs[:-3] == ks[:-3] == vs[:-3])
+    shape = (len(qs), bucket(batch, threshold), heads, bucket(lq, threshold),
+             bucket(lk, 0 if threshold is not None and lq <= DECODE_LQ else threshold), qs[-1], vs[-1])
+    return (shape, layout_class(q), None if m is None else _mask_bucket(m), *fk[3:5], *fk[6:])
 
 
-def _needs_grad(query, key, value) -> bool:
-    return torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
-
-
-def _make_call(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, needs_grad) -> Call | None:
-    """A Call for inputs autosdpa handles; None sends the call straight to F.sdpa (which may reject it)."""
-    for t in (query, key, value):
-        if type(t) is not _Tensor and type(t) is not torch.nn.Parameter:
-            return None
-        if t.is_nested or t.layout != torch.strided or t.dim() < 3:
-            return None
-    if attn_mask is not None and not isinstance(attn_mask, _Tensor):
-        return None
-    if (not isinstance(is_causal, bool) or not isinstance(enable_gqa, bool)
-            or not isinstance(dropout_p, (float, int)) or isinstance(dropout_p, bool)
-            or not (scale is None or isinstance(scale, (float, int)) and not isinstance(scale, bool))):
-        return None
-    if query.device.type not in ("cpu", "cuda") or query.dtype not in DTYPE_NAMES:
-        return None
-    return Call(query, key, value, attn_mask, float(dropout_p), is_causal, scale, enable_gqa, bool(needs_grad))
+def _priority_set() -> bool:
+    return list(_get_priority()) != _DEFAULT_PRIORITY
 
 
 def _tuning_forbidden(call: Call) -> str | None:
@@ -178,156 +124,6 @@ def _tuning_forbidden(call: Call) -> str | None:
     return None
 
 
-def eligibility(call: Call, backends: list[Backend] | None = None) -> dict[str, list[str]]:
-    """{backend: reasons it cannot run this call}; an empty list means eligible."""
-    out = {}
-    m = call.dense_mask
-    mask_grad = m is not None and m.requires_grad and torch.is_grad_enabled()
-    for b in backends if backends is not None else _backends.all_backends():
-        try:
-            reasons = list(b.not_supported_reasons(call))
-        except Exception as e:
-            reasons = [f"eligibility check failed: {type(e).__name__}: {e}"]
-        if not reasons:
-            if call.needs_grad and not b.supports_grad:
-                reasons = ["forward only: cannot compute gradients"]
-            elif mask_grad and b.torch_backend is None:
-                reasons = ["attn_mask requires grad: only PyTorch's backends compute the mask's gradient"]
-        out[b.name] = reasons
-    return out
-
-
-def decide(call: Call, control: tuple | None, flags: tuple, *, allow_tune: bool
-           ) -> tuple[Decision, Backend | None, bool]:
-    """(decision, backend to run or None for plain F.sdpa, whether the outcome may be cached)."""
-    st = _state
-    mode = (control[0] if control and control[0] else None) or st.mode
-    forced = control[1] if control else None
-    if mode == "off":
-        return Decision("pytorch", "autosdpa mode is 'off'", source="passthrough"), None, True
-    problem = Problem.from_call(call, st.threshold)
-    torch_pick = pytorch_choice(call)
-    device = call.query.device
-    everyone = [b for b in _backends.all_backends() if b.candidate_by_default(device)]
-    if forced:
-        candidates = [_backends.get(n) for n in forced]
-        why = f"restricted by autosdpa.backend({', '.join(forced)})"
-    elif list(_get_priority()) != _DEFAULT_PRIORITY:
-        return (Decision(torch_pick or "pytorch", "a PyTorch priority order is set: PyTorch decides",
-                         problem=problem.key, pytorch_choice=torch_pick, source="passthrough"), None, True)
-    elif not all(flags):
-        on = {name for name, slot in (("flash", 0), ("efficient", 1), ("math", 2), ("cudnn", 3)) if flags[slot]}
-        candidates = [b for b in everyone if b.name in on]
-        why = "restricted by PyTorch's sdpa flags (sdpa_kernel / enable_*_sdp)"
-    else:
-        candidates, why = everyone, ""
-    elig = eligibility(call, list(dict.fromkeys(everyone + candidates)))
-    rejected = {n: "; ".join(r) for n, r in elig.items() if r}
-    eligible = [b for b in candidates if not elig[b.name]]
-    if forced and not eligible:
-        raise ForcedBackendError(
-            "autosdpa.backend(" + ", ".join(map(repr, forced)) + ") cannot run these inputs: "
-            + "; ".join(f"{n}: {rejected[n]}" for n in forced))
-    if not eligible:  # e.g. flags left on only a backend that cannot run this: PyTorch raises its own error
-        return (Decision(torch_pick or "pytorch", "no allowed backend can run these inputs: PyTorch decides",
-                         rejected=rejected, problem=problem.key, pytorch_choice=torch_pick,
-                         source="passthrough"), None, True)
-
-    fp, info = environment(call.query.device)
-    cache_key = (fp, problem.key)
-    meas = st.measurements.get(cache_key)
-    source = "cache"
-    if meas is None:
-        meas = _lookup(fp, problem.key)
-        source = "database"
-        st.measurements[cache_key] = meas
-    _record(problem)
-    cacheable = True
-    missing = [b for b in eligible if b.name not in meas]
-    if missing and len(eligible) > 1:
-        forbidden = _tuning_forbidden(call)
-        if mode != "tune" or not allow_tune or forbidden:
-            cacheable = not forbidden
-        else:
-            to_time = [b for b in dict.fromkeys(everyone + candidates) if not elig[b.name]]
-            log.info("autosdpa: tuning %s on %s (%s)", problem.key, info["device_name"],
-                     ", ".join(b.name for b in to_time))
-            try:
-                with torch.random.fork_rng(devices=[call.query.device] if call.query.is_cuda else []):
-                    new = measure(call, to_time, st.config, tuned_shape=_shape_str(call))
-            except InvalidInputs as e:
-                # Run PyTorch's math backend, which raises PyTorch's own error for such inputs. (F.sdpa's
-                # default may not: torch 2.13's CPU flash kernel reads out of bounds when k and v lengths
-                # differ and returns garbage instead of raising.)
-                # Not cached: the fast key leaves out v's shape and k/v dtypes, which valid calls may fix.
-                return (Decision("math", f"inputs rejected by the reference ({e}): PyTorch's math backend "
-                                 "raises its error", problem=problem.key, pytorch_choice=torch_pick,
-                                 source="invalid"), _INVALID, False)
-            meas = {**meas, **{m.backend: m for m in new}}
-            st.measurements[cache_key] = meas
-            source = "tuned"
-            if any(m.ok for m in new):
-                # Failures (exceptions, out of memory, skipped for memory) may be passing trouble: kept in
-                # memory for this process, not in the database. Wrong results are kept: that is evidence.
-                _save(fp, info, problem.key, [m for m in new if m.ok or m.detail.startswith("wrong result")])
-
-    for n, m in meas.items():
-        if not m.ok and n not in rejected:
-            rejected[n] = m.detail or m.status
-    names = [b.name for b in eligible]
-    if len(eligible) == 1:
-        winner, reason = names[0], "the only allowed backend that can run these inputs"
-        source = "forced" if forced else "only"
-    else:
-        winner, reason = choose(meas, names, torch_pick if torch_pick in names else None)
-        if winner is None:
-            winner = torch_pick if torch_pick in names else names[0]
-            reason = ("no measurement yet (mode 'lookup' or tuning not allowed here): PyTorch's choice"
-                      if not any(n in meas for n in names) else "no candidate passed its check: PyTorch's choice")
-            source = "default"
-        elif not forced and not why:
-            agreed = consensus.agree(get_store(), fp, info, problem.key, winner, names)
-            if agreed != winner:
-                winner, reason, source = agreed, f"agreed with the other ranks (own pick: {winner})", "agreed"
-    if why:
-        reason = f"{reason}; {why}"
-    timings = {n: (meas[n].median_s if n in meas and meas[n].ok else None) for n in elig}
-    decision = Decision(winner, reason, timings, rejected, problem.key, torch_pick, source)
-    return decision, _backends.get(winner), cacheable
-
-
-def _plan_for(backend: Backend | None, torch_pick: str | None, call: Call, forced: bool = False):
-    if backend is _INVALID:
-        return _INVALID.run  # no fallback to F.sdpa: its error (not a silent wrong result) is the answer
-    if backend is None or backend.name == torch_pick:
-        return None
-    run = backend.run
-    if backend.torch_backend is not None:
-        def plan(q, k, v, m, dp, ic, sc, gqa):
-            if _get_priority() != _DEFAULT_PRIORITY:  # a priority order set since: PyTorch decides
-                return _sdpa(q, k, v, m, dp, ic, scale=sc, enable_gqa=gqa)
-            try:
-                return run(q, k, v, m, dp, ic, sc, gqa)
-            except RuntimeError:  # e.g. strides the plan was not made for: PyTorch's own pick (or error)
-                if forced:  # autosdpa.backend(...) means exactly that backend: its error is the answer
-                    raise
-                return _sdpa(q, k, v, m, dp, ic, scale=sc, enable_gqa=gqa)
-        return plan
-
-    v_shape, needs_grad, fwd_only = call.value.shape, call.needs_grad, not backend.supports_grad
-
-    def guarded(q, k, v, m, dp, ic, sc, gqa):
-        # The fast key covers q (and k's shape) only: re-check what our kernels need of k and v.
-        qd, dt = q.get_device(), q.dtype
-        if (q.__class__ is _Tensor and k.__class__ is _Tensor and v.__class__ is _Tensor and k.dtype is dt
-                and v.dtype is dt and k.get_device() == qd and v.get_device() == qd and v.shape == v_shape
-                and (m is None or m.get_device() == qd)
-                and (needs_grad or not fwd_only or not _needs_grad(q, k, v))):
-            return run(q, k, v, m, dp, ic, sc, gqa)
-        return _sdpa(q, k, v, m, dp, ic, scale=sc, enable_gqa=gqa)
-    return guarded
-
-
 def _shape_str(call: Call) -> str:
     s = f"q={tuple(call.query.shape)} k={tuple(call.key.shape)} v={tuple(call.value.shape)}"
     if call.dense_mask is not None:
@@ -335,78 +131,394 @@ def _shape_str(call: Call) -> str:
     return s
 
 
-# -- storage, never fatal -------------------------------------------------------------------------------------
+def _env_kind(b: Backend) -> str:
+    """Rows of PyTorch's backends do not depend on Triton or our kernels; rows of our kernels do."""
+    return "torch" if b.torch_backend is not None else "kernels"
 
-def get_store() -> Store:
-    st = _state
-    if st.store is None:
+
+class Dispatcher:
+    """Owns the dispatcher's state: settings, the open store and its layers, measurements in memory, plans,
+    overrides, warnings already given. One instance per process (``dispatcher``)."""
+
+    def __init__(self, settings: Settings | None = None):
+        self._lock = threading.RLock()  # one decision at a time: each new problem is tuned once
+        self._local = threading.local()  # .busy: re-entry from inside a backend, per thread
+        self._store: Store | None = None
+        self._apply(settings or Settings.from_env())
+
+    # -- state ---------------------------------------------------------------------------------------------
+    def _apply(self, settings: Settings) -> None:
+        self.settings = settings
+        self.config = TuneConfig(budget_s=settings.budget_s)
+        self._memory: dict[tuple, dict[str, Measurement]] = {}  # (fingerprints, key) -> {backend: row}
+        self._claims: dict[tuple, set[str]] = {}    # rows from shared layers, not yet checked in this process
+        self._recorded: set[str] = set()
+        self._warned: set[str] = set()
+        self.clear_plans()
+        configure_logging(settings.log_level)
+
+    def configure(self, settings: Settings) -> None:
+        """Use ``settings`` from now on: the store is reopened, in-memory caches and plans are dropped."""
+        with self._lock:
+            self._close_store()
+            self._apply(settings)
+
+    def reset(self) -> None:
+        """Forget everything in memory and re-read the environment (AUTOSDPA_*)."""
+        self.configure(Settings.from_env())
+
+    @property
+    def overrides(self) -> Overrides:
+        return _overrides
+
+    def set_overrides(self, overrides: Overrides) -> None:
+        global _overrides
+        _overrides = overrides  # part of the fast key: plans made under other overrides stay valid
+
+    def clear_plans(self) -> None:
+        _plans.clear()
+        _bucket_plans.clear()
+
+    def measured_problems(self) -> dict[str, list[str]]:
+        """{problem key: backends with a row} for what this process looked up or measured (diagnostics)."""
+        return {key[-1]: sorted(rows) for key, rows in self._memory.items()}
+
+    def cached_plans(self) -> list:
+        """The plans cached for the hot path (None: plain F.sdpa), for tests and diagnostics."""
+        return list(_plans.values())
+
+    def store(self) -> Store:
+        """The user's database with its read-only layers; an unusable one falls back to memory, once."""
+        with self._lock:
+            if self._store is None:
+                try:
+                    self._store = Store(self.settings.db, shared=list(self.settings.all_shared_dbs()))
+                except Exception as e:  # StoreError, or OSError/ImportError from an odd location or URL
+                    self._fallback_store(e)
+            return self._store
+
+    def _fallback_store(self, err: Exception) -> None:
+        self.warn_once("store", f"autosdpa: tuning database unusable ({err}); keeping measurements in memory "
+                                "for this process only")
+        shared = self._store.shared if self._store is not None else []
+        self._store = Store("sqlite://")
+        self._store.shared = shared
+
+    def _close_store(self) -> None:
+        if self._store is not None:
+            with contextlib.suppress(Exception):
+                self._store.close()
+            self._store = None
+
+    @contextlib.contextmanager
+    def use_store(self, db):
+        """Route lookups and saves to ``db`` (a Store, path or URL) for the block; memory starts empty."""
+        with self._lock:
+            prev = self._store, self._memory, self._claims
+            self._store = db if isinstance(db, Store) else Store(db)
+            self._memory, self._claims = {}, {}
+            try:
+                yield self._store
+            finally:
+                if not isinstance(db, Store):
+                    self._store.close()
+                self._store, self._memory, self._claims = prev
+                self.clear_plans()
+
+    def warn_once(self, kind: str, message: str) -> None:
+        if kind not in self._warned:
+            self._warned.add(kind)
+            warnings.warn(message, RuntimeWarning, stacklevel=5)
+
+    # -- the first-sight path ------------------------------------------------------------------------------
+    def miss(self, fk: tuple, q, k, v, m, dp, ic, sc, gqa):
+        """The plan for a call whose fast key is new (cached under ``fk`` when that is safe)."""
+        local = self._local
+        if getattr(local, "busy", False):  # re-entered from inside a backend (CausalBias calls F.sdpa)
+            return None
         try:
-            st.store = Store(_state.settings.db, shared=list(_state.settings.all_shared_dbs()))
-        except Exception as e:  # StoreError, or OSError/ImportError from an odd location or URL
-            _fallback_store(e)
-    return st.store
-
-
-def _fallback_store(err: Exception) -> None:
-    _warn_once("store", f"autosdpa: tuning database unusable ({err}); keeping measurements in memory for "
-                        "this process only")
-    shared = _state.store.shared if _state.store is not None else []
-    st = Store("sqlite://")
-    st.shared = shared
-    _state.store = st
-
-
-def _lookup(fp: str, key: str) -> dict[str, Measurement]:
-    try:
-        return get_store().lookup(fp, key)
-    except StoreError as e:
-        _fallback_store(e)
-        return {}
-
-
-def _save(fp: str, info: dict, key: str, rows: list[Measurement]) -> None:
-    try:
-        get_store().save(fp, info, key, rows)
-    except StoreError as e:
-        _fallback_store(e)
+            bk = _bucket_key(fk, q, m, self.settings.bucket_threshold)
+        except Exception:  # odd inputs: decided (or passed to PyTorch) the long way
+            bk = None
+        if bk is not None and bk in _bucket_plans:
+            plan = _plans[fk] = _bucket_plans[bk]
+            return plan
+        local.busy = True
         try:
-            _state.store.save(fp, info, key, rows)
-        except StoreError:
-            pass
+            plan, cacheable = self._plan(fk, q, k, v, m, dp, ic, sc, gqa)
+        except ForcedBackendError:
+            raise
+        except Exception as e:  # the cache or tuner misbehaving must never break the caller's run
+            self.warn_once(f"decide:{type(e).__name__}",
+                           f"autosdpa: could not decide ({type(e).__name__}: {e}); using PyTorch's SDPA")
+            log.debug("decide failed", exc_info=True)
+            plan, cacheable = None, True
+        finally:
+            local.busy = False
+        if cacheable:
+            if len(_plans) >= _MAX_PLANS:
+                _plans.clear()
+                _bucket_plans.clear()
+            _plans[fk] = plan
+            if bk is not None and not isinstance(plan, InvalidPlan):
+                _bucket_plans[bk] = plan
+        return plan
+
+    def _plan(self, fk, q, k, v, m, dp, ic, sc, gqa):
+        """(plan, whether it may be cached under the fast key)."""
+        if _tracing():  # torch.jit.trace: record PyTorch's own op, decide nothing
+            return None, False
+        call = make_call(q, k, v, m, dp, ic, sc, gqa)
+        if call is None or degenerate_reason(call):  # PyTorch handles (or rejects) them; they decide nothing
+            return None, call is not None and not degenerate_reason(call)
+        if invalid_reason(call):
+            return InvalidPlan(_backends.get("math")), True  # the fast key holds all three shapes
+        flags = fk[_FK_FLAGS]
+        policy = resolve(fk[_FK_OVERRIDES], self.settings.mode, flags[:4], _priority_set())
+        with self._lock:
+            decision, backend, cacheable = self.decide(call, policy)
+        if decision.source == "invalid":
+            return InvalidPlan(_backends.get("math")), False
+        forced = policy.forced and len(policy.allowed or ()) == 1
+        return plan_for(backend, decision.pytorch_choice, forced), cacheable
+
+    def explain(self, q, k, v, m=None, dp=0.0, ic=False, sc=None, gqa=False) -> Decision:
+        call = make_call(q, k, v, m, dp, ic, sc, gqa)
+        if call is None:
+            return Decision("pytorch", "inputs autosdpa does not key (nested, subclass, broadcast batch, odd "
+                            "arguments): passed to PyTorch", source="passthrough")
+        why = degenerate_reason(call)
+        if why:
+            return Decision("pytorch", f"{why}: passed to PyTorch, never measured", source="passthrough")
+        why = invalid_reason(call)
+        if why:
+            return Decision("math", f"invalid inputs ({why}): PyTorch's math backend raises its error",
+                            source="invalid")
+        policy = resolve(_overrides, self.settings.mode, torch_flags(), _priority_set())
+        with self._lock:
+            return self.decide(call, policy)[0]
+
+    def tune_problem(self, problem: Problem, device, *, force: bool = False,
+                     config: TuneConfig | None = None) -> Decision:
+        """Tune ``problem`` on synthetic inputs of its shape (offline tuning); returns the Decision."""
+        call = problem.make_call(device)
+        with self._lock, deterministic(problem.deterministic):
+            return self.decide(call, Policy(mode="tune"), config=config, force=force)[0]
+
+    def decide(self, call: Call, policy: Policy, *, config: TuneConfig | None = None, force: bool = False
+               ) -> tuple[Decision, Backend | None, bool]:
+        """(decision, backend to run or None for plain F.sdpa, whether the outcome may be cached)."""
+        if policy.passthrough:
+            return Decision("pytorch", policy.reason, source="passthrough"), None, True
+        problem = Problem.from_call(call, self.settings.bucket_threshold)
+        torch_pick = pytorch_choice(call)
+        allowed, timed, elig = self._candidates(call, policy)
+        rejected = reasons_text(elig)
+        eligible = [b for b in allowed if not elig[b.name]]
+        base = dict(problem=problem.key, pytorch_choice=torch_pick)
+        if policy.forced and not eligible:
+            raise ForcedBackendError.for_names(policy.allowed, rejected)
+        if not eligible:  # e.g. flags left on only a backend that cannot run this: PyTorch raises its error
+            return (Decision(torch_pick or "pytorch", "no allowed backend can run these inputs: PyTorch decides",
+                             rejected=rejected, source="passthrough", **base), None, True)
+        envs = self._envs(call.query.device)
+        mkey = (envs["torch"][0], envs["kernels"][0], problem.key)
+        try:
+            meas, source, cacheable = self._measurements(call, problem, envs, mkey, timed, eligible, policy,
+                                                         config, force)
+        except InvalidInputs as e:
+            return (Decision("math", f"inputs rejected by the reference ({e}): PyTorch's math backend raises "
+                             "its error", source="invalid", **base), None, False)
+        winner, reason, source = self._choose(call, problem, envs, mkey, eligible, torch_pick, policy, source)
+        for n, row in meas.items():
+            if not row.ok and n not in rejected:
+                rejected[n] = row.detail or row.status
+        if policy.reason:
+            reason = f"{reason}; {policy.reason}"
+        timings = {n: (meas[n].median_s if n in meas and meas[n].ok else None) for n in elig}
+        decision = Decision(winner, reason, timings, rejected, problem.key, torch_pick, source)
+        return decision, _backends.get(winner), cacheable
+
+    def _candidates(self, call: Call, policy: Policy):
+        """(allowed backends, backends to time, eligibility of both): every eligible default candidate is
+        timed even under a restriction, so the store holds every backend's measurement."""
+        device = call.query.device
+        everyone = [b for b in _backends.all_backends() if b.candidate_by_default(device)]
+        if policy.allowed is None:
+            allowed = everyone
+        else:
+            allowed = [_backends.get(n) for n in policy.allowed]
+            if policy.torch_only:
+                allowed = [b for b in allowed if b.torch_backend is not None and b.candidate_by_default(device)]
+        elig = eligibility(call, list(dict.fromkeys(everyone + allowed)))
+        timed = [b for b in dict.fromkeys(everyone + allowed) if not elig[b.name]]
+        return allowed, timed, elig
+
+    # -- measurement layers: memory -> database (own, then shared) -> tuning --------------------------------
+    def environments(self, device) -> dict[str, tuple[str, dict]]:
+        """{"torch": (fingerprint, fields), "kernels": (...)}: the environments that PyTorch's backends and
+        this project's kernels measure in on ``device`` (rows are stored under the one they depend on)."""
+        return self._envs(device)
+
+    def _envs(self, device) -> dict[str, tuple[str, dict]]:
+        fp = environment(device)
+        return {"torch": fp, "kernels": fp}
+
+    def _measurements(self, call, problem, envs, mkey, timed, eligible, policy, config, force):
+        """(rows by backend, where they came from, whether the outcome may be cached)."""
+        meas, source = (None if force else self._memory.get(mkey)), "cache"
+        if meas is None:
+            meas, self._claims[mkey] = ({}, set()) if force else self._lookup(envs, problem.key)
+            self._memory[mkey] = meas
+            source = "database"
+        self._record(problem)
+        if len(eligible) < 2 or all(b.name in meas for b in eligible):
+            return meas, source, True
+        forbidden = _tuning_forbidden(call)
+        if policy.mode != "tune" or forbidden:
+            return meas, source, not forbidden
+        new = self._tune(call, problem, timed, envs, config)
+        meas.update(new)
+        self._claims[mkey] -= set(new)
+        return meas, "tuned", True
+
+    def _lookup(self, envs, key: str) -> tuple[dict[str, Measurement], set[str]]:
+        """Rows for ``key``, each backend's from the environment it depends on: shared layers first, the
+        user's own rows on top. Also the names whose row is only a shared layer's claim."""
+        rows: dict[str, Measurement] = {}
+        claims: set[str] = set()
+        kinds = {b.name: _env_kind(b) for b in _backends.all_backends()}
+        try:
+            store = self.store()
+            for kind, (fp, _info) in envs.items():
+                def mine(found):
+                    return {n: r for n, r in found.items() if kinds.get(n, "kernels") == kind}
+                for layer in store.shared:
+                    with contextlib.suppress(StoreError):
+                        got = mine(layer.lookup(fp, key))
+                        rows.update(got)
+                        claims |= set(got)
+                own = mine(store.lookup_own(fp, key))
+                rows.update(own)
+                claims -= set(own)
+        except StoreError as e:
+            self._fallback_store(e)
+        return rows, claims
+
+    def _tune(self, call, problem, timed, envs, config) -> dict[str, Measurement]:
+        info = envs["torch"][1]
+        log.info("autosdpa: tuning %s on %s (%s)", problem.key, info.get("device_name"),
+                 ", ".join(b.name for b in timed))
+        device = call.query.device
+        with torch.random.fork_rng(devices=[device] if call.query.is_cuda else []):
+            rows = measure(call, timed, config or self.config, tuned_shape=_shape_str(call))
+        by_kind: dict[str, list[Measurement]] = {}
+        kinds = {b.name: _env_kind(b) for b in timed}
+        for r in rows:
+            by_kind.setdefault(kinds.get(r.backend, "torch"), []).append(r)
+        for kind, group in by_kind.items():
+            self._save(envs[kind], problem.key, group)
+        return {r.backend: r for r in rows}
+
+    def _save(self, env: tuple[str, dict], key: str, rows: list[Measurement]) -> None:
+        try:
+            self.store().save(env[0], env[1], key, rows)
+        except StoreError as e:
+            self._fallback_store(e)
+            with contextlib.suppress(StoreError):
+                self._store.save(env[0], env[1], key, rows)
+
+    # -- choosing ------------------------------------------------------------------------------------------
+    def _choose(self, call, problem, envs, mkey, eligible, torch_pick, policy, source):
+        """(winner, reason, source). A winner whose row is a shared layer's claim is checked once per process
+        on these inputs; a failure is stored locally as a rejection and the choice made again."""
+        names = [b.name for b in eligible]
+        if len(names) == 1:
+            return names[0], "the only allowed backend that can run these inputs", (
+                "forced" if policy.forced else "only")
+        meas, claims = self._memory[mkey], self._claims.setdefault(mkey, set())
+        pick = torch_pick if torch_pick in names else None
+        while True:
+            winner, reason = choose(meas, names, pick)
+            if winner is None:
+                why = ("no measurement yet (mode 'lookup' or tuning not allowed here): PyTorch's choice"
+                       if not any(n in meas for n in names) else "no candidate passed its check: PyTorch's choice")
+                return pick or names[0], why, "default"
+            if winner not in claims:
+                break
+            claims.discard(winner)
+            backend = _backends.get(winner)
+            bad = check_claim(call, backend)
+            if bad is None:
+                break
+            meas[winner] = bad  # a local rejection beats any layer, in this process and the next
+            self._save(envs[_env_kind(backend)], problem.key, [bad])
+        if policy.allowed is None:
+            fp, info = envs["torch"]
+            agreed = consensus.agree(self.store(), fp, info, problem.key, winner, names)
+            if agreed != winner:
+                return agreed, f"agreed with the other ranks (own pick: {winner})", "agreed"
+        return winner, reason, source
+
+    def _record(self, problem: Problem) -> None:
+        path = self.settings.record
+        if not path or problem.key in self._recorded:
+            return
+        self._recorded.add(problem.key)
+        try:
+            with open(path, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"problem": problem.key, "time": time.time()}) + "\n")
+        except OSError as e:
+            self.warn_once("record", f"autosdpa: cannot append to AUTOSDPA_RECORD={path}: {e}")
 
 
-def _record(problem: Problem) -> None:
-    path = _state.settings.record
-    if not path or problem.key in _state.seen_problems:
+@contextlib.contextmanager
+def deterministic(on: bool):
+    """PyTorch's deterministic-algorithms switch set to ``on`` for the block (``det=`` is part of a problem's
+    key, and restricts what may run)."""
+    prev = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    if prev[0] == on:
+        yield
         return
-    _state.seen_problems.add(problem.key)
+    torch.use_deterministic_algorithms(on)
     try:
-        with open(path, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"problem": problem.key, "time": time.time()}) + "\n")
-    except OSError as e:
-        _warn_once("record", f"autosdpa: cannot append to AUTOSDPA_RECORD={path}: {e}")
+        yield
+    finally:
+        torch.use_deterministic_algorithms(prev[0], warn_only=prev[1])
 
 
-def _warn_once(kind: str, message: str) -> None:
-    if kind not in _state.warned:
-        _state.warned.add(kind)
-        warnings.warn(message, RuntimeWarning, stacklevel=4)
-
-
-def clear_plans() -> None:
-    _plans.clear()
+dispatcher = Dispatcher()
 
 
 def reset() -> None:
     """Forget everything in memory and re-read the environment (AUTOSDPA_*): for tests and notebooks."""
-    global _state
-    if _state.store is not None:
-        try:
-            _state.store.close()
-        except Exception:
-            pass
-    _plans.clear()
-    _state = _State()
+    dispatcher.reset()
 
 
-_backends.base.on_change(clear_plans)
+def _traced(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """What torch.compile traces in place of the dispatcher: the custom op ``autosdpa::sdpa``, which runs the
+    tuned winner when the graph runs (see ``compiled``), or plain F.sdpa under AUTOSDPA_COMPILE=pytorch and for
+    calls the op cannot express. Nothing is tuned while tracing."""
+    if dispatcher.settings.compile == "dispatch" and compiled.expressible(query, attn_mask, dropout_p, is_causal,
+                                                                          enable_gqa):
+        return compiled.sdpa_op(query, key, value, attn_mask, float(dropout_p), is_causal,
+                                None if scale is None else float(scale), enable_gqa)
+    return _sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
+
+
+with contextlib.suppress(AttributeError, TypeError):
+    torch.compiler.substitute_in_graph(scaled_dot_product_attention)(_traced)
+# torch.jit.script compiles calls of this function to PyTorch's own op (it cannot script the dispatcher).
+with contextlib.suppress(AttributeError, ImportError):
+    torch.jit._builtins._register_builtin(scaled_dot_product_attention, "aten::scaled_dot_product_attention")
+
+_backends.base.on_change(dispatcher.clear_plans)
+
+
+def get_store() -> Store:
+    """The user's database (with its shared layers) that the dispatcher reads and writes."""
+    return dispatcher.store()
+
+
+def clear_plans() -> None:
+    dispatcher.clear_plans()

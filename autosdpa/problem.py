@@ -17,9 +17,13 @@ from .backends.base import CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE, CAUSAL_TOP_LEFT, Ca
 DTYPES = {"fp64": torch.float64, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 _CAUSAL_WORDS = {CAUSAL_NONE: "nocausal", CAUSAL_TOP_LEFT: "causal", CAUSAL_BOTTOM_RIGHT: "causal_br"}
-_CAUSAL_FROM_WORD = {v: k for k, v in _CAUSAL_WORDS.items()}
-LAYOUTS = ("bhld", "blhd", "strided", "nd3", "nd5+")
+LAYOUTS = ("bhld", "blhd", "strided", "nd3", "nd5+", "jagged")
 _MASK_RE = re.compile(r"^(none|(bool|float):[B1][H1][Q1][K1])$")
+
+
+#: Query lengths up to this are decode-like: their key lengths are bucketed from 1 (no exact lengths up to the
+#: threshold), since a decode loop sees every Lk once and an exact bucket per step would re-tune 16 times.
+DECODE_LQ = 16
 
 
 def bucket(n: int, threshold: int | None = 16) -> int:
@@ -29,7 +33,8 @@ def bucket(n: int, threshold: int | None = 16) -> int:
     return 1 << (n - 1).bit_length()
 
 
-def _layout(t: torch.Tensor) -> str:
+def layout_class(t: torch.Tensor) -> str:
+    """The ``layout=`` field of the key: 3-D, 5-D and more, or for 4-D: contiguous, BLHD-strided, other."""
     if t.dim() == 3:
         return "nd3"
     if t.dim() != 4:
@@ -57,6 +62,75 @@ def _mask_kind(call: Call) -> str:
 
 
 @dataclasses.dataclass(frozen=True)
+class Field:
+    """One field of the problem key: the Problem attribute, how it is written in the key, and its name in
+    shape specs (``autosdpa tune --shape``). The key is the fields in this order, joined by ``|``."""
+
+    attr: str
+    label: str | None            # "B" -> "B=8"; None -> a bare word (direction, dtype, causal kind)
+    spec: str                    # name in shape specs
+    help: str
+    words: tuple[tuple[object, str], ...] = ()  # value <-> word, for enumerations written as words
+    optional: bool = False       # written only when it differs from the default (keys of older files stay)
+
+    def format(self, value) -> str:
+        if self.words:
+            text = dict(self.words)[value]
+        elif isinstance(value, bool):
+            text = str(int(value))
+        else:
+            text = str(value)
+        return text if self.label is None else f"{self.label}={text}"
+
+    def parse(self, part: str):
+        if self.label is not None:
+            name, eq, part = part.partition("=")
+            if name != self.label or not eq:
+                raise ValueError(f"expected {self.label}=...")
+        if self.words:
+            for value, word in self.words:
+                if word == part:
+                    return value
+            raise ValueError(f"{part!r} is not one of {', '.join(w for _, w in self.words)}")
+        kind = type(getattr(Problem, self.attr))  # the dataclass default's type
+        if kind is bool:
+            if part not in ("0", "1"):
+                raise ValueError(f"{self.label} must be 0 or 1")
+            return part == "1"
+        if kind is int:
+            if not part.isdigit() or len(part) > 10:
+                raise ValueError(f"{self.label} must be a positive integer")
+            return int(part)
+        return part
+
+
+def _words(mapping: dict) -> tuple:
+    return tuple(mapping.items())
+
+
+FIELDS: tuple[Field, ...] = (
+    Field("train", None, "train", "forward only (fwd) or forward + backward (fwdbwd)",
+          _words({False: "fwd", True: "fwdbwd"})),
+    Field("dtype", None, "dtype", "fp16 | bf16 | fp32 | fp64", _words({d: d for d in DTYPES})),
+    Field("batch", "B", "b", "batch (all leading dims folded)"),
+    Field("hq", "Hq", "hq", "query heads"),
+    Field("hkv", "Hkv", "hkv", "key/value heads"),
+    Field("lq", "Lq", "lq", "query length"),
+    Field("lk", "Lk", "lk", "key/value length"),
+    Field("d", "D", "d", "head dim of q and k"),
+    Field("dv", "Dv", "dv", "head dim of v"),
+    Field("causal", None, "causal", "nocausal | causal (top-left, is_causal=True) | causal_br (bottom-right)",
+          _words(_CAUSAL_WORDS)),
+    Field("mask", "mask", "mask", "none | bool:PATTERN | float:PATTERN, PATTERN of B/H/Q/K with 1 for broadcast"),
+    Field("dropout", "drop", "dropout", "dropout_p > 0"),
+    Field("gqa", "gqa", "gqa", "enable_gqa=True"),
+    Field("layout", "layout", "layout", " | ".join(LAYOUTS)),
+    Field("deterministic", "det", "det", "deterministic algorithms on"),
+    Field("tokens", "tok", "tokens", "jagged (NestedTensor) inputs: total query tokens, bucketed", optional=True),
+)
+
+
+@dataclasses.dataclass(frozen=True)
 class Problem:
     dtype: str = "fp32"
     batch: int = 1
@@ -73,6 +147,7 @@ class Problem:
     train: bool = False
     layout: str = "bhld"
     deterministic: bool = False
+    tokens: int = 0  # jagged inputs only: total query tokens (0 for dense inputs)
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -83,20 +158,19 @@ class Problem:
                 raise ValueError(f"{f} must be a positive integer, got {v!r}")
         if self.causal not in _CAUSAL_WORDS:
             raise ValueError(f"unknown causal kind {self.causal!r}")
-        if not _MASK_RE.match(self.mask):
+        if not isinstance(self.mask, str) or not _MASK_RE.match(self.mask):
             raise ValueError(f"bad mask kind {self.mask!r}")
         if self.layout not in LAYOUTS:
             raise ValueError(f"unknown layout {self.layout!r}")
         if self.hq % self.hkv:
             raise ValueError(f"hq={self.hq} is not a multiple of hkv={self.hkv}")
+        if (self.layout == "jagged") != (self.tokens > 0) or not isinstance(self.tokens, int) or self.tokens > 1 << 40:
+            raise ValueError("tokens (total tokens) is set exactly for the jagged layout")
 
     @property
     def key(self) -> str:
-        return "|".join([
-            "fwdbwd" if self.train else "fwd", self.dtype, f"B={self.batch}", f"Hq={self.hq}",
-            f"Hkv={self.hkv}", f"Lq={self.lq}", f"Lk={self.lk}", f"D={self.d}", f"Dv={self.dv}",
-            _CAUSAL_WORDS[self.causal], f"mask={self.mask}", f"drop={int(self.dropout)}",
-            f"gqa={int(self.gqa)}", f"layout={self.layout}", f"det={int(self.deterministic)}"])
+        return "|".join(f.format(getattr(self, f.attr)) for f in FIELDS
+                        if not (f.optional and getattr(self, f.attr) == getattr(Problem, f.attr)))
 
     def __str__(self) -> str:
         return self.key
@@ -104,30 +178,26 @@ class Problem:
     @classmethod
     def parse(cls, key: str) -> "Problem":
         """Inverse of ``key``; raises ValueError on anything malformed (keys may come from files)."""
-        parts = key.split("|")
-        if len(parts) != 15:
-            raise ValueError(f"malformed problem key {key!r}")
-        direction, dtype, *rest = parts
-        if direction not in ("fwd", "fwdbwd") or rest[7] not in _CAUSAL_FROM_WORD:
-            raise ValueError(f"malformed problem key {key!r}")
-        fields = {}
-        names = ["B", "Hq", "Hkv", "Lq", "Lk", "D", "Dv"]
-        for name, part in zip(names, rest[:7]):
-            k, _, v = part.partition("=")
-            if k != name or not v.isdigit():
-                raise ValueError(f"malformed problem key {key!r}")
-            fields[name] = int(v)
-        kv = {}
-        for part in rest[8:]:
-            k, _, v = part.partition("=")
-            kv[k] = v
-        if set(kv) != {"mask", "drop", "gqa", "layout", "det"} or not all(
-                kv[k] in ("0", "1") for k in ("drop", "gqa", "det")):
-            raise ValueError(f"malformed problem key {key!r}")
-        return cls(dtype=dtype, batch=fields["B"], hq=fields["Hq"], hkv=fields["Hkv"], lq=fields["Lq"],
-                   lk=fields["Lk"], d=fields["D"], dv=fields["Dv"], causal=_CAUSAL_FROM_WORD[rest[7]],
-                   mask=kv["mask"], dropout=kv["drop"] == "1", gqa=kv["gqa"] == "1",
-                   train=direction == "fwdbwd", layout=kv["layout"], deterministic=kv["det"] == "1")
+        parts = key.split("|") if isinstance(key, str) else []
+        required = [f for f in FIELDS if not f.optional]
+        if not len(required) <= len(parts) <= len(FIELDS):
+            raise ValueError(f"malformed problem key {str(key)[:200]!r}: expected {len(required)} fields")
+        values = {}
+        for f, part in zip(FIELDS, parts):
+            try:
+                values[f.attr] = f.parse(part)
+            except ValueError as e:
+                raise ValueError(f"malformed problem key {key[:200]!r}: field {f.spec}: {e}") from None
+        return cls(**values)
+
+    def bucketed(self, threshold: int | None = 16) -> "Problem":
+        """The problem as the dispatcher keys it: batch and lengths bucketed. Decode-like problems (Lq up to
+        ``DECODE_LQ``) bucket Lk from 1, so a decode loop re-tunes once per power of two."""
+        if threshold is None:
+            return self
+        lk_threshold = 0 if self.lq <= DECODE_LQ else threshold
+        return dataclasses.replace(self, batch=bucket(self.batch, threshold), lq=bucket(self.lq, threshold),
+                                   lk=bucket(self.lk, lk_threshold))
 
     @classmethod
     def from_call(cls, call: Call, threshold: int | None = 16) -> "Problem":
@@ -141,11 +211,11 @@ class Problem:
         dtype = DTYPE_NAMES.get(q.dtype)
         if dtype is None:
             raise ValueError(f"unsupported dtype {q.dtype}")
-        return cls(dtype=dtype, batch=bucket(batch, threshold), hq=hq, hkv=hkv,
-                   lq=bucket(q.shape[-2], threshold), lk=bucket(k.shape[-2], threshold), d=q.shape[-1],
-                   dv=v.shape[-1], causal=call.causal, mask=_mask_kind(call), dropout=call.dropout_p > 0,
-                   gqa=bool(call.enable_gqa), train=call.needs_grad, layout=_layout(q),
-                   deterministic=torch.are_deterministic_algorithms_enabled())
+        exact = cls(dtype=dtype, batch=batch, hq=hq, hkv=hkv, lq=q.shape[-2], lk=k.shape[-2], d=q.shape[-1],
+                    dv=v.shape[-1], causal=call.causal, mask=_mask_kind(call), dropout=call.dropout_p > 0,
+                    gqa=bool(call.enable_gqa), train=call.needs_grad, layout=layout_class(q),
+                    deterministic=torch.are_deterministic_algorithms_enabled())
+        return exact.bucketed(threshold)
 
     def with_(self, **changes) -> "Problem":
         return dataclasses.replace(self, **changes)

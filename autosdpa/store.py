@@ -636,13 +636,14 @@ class Store:
         out: dict[str, Measurement] = {}
         for layer in self.shared:
             try:
-                out.update(layer._lookup_own(fingerprint, key))
+                out.update(layer.lookup_own(fingerprint, key))
             except StoreError:
                 continue
-        out.update(self._lookup_own(fingerprint, key))
+        out.update(self.lookup_own(fingerprint, key))
         return out
 
-    def _lookup_own(self, fingerprint: str, key: str) -> dict[str, Measurement]:
+    def lookup_own(self, fingerprint: str, key: str) -> dict[str, Measurement]:
+        """This database's valid rows for ``key`` in this environment (not the shared layers)."""
         eid = self.environment_id(fingerprint, create=False)
         if eid is None:
             return {}

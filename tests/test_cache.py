@@ -12,10 +12,12 @@ import torch.nn.functional as F
 
 import autosdpa
 from autosdpa import dispatch
+from autosdpa.problem import Problem
 
 CHILD = textwrap.dedent("""
     import json, torch, autosdpa
     from autosdpa import dispatch
+from autosdpa.problem import Problem
     calls = []
     real = dispatch.measure
     dispatch.measure = lambda *a, **k: (calls.append(1), real(*a, **k))[1]
@@ -137,19 +139,6 @@ def test_record_appends_new_problems(tmp_path, monkeypatch):
     assert [x["problem"].split("|")[5] for x in lines] == ["Lq=16", "Lq=64"]
 
 
-def test_compile_tracing_does_not_tune_and_matches(monkeypatch):
-    calls = count_measure(monkeypatch)
-
-    def attn(q, k, v):
-        return autosdpa.sdpa(q, k, v, is_causal=True) * 2
-
-    compiled = torch.compile(attn, backend="eager", fullgraph=True)  # fullgraph: no graph break either
-    q = torch.randn(1, 2, 16, 8)
-    torch.testing.assert_close(compiled(q, q, q), F.scaled_dot_product_attention(q, q, q, is_causal=True) * 2)
-    assert calls == []
-    assert dispatch.get_store().counts()["measurements"] == 0
-
-
 def test_locked_database_warns_once_and_keeps_working(tmp_path, monkeypatch):
     import sqlite3
 
@@ -189,3 +178,22 @@ def test_bad_environment_variables_do_not_break_import(tmp_path):
                         "print(autosdpa.sdpa(q, q, q).shape)"], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "torch.Size([1, 1, 8, 8])" in r.stdout
+
+
+def test_a_new_length_in_a_known_bucket_decides_nothing(monkeypatch):
+    decided = []
+    real = dispatch.eligibility
+    monkeypatch.setattr(dispatch, "eligibility", lambda *a, **k: (decided.append(1), real(*a, **k))[1])
+    for L in range(17, 33):  # one bucket: Lq = Lk = 32
+        q = torch.randn(1, 2, L, 8)
+        torch.testing.assert_close(autosdpa.sdpa(q, q, q), F.scaled_dot_product_attention(q, q, q))
+    assert len(decided) == 1
+
+
+def test_a_decode_loop_decides_once_per_power_of_two():
+    q = torch.randn(1, 8, 1, 16)
+    for L in range(1, 65):
+        kv = torch.randn(1, 8, L, 16)
+        torch.testing.assert_close(autosdpa.sdpa(q, kv, kv), F.scaled_dot_product_attention(q, kv, kv))
+    keys = dispatch.dispatcher.measured_problems()
+    assert sorted(Problem.parse(k).lk for k in keys) == [1, 2, 4, 8, 16, 32, 64]

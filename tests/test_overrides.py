@@ -7,37 +7,14 @@ from torch.profiler import ProfilerActivity, profile
 
 import autosdpa
 from autosdpa import dispatch
+from autosdpa.dispatch import dispatcher
+from autosdpa.policy import Overrides
+from dispatch_helpers import qkv, ran, seed_measurements
 from autosdpa.backends import Call
 from autosdpa.backends.torch_backends import torch_flags
 from autosdpa.environment import environment
 from autosdpa.problem import Problem
 from autosdpa.store import Measurement
-
-OPS = {"math": "aten::_scaled_dot_product_attention_math",
-       "flash": "aten::_scaled_dot_product_flash_attention_for_cpu"}
-
-
-def ran(fn, *args, **kwargs) -> set[str]:
-    """Which PyTorch SDPA kernels ran (by profiler op name)."""
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        fn(*args, **kwargs)
-    names = {e.key for e in prof.key_averages()}
-    return {b for b, op in OPS.items() if op in names}
-
-
-def qkv(L=16, D=8, H=2):
-    g = torch.Generator().manual_seed(0)
-    return tuple(torch.randn(1, H, L, D, generator=g) for _ in range(3))
-
-
-def seed_measurements(q, k, v, times: dict[str, float], **kw):
-    """Put measurements for this call's problem into the user DB, as if tuned before."""
-    call = Call(q, k, v, **kw)
-    key = Problem.from_call(call).key
-    fp, info = environment(q.device)
-    dispatch.get_store().save(fp, info, key, [Measurement(n, "ok", t, 0.0, 10) for n, t in times.items()])
-    return key
-
 
 def test_forced_backend_is_the_one_that_runs():
     q, k, v = qkv()
@@ -113,7 +90,7 @@ def test_near_tie_goes_to_pytorch_choice_and_needs_no_flag_toggling():
     assert ran(autosdpa.sdpa, q, k, v) == {"flash"}
     assert "near-tie" in autosdpa.explain(q, k, v).reason
     # the hot-path plan for PyTorch's own pick is "call F.sdpa directly": no flag save/set/restore
-    assert list(dispatch._plans.values()) == [None]
+    assert dispatcher.cached_plans() == [None]
 
 
 def test_mode_off_and_lookup():
@@ -142,9 +119,9 @@ def test_env_mode(monkeypatch):
 def test_overrides_nest_and_restore():
     with autosdpa.mode("lookup"):
         with autosdpa.backend("math"):
-            assert dispatch._control == ("lookup", ("math",))
-        assert dispatch._control == ("lookup", None)
-    assert dispatch._control is None
+            assert dispatcher.overrides == Overrides("lookup", ("math",))
+        assert dispatcher.overrides == Overrides("lookup", None)
+    assert dispatcher.overrides == Overrides()
 
 
 def test_patch_routes_torch_functional_and_mha():
@@ -157,7 +134,7 @@ def test_patch_routes_torch_functional_and_mha():
         with torch.no_grad():
             out = mha(x, x, x, need_weights=False)[0]
         assert dispatch.get_store().counts()["measurements"] > 0  # MHA's attention went through autosdpa
-    assert F.scaled_dot_product_attention is dispatch._sdpa
+    assert F.scaled_dot_product_attention is dispatch.pytorch_sdpa
     torch.testing.assert_close(out, ref)
 
 
@@ -197,7 +174,7 @@ def test_deterministic_mode_is_part_of_the_key():
     try:
         autosdpa.sdpa(q, k, v)
         assert autosdpa.explain(q, k, v).problem.endswith("det=1")
-        assert len(dispatch._plans) == 2
+        assert len(dispatcher.cached_plans()) == 2
     finally:
         torch.use_deterministic_algorithms(prev)
 

@@ -3,6 +3,7 @@
 Each prints one JSON line on stdout (the last line) describing what it did."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -25,7 +26,7 @@ def tune(lengths: list[int]) -> None:
             q = torch.randn(1, 2, L, 16)
             autosdpa.sdpa(q, q, q)
         store = dispatch.get_store()
-        measured = {key: sorted(ms) for (_fp, key), ms in dispatch._state.measurements.items()}
+        measured = dispatch.dispatcher.measured_problems()
     print(json.dumps({"store": store.display_url, "measured": measured,
                       "warnings": [str(w.message) for w in caught if "autosdpa" in str(w.message)]}), flush=True)
 
@@ -87,7 +88,7 @@ def distributed(rank: int, world: int, init_file: str, shared_db: str, own_db: s
     import autosdpa
     from autosdpa import dispatch
     from autosdpa.distributed import sync_decisions
-    from autosdpa.store import Store
+
 
     own_pick = ["math", "flash"][rank % 2]
 
@@ -105,9 +106,7 @@ def distributed(rank: int, world: int, init_file: str, shared_db: str, own_db: s
     dist.barrier()
 
     # 2. ranks with separate databases disagree until they call the collective sync_decisions()
-    st = dispatch._state
-    st.store, st.measurements = Store(own_db), {}
-    dispatch.clear_plans()
+    dispatch.dispatcher.configure(dataclasses.replace(dispatch.dispatcher.settings, db=own_db))
     q = torch.randn(1, 2, 16, 16)
     autosdpa.sdpa(q, q, q)
     out["separate_before"] = autosdpa.explain(q, q, q).backend

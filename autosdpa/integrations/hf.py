@@ -1,0 +1,127 @@
+"""Hugging Face transformers: ``attn_implementation="autosdpa"``.
+
+    import autosdpa.integrations.hf
+    autosdpa.integrations.hf.register()
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="autosdpa")
+
+``attention_forward`` follows the semantics of transformers' own ``sdpa_attention_forward``
+(``transformers/integrations/sdpa_attention.py``) so that a model gives the same outputs as with ``"sdpa"``, but
+the attention itself is ``autosdpa.scaled_dot_product_attention``: tuned and routed to the measured winner.
+The name also gets the masks ``"sdpa"`` gets (transformers builds masks per implementation name, and a name it
+does not know gets no mask at all, which would silently drop padding).
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from .. import scaled_dot_product_attention as _autosdpa
+
+NAME = "autosdpa"
+log = logging.getLogger("autosdpa")
+_warned_output_attentions = False
+
+
+def register(name: str = NAME) -> str:
+    """Make ``attn_implementation=name`` (default ``"autosdpa"``) available to every transformers model that
+    supports ``"sdpa"``. Safe to call more than once. Returns the name."""
+    try:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    except ImportError as e:
+        raise ImportError(
+            "autosdpa.integrations.hf needs transformers >= 4.56 (AttentionInterface and AttentionMaskInterface): "
+            "pip install 'autosdpa[hf]'  (or: pip install 'transformers>=4.56')") from e
+    # Both are class-wide registries: every model, already built or not, sees the new name.
+    AttentionInterface.register(name, attention_forward)
+    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    return name
+
+
+def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                      is_causal: bool | None = None, position_bias: torch.Tensor | None = None,
+                      **kwargs) -> tuple[torch.Tensor, None]:
+    """transformers' attention-function signature: q, k, v are (B, H, L, D); returns ((B, Lq, H, Dv), None).
+    Mirrors ``transformers.integrations.sdpa_attention.sdpa_attention_forward`` (as of transformers 5.24)."""
+    if kwargs.get("softcap") is not None:
+        raise ValueError('attn_implementation="autosdpa" does not support `softcap` (as "sdpa"): use "eager"')
+    if kwargs.get("output_attentions", False):
+        _warn_no_attention_weights()
+    q_len = query.shape[2]
+    groups = getattr(module, "num_key_value_groups", 1)
+    gqa = False
+    if groups > 1:
+        if attention_mask is None and key.shape[-1] == value.shape[-1] <= 256:
+            gqa = True  # the fused kernels read shared kv heads themselves, but take no mask with them
+        elif q_len == 1 and not torch.compiler.is_compiling():
+            # One query token: fold the query heads that share a kv head into query rows of that kv head,
+            # so no kv copy is made (the decode step of generation).
+            query, attention_mask, position_bias = (_fold_heads(t, groups)
+                                                    for t in (query, attention_mask, position_bias))
+        else:
+            # Otherwise enable_gqa would leave only PyTorch's math kernel: repeat the kv heads instead.
+            key, value = _repeat_kv(key, groups), _repeat_kv(value, groups)
+
+    if is_causal is None:
+        is_causal = getattr(module, "is_causal", True)
+    # A causal flag only for several query rows and no mask (a mask already carries causality). The shape test
+    # comes first so that dynamic shapes under torch.compile do not turn the flag into a SymBool.
+    is_causal = q_len > 1 and attention_mask is None and is_causal
+    if isinstance(is_causal, torch.Tensor):  # torch.jit.trace records shapes as tensors
+        is_causal = bool(is_causal.item())
+
+    if is_causal and key.shape[2] > q_len:
+        # Prefill into an empty static cache: top-left causal never reads past key q_len, so drop the rest
+        # (and the problem becomes square, which more kernels take).
+        key, value = key[:, :, :q_len], value[:, :, :q_len]
+        if position_bias is not None:
+            position_bias = position_bias[..., :q_len]
+    if position_bias is not None:
+        attention_mask = _bias_as_mask(position_bias, attention_mask, is_causal, q_len, key)
+        is_causal = False
+
+    out = _autosdpa(query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling,
+                    is_causal=is_causal, enable_gqa=gqa)
+    # Unfold heads (a no-op unless folded above); the batch comes from the output since masks may broadcast it.
+    out = out.reshape(out.shape[0], -1, q_len, value.shape[-1])
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _repeat_kv(t: torch.Tensor, n: int) -> torch.Tensor:
+    b, h, s, d = t.shape
+    return t.unsqueeze(2).expand(b, h, n, s, d).reshape(b, h * n, s, d)
+
+
+def _fold_heads(t: torch.Tensor | None, groups: int) -> torch.Tensor | None:
+    """(B, Hq, 1, X) -> (B, Hq/groups, groups, X); a tensor shared by all heads (dim 1 of size 1) broadcasts
+    as it is."""
+    if t is None or t.shape[1] == 1:
+        return t
+    return t.reshape(t.shape[0], t.shape[1] // groups, groups, t.shape[-1])
+
+
+def _bias_as_mask(bias: torch.Tensor, mask: torch.Tensor | None, is_causal: bool, q_len: int,
+                  key: torch.Tensor) -> torch.Tensor:
+    """One additive float mask from a learned position bias (T5-style) and the bool/float mask or causality."""
+    lowest = torch.finfo(key.dtype).min
+    if mask is None and is_causal:
+        rows = torch.arange(q_len, device=key.device)
+        keep = rows[:, None] >= torch.arange(key.shape[2], device=key.device)[None, :]
+        out = torch.where(keep, bias, lowest)
+    elif mask is None:
+        out = bias
+    elif mask.dtype == torch.bool:
+        out = torch.where(mask, bias, lowest)
+    else:
+        out = bias + mask
+    return out.contiguous()
+
+
+def _warn_no_attention_weights() -> None:
+    global _warned_output_attentions
+    if not _warned_output_attentions:
+        _warned_output_attentions = True
+        log.warning('attn_implementation="autosdpa" returns no attention weights (output_attentions=True): '
+                    'use "eager" to get them')

@@ -1,0 +1,100 @@
+"""Plans: what a cache hit runs. ``None`` (not a Plan) means "call F.sdpa": PyTorch's own pick is the winner.
+
+A plan for any other winner re-checks, once per memory layout of the actual tensors, that its backend can
+run them (the fast key holds shapes, not strides or k/v dtypes), and returns the output in the layout PyTorch's
+own pick would give. It never touches PyTorch's process-wide flags.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.bias import CausalBias
+
+from .backends import torch_backends
+from .backends.base import Backend
+from .calls import make_call, needs_grad
+from .eligibility import ForcedBackendError, eligibility, reasons_text
+
+_sdpa = F.scaled_dot_product_attention
+_capturing = torch.cuda.is_current_stream_capturing
+_tracing = torch.jit.is_tracing
+_MAX_LAYOUTS = 64
+
+
+def _mask_layout(m):
+    if m is None:
+        return None
+    if type(m) is CausalBias:
+        return (m.variant, m.seq_len_q, m.seq_len_kv)
+    return (m.stride(), m.get_device(), m.dtype)
+
+
+class Plan:
+    """Runs ``backend`` for calls of one fast key."""
+
+    __slots__ = ("backend", "forced", "_layouts")
+
+    def __init__(self, backend: Backend, forced: bool):
+        self.backend, self.forced = backend, forced
+        self._layouts: dict = {}  # layout signature -> (output order, or None when ineligible; reason)
+
+    def __call__(self, q, k, v, m, dp, ic, sc, gqa):
+        if _tracing():  # torch.jit.trace records what runs: PyTorch's own op, as F.sdpa would
+            return _sdpa(q, k, v, m, dp, ic, scale=sc, enable_gqa=gqa)
+        sig = (q.stride(), k.stride(), v.stride(), k.dtype, v.dtype, k.get_device(), v.get_device(),
+               _mask_layout(m), needs_grad(q, k, v))
+        verdict = self._layouts.get(sig)
+        if verdict is None:
+            verdict = self._check(sig, q, k, v, m, dp, ic, sc, gqa)
+        ok, order = verdict
+        if not ok or (q.is_cuda and _capturing() and not self._ready(q, k, v, m, dp, ic, sc, gqa)):
+            return _sdpa(q, k, v, m, dp, ic, scale=sc, enable_gqa=gqa)
+        out = self.backend.run(q, k, v, m, dp, ic, sc, gqa)
+        return out if order is None else torch_backends.restride(out, order)
+
+    def _check(self, sig, q, k, v, m, dp, ic, sc, gqa):
+        call = make_call(q, k, v, m, dp, ic, sc, gqa)
+        reasons = ["inputs autosdpa does not key"] if call is None else eligibility(call, [self.backend])[
+            self.backend.name]
+        if reasons and self.forced:
+            raise ForcedBackendError.for_names([self.backend.name], {self.backend.name: "; ".join(reasons)})
+        verdict = (False, None) if reasons else (True, self._order(call))
+        if len(self._layouts) >= _MAX_LAYOUTS:
+            self._layouts.clear()
+        self._layouts[sig] = verdict
+        return verdict
+
+    def _order(self, call):
+        """The dim order PyTorch's own pick gives its output (None: the backend's own output already has it)."""
+        if not hasattr(torch_backends, "output_order"):  # TODO(merge wt-torchops): remove
+            return None
+        pick = torch_backends.pytorch_choice(call) or "math"
+        want = torch_backends.output_order(call, pick)
+        return None if want == torch_backends.output_order(call, self.backend.name) else want
+
+    def _ready(self, q, k, v, m, dp, ic, sc, gqa) -> bool:
+        """During CUDA-graph capture nothing may compile or autotune: only a kernel already built runs."""
+        ready = getattr(self.backend, "ready", None)
+        return ready is None or bool(ready(make_call(q, k, v, m, dp, ic, sc, gqa)))
+
+
+class InvalidPlan:
+    """Inputs PyTorch must reject: run its math backend, which raises PyTorch's own error (F.sdpa's CPU flash
+    kernel would instead read past v when k and v lengths differ and return garbage)."""
+
+    __slots__ = ("math",)
+
+    def __init__(self, math_backend: Backend):
+        self.math = math_backend
+
+    def __call__(self, q, k, v, m, dp, ic, sc, gqa):
+        return self.math.run(q, k, v, m, dp, ic, sc, gqa)
+
+
+def plan_for(backend: Backend | None, pytorch_choice: str | None, forced: bool) -> Plan | None:
+    if backend is None or (backend.name == pytorch_choice and not forced):
+        return None
+    return Plan(backend, forced)
+
+
+__all__ = ["Plan", "InvalidPlan", "plan_for", "reasons_text"]
