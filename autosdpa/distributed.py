@@ -55,12 +55,12 @@ def sync_decisions(group=None, *, store: Store | None = None) -> int:
     or added. A no-op without torch.distributed."""
     import torch.distributed as dist
 
-    from . import dispatch
+    from .dispatch import dispatcher
     from .consensus import world
 
     if world() is None:
         return 0
-    store = store or dispatch.get_store()
+    store = store or dispatcher.store()
     envs = {e["fingerprint"]: {f: e[f] for f in ENV_FIELDS} for e in store.environments()}
     mine = [{**d, "info": envs.get(d["fingerprint"])} for d in store.decisions()]
     payloads = _gather_bytes(json.dumps(mine).encode(), group)
@@ -80,5 +80,5 @@ def sync_decisions(group=None, *, store: Store | None = None) -> int:
     finally:
         dist.barrier(group=group)  # even when this rank failed: the others must not wait forever
     if n:
-        dispatch.clear_plans()  # the next call of each problem re-decides and reads the agreed backend
+        dispatcher.clear_plans()  # the next call of each problem re-decides and reads the agreed backend
     return n

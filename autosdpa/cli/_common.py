@@ -17,13 +17,14 @@ from ..workload import WorkItem, WorkloadError
 out = Console(soft_wrap=False)
 err = Console(stderr=True)
 
-SHAPE_HELP = ("One problem as comma-separated fields, e.g. "
-              "'b=8,hq=32,hkv=8,lq=4096,d=128,dtype=bf16,causal,train'. Fields: b (batch, 1), hq (heads, 1), "
-              "hkv (kv heads, =hq), lq (query length, required), lk (=lq), d (head dim, 64), dv (=d), "
-              "dtype (fp16|bf16|fp32|fp64; default bf16 on CUDA, fp32 on CPU), causal (flag; causal=br for "
-              "bottom-right), mask (none|bool:B11K|float:...), dropout (flag or =P), gqa (flag, auto if hq!=hkv), "
-              "train (flag: forward+backward), layout (bhld|blhd|strided|nd3|nd5+), det (flag). "
-              "A full problem key is accepted too. Repeatable.")
+def _shape_help() -> str:
+    from ..workload import spec_help
+
+    return ("One problem as comma-separated fields, e.g. 'b=8,hq=32,hkv=8,lq=4096,d=128,dtype=bf16,causal,train'. "
+            f"Fields: {spec_help()}. A full problem key is accepted too. Repeatable.")
+
+
+SHAPE_HELP = _shape_help()
 
 
 def workload_options(fn):
@@ -139,40 +140,10 @@ def resolve_device(spec: str | None, param_hint: str = "--device"):
 
 # -- the dispatcher and the database ----------------------------------------------------------------------
 
-class _LegacyDispatcher:
-    """TEMPORARY adapter, until ``autosdpa.dispatch`` offers ``dispatcher`` (the lead's refactor): the same
-    ``settings`` / ``configure(settings)`` / ``store()`` over the old module-level state. Delete with the merge."""
-
-    @property
-    def settings(self):
-        from .. import dispatch
-
-        return dispatch._state.settings
-
-    def configure(self, settings) -> None:
-        from .. import dispatch
-        from ..store import Store, StoreError
-        from ..tuner import TuneConfig
-
-        dispatch.reset()
-        st = dispatch._state
-        st.settings, st.mode, st.threshold = settings, settings.mode, settings.bucket_threshold
-        st.config = TuneConfig(budget_s=settings.budget_s)
-        try:
-            st.store = Store(settings.db, shared=settings.all_shared_dbs(), timeout_s=settings.db_timeout_s)
-        except StoreError:
-            st.store = None  # get_store() falls back to memory with its one warning
-
-    def store(self):
-        from .. import dispatch
-
-        return dispatch.get_store()
-
-
 def _dispatcher():
-    from .. import dispatch
+    from ..dispatch import dispatcher
 
-    return getattr(dispatch, "dispatcher", None) or _LegacyDispatcher()
+    return dispatcher
 
 
 def cli_settings():
@@ -276,19 +247,25 @@ def fmt_x(x: float | None) -> str:
 
 
 def short_key(key: str) -> str:
-    """A compact problem key for tables: ``fwd bf16 B=8 H=32/8 L=4096/4096 D=128 causal``."""
-    parts = key.split("|")
-    if len(parts) != 15:
+    """A compact problem key for tables: ``fwd bf16 B=8 H=32/8 L=4096/4096 D=128 causal`` (the key itself if
+    it does not parse)."""
+    from ..problem import FIELDS, Problem
+
+    try:
+        p = Problem.parse(key)
+    except ValueError:
         return key
-    f = dict(p.split("=", 1) for p in parts if "=" in p)
-    s = f"{parts[0]} {parts[1]} B={f['B']} H={f['Hq']}/{f['Hkv']} L={f['Lq']}/{f['Lk']} D={f['D']}"
-    if f["Dv"] != f["D"]:
-        s += f" Dv={f['Dv']}"
-    extra = [parts[9]] if parts[9] != "nocausal" else []
-    extra += [f"mask={f['mask']}"] if f["mask"] != "none" else []
-    extra += ["dropout"] if f["drop"] == "1" else []
-    extra += [f"layout={f['layout']}"] if f["layout"] != "bhld" else []
-    extra += ["det"] if f["det"] == "1" else []
+    word = {f.attr: f.format(getattr(p, f.attr)) for f in FIELDS}  # each field as the key writes it
+    s = f"{word['train']} {p.dtype} B={p.batch} H={p.hq}/{p.hkv} L={p.lq}/{p.lk} D={p.d}"
+    if p.dv != p.d:
+        s += f" Dv={p.dv}"
+    default = Problem()
+    extra = [word["causal"]] if p.causal != default.causal else []
+    extra += [word["mask"]] if p.mask != default.mask else []
+    extra += ["dropout"] if p.dropout else []
+    extra += [word["layout"]] if p.layout != default.layout else []
+    extra += ["det"] if p.deterministic else []
+    extra += [word["tokens"]] if p.tokens != default.tokens else []
     return " ".join([s, *extra])
 
 

@@ -35,7 +35,8 @@ def explain(spec, dtype, train, device, db, force, no_tune, budget, as_json) -> 
     """
     import autosdpa
 
-    from .. import api, dispatch, workload as W
+    from .. import api, workload as W
+    from ..eligibility import eligibility
     from ..environment import environment
     from ._common import default_dtype_for
 
@@ -55,7 +56,7 @@ def explain(spec, dtype, train, device, db, force, no_tune, budget, as_json) -> 
             d = autosdpa.explain(call.query, call.key, call.value, attn_mask=call.attn_mask,
                                  dropout_p=call.dropout_p, is_causal=call.is_causal, scale=call.scale,
                                  enable_gqa=call.enable_gqa)
-        elig = dispatch.eligibility(call)
+        elig = eligibility(call)
     unavailable = api.unavailable_reasons(dev)
     fp, info = environment(dev)
     meas = current_store().lookup(fp, d.problem) if d.problem else {}

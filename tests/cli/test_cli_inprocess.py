@@ -7,6 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 from autosdpa.cli import main
+from autosdpa.problem import Problem
 
 from .conftest import TINY
 
@@ -81,7 +82,8 @@ def test_dry_run_lists_every_input_kind_sharded(tmp_path):
     shards = [json.loads(invoke(*args, "--shard", f"{i}/2").output) for i in range(2)]
     assert sorted(p["key"] for s in shards for p in s) == sorted(p["key"] for p in plan)
     r = invoke(*args, "--dtype", "bf16", "--train", "--limit", "2")
-    assert [p["key"].split("|")[:2] for p in json.loads(r.output)] == [["fwdbwd", "bf16"]] * 2
+    parsed = [Problem.parse(p["key"]) for p in json.loads(r.output)]
+    assert [(p.train, p.dtype) for p in parsed] == [(True, "bf16")] * 2
     r = invoke("tune", "--dry-run", "--preset", "llama3-8b")
     assert r.exit_code == 0 and "Hq=32|Hkv=8" in r.output
 
