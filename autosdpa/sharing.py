@@ -21,15 +21,13 @@ import dataclasses
 import datetime as _dt
 import os
 import re
-import sqlite3
 import time
 from pathlib import Path
 from typing import Iterable, Iterator
-from urllib.parse import quote
 
 from .config import DEFAULT_DB_TIMEOUT_S
 from .records import ENV_FIELDS, Measurement
-from .store import Store, StoreError, parse_target
+from .store import Store, StoreError, parse_target, seal_file
 from .validation import environment_error, key_error, known_backends, measurement_error
 
 
@@ -101,6 +99,13 @@ def open_source(target: str | os.PathLike, *, timeout_s: float = DEFAULT_DB_TIME
         raise SharingError(str(e)) from None
 
 
+def _seal(path: Path) -> None:
+    try:
+        seal_file(path)
+    except StoreError as e:
+        raise SharingError(str(e)) from None
+
+
 def _fresh_output(out: str | os.PathLike, force: bool) -> Path:
     """The path of a new output file: refused if it exists (without ``force``), is a URL, or cannot be made."""
     if "://" in str(out):
@@ -122,19 +127,6 @@ def _fresh_output(out: str | os.PathLike, force: bool) -> Path:
     except OSError as e:
         raise SharingError(f"cannot write {out}: {e.strerror or e}") from None
     return p
-
-
-def _finish_file(p: Path) -> None:
-    """Leave a self-contained file: rollback journal (DELETE), no -wal/-shm, compact."""
-    try:
-        con = sqlite3.connect(f"file:{quote(str(p))}?mode=rw", uri=True)  # a path, even with '?' or '#'
-        try:
-            con.execute("PRAGMA journal_mode=DELETE")
-            con.execute("VACUUM")
-        finally:
-            con.close()
-    except sqlite3.Error as e:
-        raise SharingError(f"cannot finish {p}: {e}") from None
 
 
 # -- reading with validation -------------------------------------------------------------------------------------
@@ -384,7 +376,7 @@ def export(source: str | os.PathLike | None, out: str | os.PathLike, *, gpu: str
                                            allow_unknown_backends=True), report)
         finally:
             dst.close()
-        _finish_file(path)
+        _seal(path)
         return report
     finally:
         src.close()
@@ -432,7 +424,7 @@ def merge_files(sources: list[str | os.PathLike], out: str | os.PathLike, *, for
                 total += r
         finally:
             dst.close()
-        _finish_file(path)
+        _seal(path)
         return total, each
     finally:
         for s in srcs:

@@ -451,6 +451,19 @@ def _environment_id_in(c, fingerprint: str, info: dict | None) -> int:
     return eid
 
 
+def seal_file(path: str | os.PathLike) -> None:
+    """Leave the SQLite file ``path`` self-contained for sharing: rollback journal (no -wal/-shm), compacted."""
+    try:
+        con = sqlite3.connect(f"file:{quote(str(Path(path).absolute()))}?mode=rw", uri=True)
+        try:
+            con.execute("PRAGMA journal_mode=DELETE")
+            con.execute("VACUUM")
+        finally:
+            con.close()
+    except sqlite3.Error as e:
+        raise StoreError(f"cannot finish {path}: {e}") from None
+
+
 # -- the store ---------------------------------------------------------------------------------------------------
 
 class Store:
@@ -472,10 +485,8 @@ class Store:
         self._env_ids: dict[str, int] = {}
         try:
             self.engine = self._open(wal)
-        except BaseException:
-            if self.engine is not None:
-                self.engine.dispose()
-            raise
+        except OSError as e:  # the file vanished or changed under us between the checks
+            raise StoreError(f"cannot open {self.display_url}: {e.strerror or e}") from e
         for p in shared:
             try:
                 self.shared.append(Store(p, readonly=True, timeout_s=timeout_s))
@@ -707,7 +718,8 @@ class Store:
     def iter_rows(self, *, fingerprint: str | None = None, since: float | None = None
                   ) -> Iterator[tuple[dict, str, Measurement]]:
         """Every (environment fields, problem key, measurement) of this database (not the shared layers), streamed
-        in (environment, key, backend) order, every text read bounded; not validated."""
+        in (environment, key, backend) order, every text read bounded; not validated. Rows of one environment
+        share one (read-only) environment dict."""
         e, m = environment_table, measurement_table
         cols = _bounded([e.c.fingerprint, *[e.c[f] for f in ENV_FIELDS], m.c.problem_key,
                          *[m.c[f] for f in MEASUREMENT_FIELDS]], self.dialect)
@@ -717,10 +729,19 @@ class Store:
             q = q.where(e.c.fingerprint == fingerprint)
         if since is not None:
             q = q.where(m.c.measured_at >= since)
+        n_env = 1 + len(ENV_FIELDS)
+        head, env = None, {}
         with self._db_errors(), self.engine.connect() as c:
-            for r in c.execution_options(yield_per=1000).execute(q).mappings():
-                env = {"fingerprint": r["fingerprint"], **{f: r[f] for f in ENV_FIELDS}}
-                yield env, r["problem_key"], _row_to_measurement(r)
+            for r in c.execution_options(yield_per=1000).execute(q):
+                if r[:n_env] != head:  # rows come grouped by environment: one dict per environment
+                    head = r[:n_env]
+                    env = dict(zip(("fingerprint", *ENV_FIELDS), head))
+                m = Measurement(*r[n_env + 1:])  # MEASUREMENT_FIELDS, in the dataclass's order
+                if m.detail is None:
+                    m.detail = ""
+                if m.tuned_shape is None:
+                    m.tuned_shape = ""
+                yield env, r[n_env], m
 
     def rows(self, *, fingerprint: str | None = None) -> list[tuple[dict, str, Measurement]]:
         """``list(iter_rows())``: for small databases and tests."""

@@ -171,3 +171,26 @@ def test_prune_reports_what_it_did(tmp_path):
     db = _user_db(tmp_path)
     r = CliRunner().invoke(main, ["db", "prune", "--db", str(db), "--failed"])
     assert r.exit_code == 0 and r.output.strip() == "removed 0 rows and 0 environments; kept 2 rows"
+
+
+def test_prune_default_drops_what_this_machine_can_never_match(tmp_path):
+    from autosdpa.environment import environment
+    from autosdpa.records import Measurement, fingerprint_of
+    from autosdpa.store import Store
+
+    key = "fwd|fp32|B=1|Hq=2|Hkv=2|Lq=8|Lk=8|D=16|Dv=16|nocausal|mask=none|drop=0|gqa=0|layout=bhld|det=0"
+    fp_now, now = environment("cpu")
+    old = {**now, "torch": "2.0.0"}
+    db = tmp_path / "user.sqlite"
+    s = Store(str(db))
+    s.save(fp_now, now, key, [Measurement("math", "ok", 1e-3, 1e-5, 10)])
+    s.save(fingerprint_of(old), old, key, [Measurement("math", "ok", 1e-3, 1e-5, 10)])
+    s.close()
+    r = CliRunner().invoke(main, ["db", "prune", "--db", str(db), "--dry-run"])
+    assert r.exit_code == 0 and r.output.startswith("would remove 1 rows and 1 environments; kept 1 rows")
+    assert f"would drop {fingerprint_of(old)[:8]}" in r.output and "torch 2.0.0 older than the installed" in r.output
+    r = CliRunner().invoke(main, ["db", "prune", "--db", str(db)])
+    assert r.exit_code == 0 and "dropped" in r.output
+    s = Store(str(db))
+    assert {e["fingerprint"] for e in s.environments()} == {fp_now}
+    s.close()

@@ -166,3 +166,12 @@ def test_rows_stay_with_their_environment_after_another_process_prunes_it(any_db
     assert set(Store(any_db).lookup(fp_a, KEY2)) == {"math"}
     s.close()
     other.close()
+
+
+def test_measurement_fields_are_the_dataclass_order():
+    """The store builds Measurements positionally from MEASUREMENT_FIELDS (fast streaming): same order."""
+    import dataclasses
+
+    from autosdpa.records import MEASUREMENT_FIELDS, Measurement
+
+    assert MEASUREMENT_FIELDS == tuple(f.name for f in dataclasses.fields(Measurement))
