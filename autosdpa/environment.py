@@ -9,8 +9,9 @@ Two fingerprints per device, so that a version change invalidates only the rows 
   sources (the ``autosdpa_kernels`` package's ``.py`` files), for the rows of this project's kernels: editing a
   kernel invalidates its timings by itself, with no constant to bump by hand.
 
-On the CPU the thread count is part of the fingerprint: measured with 1 and 2 threads, it changed the winner
-of a training shape (``benchmarks/cpu_threads.md``).
+On the CPU the thread count is *not* part of the fingerprint (``cores`` is the machine's CPU count): timed with
+1 and 2 threads, math against flash, it did not change the winner of any shape (``benchmarks/cpu_threads.md``),
+so running with another thread count reuses the measurements.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import functools
 import hashlib
 import importlib.metadata
 import importlib.util
+import os
 import platform
 from pathlib import Path
 
@@ -68,7 +70,7 @@ def kernels_hash(package: str = KERNELS_PACKAGE) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def _describe(device_type: str, index: int | None, threads: int, kernels: bool) -> tuple[str, dict]:
+def _describe(device_type: str, index: int | None, kernels: bool) -> tuple[str, dict]:
     info = {
         "device_type": device_type,
         "torch": torch.__version__.split("+")[0],
@@ -81,8 +83,8 @@ def _describe(device_type: str, index: int | None, threads: int, kernels: bool) 
                     memory_gb=round(p.total_memory / 2**30), cuda=torch.version.cuda or "",
                     cudnn=str(torch.backends.cudnn.version() or ""))
     else:
-        info.update(device_name=cpu_name(), capability=torch.backends.cpu.get_cpu_capability(), cores=threads,
-                    memory_gb=0, cuda="", cudnn="")
+        info.update(device_name=cpu_name(), capability=torch.backends.cpu.get_cpu_capability(),
+                    cores=os.cpu_count() or 0, memory_gb=0, cuda="", cudnn="")
     return fingerprint_of(info), info
 
 
@@ -90,9 +92,8 @@ def environment(device: torch.device | str = "cpu", kernels: bool = False) -> tu
     """(fingerprint, fields) of ``device``: ``kernels=False`` for PyTorch's backends' rows, ``kernels=True``
     for this project's kernels' rows (adds Triton's version and the kernels' source hash)."""
     dev = torch.device(device)
-    threads = torch.get_num_threads() if dev.type == "cpu" else 0
     index = dev.index if dev.index is not None else (torch.cuda.current_device() if dev.type == "cuda" else None)
-    fp, info = _describe(dev.type, index, threads, bool(kernels))
+    fp, info = _describe(dev.type, index, bool(kernels))
     return fp, dict(info)
 
 

@@ -18,7 +18,7 @@ def tune(lengths: list[int]) -> None:
     with warnings.catch_warnings(record=True) as caught:
         import torch
 
-        torch.set_num_threads(1)  # the CPU fingerprint includes the thread count: one environment for all
+        torch.set_num_threads(1)
         import autosdpa
         from autosdpa import dispatch
 

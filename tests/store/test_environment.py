@@ -77,7 +77,11 @@ def test_kernels_hash_follows_the_source_not_a_constant(tmp_path, monkeypatch):
     assert "fake_kernels_pkg" not in sys.modules  # hashed without being imported
 
 
-def test_cpu_thread_count_is_part_of_the_cpu_fingerprint():
+def test_cpu_thread_count_is_not_part_of_the_cpu_fingerprint():
+    """Measured (benchmarks/cpu_threads.md): the thread count did not change any winner, so rows measured
+    with one thread count serve another."""
+    import os
+
     n = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -86,7 +90,7 @@ def test_cpu_thread_count_is_part_of_the_cpu_fingerprint():
         two = E.environment("cpu")
     finally:
         torch.set_num_threads(n)
-    assert one[0] != two[0] and (one[1]["cores"], two[1]["cores"]) == (1, 2)
+    assert one == two and one[1]["cores"] == (os.cpu_count() or 0)
 
 
 def test_what_differs_between_environments_of_one_device():
