@@ -53,7 +53,7 @@ _MAX_PLANS = 4096
 _plans: dict = {}                       # fast key -> plan (None: F.sdpa)
 _bucket_plans: dict = {}                # bucket key -> plan: a new length in a known bucket decides nothing
 _overrides: Overrides = NO_OVERRIDES    # autosdpa.backend(...) / mode(...) in force; part of the fast key
-_FK_FLAGS = slice(10, 15)               # where the fast key holds PyTorch's four sdp flags and det mode
+_FK_FLAGS = slice(10, 14)               # where the fast key holds PyTorch's four sdp flags
 _FK_OVERRIDES = 15
 
 
@@ -270,11 +270,11 @@ class Dispatcher:
             return None, False
         call = make_call(q, k, v, m, dp, ic, sc, gqa)
         if call is None or degenerate_reason(call):  # PyTorch handles (or rejects) them; they decide nothing
-            return None, call is not None and not degenerate_reason(call)
+            return None, False
         if invalid_reason(call):
             return InvalidPlan(_backends.get("math")), True  # the fast key holds all three shapes
         flags = fk[_FK_FLAGS]
-        policy = resolve(fk[_FK_OVERRIDES], self.settings.mode, flags[:4], _priority_set())
+        policy = resolve(fk[_FK_OVERRIDES], self.settings.mode, flags, _priority_set())
         with self._lock:
             decision, backend, cacheable = self.decide(call, policy)
         if decision.source == "invalid":

@@ -82,3 +82,96 @@ def test_winner_not_slower_than_pytorch_default(case):
     print(f"{case}: autosdpa {ours * 1e6:.1f} us ({autosdpa.explain(q, k, v, **kw).backend}) "
           f"vs PyTorch {theirs * 1e6:.1f} us")
     assert ours <= theirs * 1.10
+
+
+# -- the dispatcher's CUDA paths (issue 8 items 6-7, issue 12) ----------------------------------------------------
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("extra", [{}, {"causal": True}, {"mask": "bool"}, {"grad": True}],
+                         ids=["plain", "causal", "mask", "grad"])
+def test_our_kernels_compile_wherever_eligible(case, extra):
+    q, k, v, kw = _case(*case, **extra)
+    d = autosdpa.explain(q, k, v, **kw)
+    for name in ("triton_flash", "triton_decode"):
+        why = d.rejected.get(name, "")
+        assert "Compilation" not in why and "compile" not in why.lower() and "NameError" not in why, (name, why)
+    out = autosdpa.sdpa(q, k, v, **kw)
+    ref = F.scaled_dot_product_attention(q, k, v, **kw)
+    torch.testing.assert_close(out, ref, atol=2e-2, rtol=2e-2)
+
+
+def _block(dtype=torch.bfloat16):
+    torch.manual_seed(0)
+    return torch.nn.MultiheadAttention(256, 8, batch_first=True, device="cuda", dtype=dtype).eval()
+
+
+def test_cuda_graph_capture_and_replay_with_patch():
+    block = _block()
+    x = torch.randn(4, 128, 256, device="cuda", dtype=torch.bfloat16)
+    with autosdpa.patch(), torch.no_grad():
+        eager = block(x, x, x, need_weights=False)[0]  # first sight: tuned here, outside capture
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(3):
+                block(x, x, x, need_weights=False)
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            captured = block(x, x, x, need_weights=False)[0]
+        g.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(captured, eager, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("mode", [None, "reduce-overhead"])
+def test_compiled_patched_block_on_cuda(mode):
+    block = _block()
+    x = torch.randn(4, 128, 256, device="cuda", dtype=torch.bfloat16)
+    with autosdpa.patch(), torch.no_grad():
+        eager = block(x, x, x, need_weights=False)[0]
+        compiled = torch.compile(block, mode=mode)
+        for _ in range(3):
+            out = compiled(x, x, x, need_weights=False)[0]
+    torch.testing.assert_close(out, eager, atol=2e-2, rtol=2e-2)
+
+
+def test_compiled_training_gradients_on_cuda():
+    q, k, v, kw = _case(torch.bfloat16, 2, 8, 8, 256, 256, 64, causal=True, grad=True)
+
+    def f(q, k, v):
+        return autosdpa.sdpa(q, k, v, is_causal=True)
+    g_c = torch.autograd.grad(torch.compile(f, fullgraph=True)(q, k, v).float().square().sum(), (q, k, v))
+    g_e = torch.autograd.grad(f(q, k, v).float().square().sum(), (q, k, v))
+    for a, b in zip(g_c, g_e):
+        torch.testing.assert_close(a, b, atol=5e-2, rtol=5e-2)
+
+
+def test_hf_tokens_per_second_side_by_side():
+    transformers = pytest.importorskip("transformers")
+    import time
+
+    from autosdpa.integrations import hf
+
+    hf.register()
+    cfg = transformers.LlamaConfig(vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                                   num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=512)
+    torch.manual_seed(0)
+    prompt = torch.randint(0, 1000, (4, 32), device="cuda")
+    tokens, rate = {}, {}
+    base = transformers.LlamaForCausalLM(cfg).state_dict()
+    models = {}
+    for impl in ("sdpa", "autosdpa"):  # same weights, two attention implementations
+        models[impl] = transformers.LlamaForCausalLM._from_config(cfg, attn_implementation=impl)
+        models[impl].load_state_dict(base)
+        models[impl].to("cuda", torch.bfloat16).eval()
+    for impl in ("sdpa", "autosdpa", "sdpa", "autosdpa"):  # interleaved; the second round is what counts
+        model = models[impl]
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = model.generate(prompt, max_new_tokens=64, do_sample=False, min_new_tokens=64)
+        torch.cuda.synchronize()
+        rate[impl] = out[:, 32:].numel() / (time.perf_counter() - t0)
+        tokens[impl] = out
+    print(f"tokens/s: sdpa {rate['sdpa']:.0f}, autosdpa {rate['autosdpa']:.0f}")
+    assert torch.equal(tokens["sdpa"], tokens["autosdpa"])
