@@ -1,0 +1,146 @@
+"""Which of PyTorch's SDPA backends can run a call, asked without changing PyTorch's process-wide sdp flags.
+
+CPU: PyTorch's own check (``_fused_sdp_choice``) reads the flags, so the CPU flash kernel's conditions are
+written here in Python, in the order of ``use_flash_attention_cpp`` (``sdp_utils_cpp.cpp``/``.h``, torch 2.13);
+``tests/test_torch_backends.py`` checks them against ``_fused_sdp_choice`` on thousands of calls.
+
+CUDA: ``torch.backends.cuda.can_use_{flash,efficient,cudnn}_attention`` start with
+``check_runtime_disabled_*``, which reads that backend's global flag, and then check only the inputs and the
+device. So they are asked (read-only, ``debug=False``: no warnings) when that backend's flag is on; when it is
+off, PyTorch's input checks cannot be reached without writing the flag, and the reason says so
+(``FLAG_OFF_PREFIX``). The warnings ``debug=True`` would give are not captured: catching warnings changes the
+``warnings`` module's process-wide state.
+"""
+from __future__ import annotations
+
+import torch
+
+_C = torch._C
+
+#: PyTorch's four SDPA flag getters, in the order (flash, efficient, math, cudnn).
+FLAG_GETTERS = (_C._get_flash_sdp_enabled, _C._get_mem_efficient_sdp_enabled, _C._get_math_sdp_enabled,
+                _C._get_cudnn_sdp_enabled)
+FLAG_SLOT = {"flash": 0, "efficient": 1, "math": 2, "cudnn": 3}
+
+#: Reasons that start with this come from a PyTorch flag being off, not from the inputs. Such a reason can be
+#: transient (another thread inside ``sdpa_kernel``), so a caller may choose not to remember it.
+FLAG_OFF_PREFIX = "PyTorch's flag for this backend is off"
+
+_CPU_FLASH_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+_cuda = torch.backends.cuda
+CUDA_CHECKS = {"flash": _cuda.can_use_flash_attention, "efficient": _cuda.can_use_efficient_attention,
+               "cudnn": getattr(_cuda, "can_use_cudnn_attention", None)}
+
+
+def torch_flags() -> tuple[bool, bool, bool, bool]:
+    """PyTorch's global SDPA flags: (flash, efficient, math, cudnn). Read only."""
+    return (FLAG_GETTERS[0](), FLAG_GETTERS[1](), FLAG_GETTERS[2](), FLAG_GETTERS[3]())
+
+
+def flag_on(name: str) -> bool:
+    return FLAG_GETTERS[FLAG_SLOT[name]]()
+
+
+def cpu_flash_reasons(query, key, value, attn_mask, dropout_p: float, enable_gqa: bool,
+                      raise_like_pytorch: bool = False) -> list[str]:
+    """Why PyTorch 2.13 would not pick its CPU flash kernel for these inputs ([] = it would, flags allowing).
+    ``attn_mask`` is what F.sdpa hands its checks: the user's bool/float tensor, the materialised mask of a
+    lower-right CausalBias, or None. Like PyTorch, this stops at the first failed condition.
+    ``raise_like_pytorch``: raise IndexError where PyTorch's check itself does (a 0-D or 1-D mask)."""
+    q, k, v = query, key, value
+    if q.is_nested or k.is_nested or v.is_nested:
+        return ["PyTorch's CPU flash kernel does not take nested tensors"]
+    if dropout_p > 0.0:
+        return [f"PyTorch's CPU flash kernel does not support dropout (dropout_p={dropout_p})"]
+    if not (q.dim() == k.dim() == v.dim() == 4):
+        return [f"PyTorch's CPU flash kernel needs 4-D query, key and value (got {q.dim()}-D, {k.dim()}-D, "
+                f"{v.dim()}-D)"]
+    why = _batch_and_heads(q, k, v, enable_gqa)
+    if why:
+        return [why]
+    if attn_mask is not None:
+        why = _mask_shape(q, k, attn_mask, raise_like_pytorch)
+        if why:
+            return [why]
+    if not (q.shape[-1] == k.shape[-1] == v.shape[-1]):
+        return [f"PyTorch's CPU flash kernel needs one head dim for query, key and value (got {q.shape[-1]}, "
+                f"{k.shape[-1]}, {v.shape[-1]})"]
+    if q.shape[-2] == 0 or k.shape[-2] == 0:
+        return ["PyTorch's CPU flash kernel does not take zero-length sequences"]
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+        return [f"PyTorch's CPU flash kernel needs the last dimension of query, key and value to have stride 1 "
+                f"(got {q.stride(-1)}, {k.stride(-1)}, {v.stride(-1)})"]
+    if not (q.dtype == k.dtype == v.dtype and q.dtype in _CPU_FLASH_DTYPES):
+        return [f"PyTorch's CPU flash kernel needs query, key and value of one dtype among float32, float64, "
+                f"bfloat16, float16 (got {q.dtype}, {k.dtype}, {v.dtype})"]
+    return []
+
+
+def _batch_and_heads(q, k, v, enable_gqa: bool) -> str | None:
+    if not (q.shape[0] == k.shape[0] == v.shape[0]):
+        return (f"PyTorch's CPU flash kernel needs one batch size for query, key and value (got {q.shape[0]}, "
+                f"{k.shape[0]}, {v.shape[0]})")
+    hq, hk, hv = q.shape[-3], k.shape[-3], v.shape[-3]
+    if enable_gqa:
+        if hk != hv:
+            return f"key and value need the same number of heads (got {hk} and {hv})"
+        if hk == 0 or hq % hk:
+            return f"the number of key/value heads ({hk}) must divide the number of query heads ({hq})"
+        return None
+    if not (hq == hk == hv):
+        return (f"PyTorch's CPU flash kernel needs one number of heads for query, key and value without "
+                f"enable_gqa (got {hq}, {hk}, {hv})")
+    return None
+
+
+def _mask_shape(q, k, mask, raise_like_pytorch: bool) -> str | None:
+    if mask.requires_grad:
+        return "PyTorch's CPU flash kernel does not compute the gradient of attn_mask (it requires grad)"
+    if mask.dim() < 2 and raise_like_pytorch:
+        # PyTorch's check reads mask.size(-2): F.sdpa raises this whenever the flash flag is on.
+        if mask.dim() == 0:
+            raise IndexError("Dimension specified as -2 but tensor has no dimensions")
+        raise IndexError("Dimension out of range (expected to be in range of [-1, 0], but got -2)")
+    if mask.dim() not in (2, 4):
+        return f"PyTorch's CPU flash kernel takes a 2-D or 4-D attn_mask (got {mask.dim()}-D)"
+    shape, want = tuple(mask.shape), (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    if all(m == w or m == 1 for m, w in zip(shape, want[4 - mask.dim():])):
+        return None
+    return (f"PyTorch's CPU flash kernel needs an attn_mask of shape (Lq, Lk) or (B, H, Lq, Lk), each dim "
+            f"possibly 1 (got {shape} for B, H, Lq, Lk = {want})")
+
+
+def cpu_flash_safety_reasons(query, key, value) -> list[str]:
+    """Inputs PyTorch's checks let through to its CPU flash kernel that make it read out of bounds (torch 2.13:
+    garbage or a crashed process); autosdpa refuses them (its one deliberate difference from F.sdpa)."""
+    if key.dim() >= 2 and value.dim() >= 2 and key.shape[-2] != value.shape[-2]:
+        return [f"key and value have different sequence lengths ({key.shape[-2]} and {value.shape[-2]}): "
+                "PyTorch's CPU flash kernel would read past value, so autosdpa does not run it"]
+    return []
+
+
+def cuda_reasons(name: str, query, key, value, attn_mask, dropout_p: float, is_causal: bool,
+                 enable_gqa: bool) -> list[str]:
+    """Why PyTorch's CUDA ``name`` backend cannot run these inputs ([] = it can), from PyTorch's own check,
+    asked only while that backend's flag is on (it is the check's first condition)."""
+    check = CUDA_CHECKS[name]
+    if check is None:
+        return [f"this PyTorch ({torch.__version__}) has no can_use_{name}_attention check"]
+    if not flag_on(name):
+        return [f"{FLAG_OFF_PREFIX} (sdpa_kernel / enable_*_sdp): PyTorch's input checks for {name} start by "
+                "reading it, and autosdpa never writes it"]
+    params = _cuda.SDPAParams(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
+    if check(params, False):
+        return []
+    return [f"PyTorch's checks reject {name} for these inputs (torch.backends.cuda.can_use_{name}_attention("
+            "SDPAParams(...), debug=True) prints why)"]
+
+
+def cuda_can_use(name: str, query, key, value, attn_mask, dropout_p: float, is_causal: bool,
+                 enable_gqa: bool) -> bool:
+    """PyTorch's own flag-aware answer (what F.sdpa itself would accept right now); read only."""
+    check = CUDA_CHECKS[name]
+    if check is None:
+        return False
+    return bool(check(_cuda.SDPAParams(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa), False))
