@@ -12,8 +12,8 @@ from torch.nn.attention.bias import CausalBias
 
 from . import torch_ops
 from .base import Backend, Call, register
-from .torch_checks import (FLAG_GETTERS, FLAG_OFF_PREFIX, cpu_flash_reasons, cpu_flash_safety_reasons,  # noqa: F401
-                           cuda_can_use, cuda_reasons, torch_flags)
+from .torch_checks import (FLAG_GETTERS, FLAG_OFF_PREFIX, cpu_flash_reasons, cuda_can_use,  # noqa: F401
+                           cuda_reasons, torch_flags)
 from .torch_layout import output_order, restride  # noqa: F401  (the dispatcher's layout helpers)
 from .torch_ops import is_lower_right, lower_right_mask
 
@@ -94,8 +94,9 @@ class TorchBackend(Backend):
             return []
         mask, causal = self._as_checked(call)
         if q.device.type == "cpu":
-            return (cpu_flash_reasons(q, k, v, mask, call.dropout_p, call.enable_gqa)
-                    or cpu_flash_safety_reasons(q, k, v))
+            # Invalid inputs are not an eligibility matter (run() raises for them, like PyTorch's math; for
+            # the k/v length mismatch PyTorch's CPU flash kernel misses, autosdpa's run raises too).
+            return cpu_flash_reasons(q, k, v, mask, call.dropout_p, call.enable_gqa)
         return cuda_reasons(self.name, q, k, v, mask, call.dropout_p, causal, call.enable_gqa)
 
     def _as_checked(self, call: Call):

@@ -9,7 +9,7 @@ What F.sdpa does, in order, and where it is mirrored:
    lower-right tries CUDA flash (``is_causal=True`` means lower-right to that kernel), then CUDA efficient
    attention's own lower-right variant, else F.sdpa on the materialised bool mask.  -> ``_run_causal_bias``
 2. input validation (RuntimeError).                                               -> ``validate``
-3. empty inputs return zeros without running any backend (torch >= 2.11; the rule changed once). -> ``empty_call``
+3. empty inputs return zeros without running any backend (recent PyTorch; the rule changed once). -> ``empty_call``
 4. per backend: bool mask -> additive (cuDNN with its own fill value); CUDA flash pads the head dim to a
    multiple of 8 and slices the output back, with the scale of the unpadded head dim; efficient attention
    pads and expands the mask; math gets ``enable_gqa`` (it repeats k/v itself); the fused kernels take
@@ -17,7 +17,6 @@ What F.sdpa does, in order, and where it is mirrored:
 """
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -83,20 +82,31 @@ def validate(query, key, value, attn_mask) -> None:
 
 # -- empty inputs -----------------------------------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=None)
+_empty_rule: list[str] = []  # found once per process
+
+
 def empty_rule() -> str:
     """Which early return for empty inputs this PyTorch's F.sdpa has, found by asking it once on tiny CPU
-    tensors: "v_or_lq" (torch 2.13: value empty or Lq == 0), "any" (torch 2.11/2.12: any of q, k, v empty;
-    PR #175063), or "none" (older: the backends run on empty tensors)."""
+    tensors: "v_or_lq" (torch 2.13: value empty or Lq == 0; PR #184914), "any" (any of q, k, v empty; PR
+    #175063, early 2026), or "none" (older: the backends run on empty tensors)."""
+    if _empty_rule:
+        return _empty_rule[0]
+
     def shortcut(q_shape, k_shape, v_shape) -> bool:
         with torch.inference_mode(False), torch.enable_grad():
             v = torch.zeros(v_shape, requires_grad=True)
             out = _sdpa(torch.zeros(q_shape), torch.zeros(k_shape), v)
             return type(out.grad_fn).__name__ == "AddBackward0"  # zeros + (q.sum() + k.sum() + v.sum()) * 0
 
-    if not shortcut((1, 1, 0, 1), (1, 1, 1, 1), (1, 1, 1, 1)):
+    try:
+        if not shortcut((1, 1, 0, 1), (1, 1, 1, 1), (1, 1, 1, 1)):
+            rule = "none"
+        else:
+            rule = "any" if shortcut((1, 1, 1, 0), (1, 1, 1, 0), (1, 1, 1, 1)) else "v_or_lq"
+    except Exception:  # F.sdpa refused the probe (flags leave no backend): no early return; ask again later
         return "none"
-    return "any" if shortcut((1, 1, 1, 0), (1, 1, 1, 0), (1, 1, 1, 1)) else "v_or_lq"
+    _empty_rule.append(rule)
+    return rule
 
 
 def empty_call(query, key, value) -> bool:
