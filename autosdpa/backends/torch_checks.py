@@ -53,35 +53,37 @@ def cpu_flash_reasons(query, key, value, attn_mask, dropout_p: float, enable_gqa
         return ["PyTorch's CPU flash kernel does not take nested tensors"]
     if dropout_p > 0.0:
         return [f"PyTorch's CPU flash kernel does not support dropout (dropout_p={dropout_p})"]
-    if not (q.dim() == k.dim() == v.dim() == 4):
-        return [f"PyTorch's CPU flash kernel needs 4-D query, key and value (got {q.dim()}-D, {k.dim()}-D, "
-                f"{v.dim()}-D)"]
-    why = _batch_and_heads(q, k, v, enable_gqa)
+    qs, ks, vs = q.shape, k.shape, v.shape
+    if not (len(qs) == len(ks) == len(vs) == 4):
+        return [f"PyTorch's CPU flash kernel needs 4-D query, key and value (got {len(qs)}-D, {len(ks)}-D, "
+                f"{len(vs)}-D)"]
+    why = _batch_and_heads(qs, ks, vs, enable_gqa)
     if why:
         return [why]
     if attn_mask is not None:
-        why = _mask_shape(q, k, attn_mask, raise_like_pytorch)
+        why = _mask_shape(qs, ks, attn_mask, raise_like_pytorch)
         if why:
             return [why]
-    if not (q.shape[-1] == k.shape[-1] == v.shape[-1]):
-        return [f"PyTorch's CPU flash kernel needs one head dim for query, key and value (got {q.shape[-1]}, "
-                f"{k.shape[-1]}, {v.shape[-1]})"]
-    if q.shape[-2] == 0 or k.shape[-2] == 0:
+    if not (qs[3] == ks[3] == vs[3]):
+        return [f"PyTorch's CPU flash kernel needs one head dim for query, key and value (got {qs[3]}, "
+                f"{ks[3]}, {vs[3]})"]
+    if qs[2] == 0 or ks[2] == 0:
         return ["PyTorch's CPU flash kernel does not take zero-length sequences"]
-    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+    if q.stride(3) != 1 or k.stride(3) != 1 or v.stride(3) != 1:
         return [f"PyTorch's CPU flash kernel needs the last dimension of query, key and value to have stride 1 "
-                f"(got {q.stride(-1)}, {k.stride(-1)}, {v.stride(-1)})"]
-    if not (q.dtype == k.dtype == v.dtype and q.dtype in _CPU_FLASH_DTYPES):
+                f"(got {q.stride(3)}, {k.stride(3)}, {v.stride(3)})"]
+    dt = q.dtype
+    if not (dt == k.dtype and dt == v.dtype and dt in _CPU_FLASH_DTYPES):
         return [f"PyTorch's CPU flash kernel needs query, key and value of one dtype among float32, float64, "
-                f"bfloat16, float16 (got {q.dtype}, {k.dtype}, {v.dtype})"]
+                f"bfloat16, float16 (got {dt}, {k.dtype}, {v.dtype})"]
     return []
 
 
-def _batch_and_heads(q, k, v, enable_gqa: bool) -> str | None:
-    if not (q.shape[0] == k.shape[0] == v.shape[0]):
-        return (f"PyTorch's CPU flash kernel needs one batch size for query, key and value (got {q.shape[0]}, "
-                f"{k.shape[0]}, {v.shape[0]})")
-    hq, hk, hv = q.shape[-3], k.shape[-3], v.shape[-3]
+def _batch_and_heads(qs, ks, vs, enable_gqa: bool) -> str | None:
+    if not (qs[0] == ks[0] == vs[0]):
+        return (f"PyTorch's CPU flash kernel needs one batch size for query, key and value (got {qs[0]}, "
+                f"{ks[0]}, {vs[0]})")
+    hq, hk, hv = qs[1], ks[1], vs[1]
     if enable_gqa:
         if hk != hv:
             return f"key and value need the same number of heads (got {hk} and {hv})"
@@ -94,7 +96,7 @@ def _batch_and_heads(q, k, v, enable_gqa: bool) -> str | None:
     return None
 
 
-def _mask_shape(q, k, mask, raise_like_pytorch: bool) -> str | None:
+def _mask_shape(qs, ks, mask, raise_like_pytorch: bool) -> str | None:
     if mask.requires_grad:
         return "PyTorch's CPU flash kernel does not compute the gradient of attn_mask (it requires grad)"
     if mask.dim() < 2 and raise_like_pytorch:
@@ -104,7 +106,7 @@ def _mask_shape(q, k, mask, raise_like_pytorch: bool) -> str | None:
         raise IndexError("Dimension out of range (expected to be in range of [-1, 0], but got -2)")
     if mask.dim() not in (2, 4):
         return f"PyTorch's CPU flash kernel takes a 2-D or 4-D attn_mask (got {mask.dim()}-D)"
-    shape, want = tuple(mask.shape), (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    shape, want = tuple(mask.shape), (qs[0], qs[1], qs[2], ks[2])
     if all(m == w or m == 1 for m, w in zip(shape, want[4 - mask.dim():])):
         return None
     return (f"PyTorch's CPU flash kernel needs an attn_mask of shape (Lq, Lk) or (B, H, Lq, Lk), each dim "

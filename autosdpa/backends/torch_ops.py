@@ -13,7 +13,7 @@ What F.sdpa does, in order, and where it is mirrored:
 4. per backend: bool mask -> additive (cuDNN with its own fill value); CUDA flash pads the head dim to a
    multiple of 8 and slices the output back, with the scale of the unpadded head dim; efficient attention
    pads and expands the mask; math gets ``enable_gqa`` (it repeats k/v itself); the fused kernels take
-   grouped k/v as they are.                                                        -> ``_RUNNERS``
+   grouped k/v as they are.                                                -> ``_CPU``, ``_CUDA``
 """
 from __future__ import annotations
 
@@ -52,10 +52,9 @@ def _run_plain(name, query, key, value, attn_mask, dropout_p, is_causal, scale, 
     validate(query, key, value, attn_mask)
     if empty_call(query, key, value):
         return _empty_result(query, key, value)
-    try:
-        runner = _RUNNERS[(name, query.device.type)]
-    except KeyError:
-        raise RuntimeError(f"PyTorch has no {name} attention kernel for {query.device.type} tensors") from None
+    runner = (_CUDA if query.is_cuda else _CPU if query.is_cpu else {}).get(name)
+    if runner is None:
+        raise RuntimeError(f"PyTorch has no {name} attention kernel for {query.device.type} tensors")
     return runner(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
 
 
@@ -64,7 +63,7 @@ def validate(query, key, value, attn_mask) -> None:
     if not (query.dtype == key.dtype == value.dtype):
         raise RuntimeError(f"Expected query, key, and value to have the same dtype, but got query.dtype: "
                            f"{query.dtype} key.dtype: {key.dtype} and value.dtype: {value.dtype} instead.")
-    if not (query.device == key.device == value.device):
+    if not (query.device == key.device and query.device == value.device):
         raise RuntimeError(f"Expected query, key, and value to have the same device type, but got query.device: "
                            f"{query.device} key.device: {key.device} and value.device: {value.device} instead.")
     if query.dim() < 2 or key.dim() < 2 or value.dim() < 2:
@@ -219,9 +218,8 @@ def _cuda_cudnn(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa):
                                                       False, scale=scale)[0]
 
 
-_RUNNERS = {("math", "cpu"): _math, ("math", "cuda"): _math, ("flash", "cpu"): _cpu_flash,
-            ("flash", "cuda"): _cuda_flash, ("efficient", "cuda"): _cuda_efficient,
-            ("cudnn", "cuda"): _cuda_cudnn}
+_CPU = {"math": _math, "flash": _cpu_flash}
+_CUDA = {"math": _math, "flash": _cuda_flash, "efficient": _cuda_efficient, "cudnn": _cuda_cudnn}
 
 
 # -- CausalBias -------------------------------------------------------------------------------------------------
