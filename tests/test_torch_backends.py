@@ -720,3 +720,126 @@ def test_pytorch_choice_names_what_pytorch_runs_on_cuda(flags):
                 assert _ours(pick, q, k, v, kw)[0] is not None, (case_id, dtype, flags, pick)
             else:
                 assert pick == ran, (case_id, dtype, flags, pick, ran)
+
+
+# -- CUDA preprocessing, checked on CPU with stand-in kernels ----------------------------------------------------
+
+class _FakeKernels:
+    """Stand-ins for the CUDA ops: record what they receive and compute it with PyTorch's math op."""
+
+    def __init__(self):
+        self.calls = []
+
+    def _ref(self, q, k, v, bias, dropout_p, is_causal, scale, name, **extra):
+        self.calls.append(dict(name=name, q=q, k=k, v=v, bias=bias, dropout_p=dropout_p, is_causal=is_causal,
+                               scale=scale, **extra))
+        return torch._scaled_dot_product_attention_math(q, k, v, bias, dropout_p, is_causal, scale=scale,
+                                                        enable_gqa=q.shape[1] != k.shape[1])[0]
+
+    def flash(self, q, k, v, dropout_p, is_causal, return_debug_mask, scale=None):
+        return (self._ref(q, k, v, None, dropout_p, is_causal, scale, "flash"),)
+
+    def efficient(self, q, k, v, bias, lse, dropout_p, is_causal, scale=None):
+        return (self._ref(q, k, v, bias, dropout_p, is_causal, scale, "efficient", lse=lse),)
+
+    def cudnn(self, q, k, v, bias, lse, dropout_p, is_causal, return_debug_mask, scale=None):
+        return (self._ref(q, k, v, bias, dropout_p, is_causal, scale, "cudnn", lse=lse),)
+
+    def efficient_forward(self, q, k, v, bias, cu_q, cu_k, max_q, max_k, dropout_p, mask_type, lse, scale=None,
+                          seqlen_k=None):
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        lq, lk = q.shape[-2], k.shape[-2]
+        keep = torch.ones(lq, lk, dtype=torch.bool).tril(lk - lq)
+        out = self._ref(q, k, v, bool_mask_to_float(keep, q.dtype), dropout_p, False, scale, "efficient_lr",
+                        mask_type=mask_type, lse=lse)
+        return (out.transpose(1, 2),)
+
+
+def bool_mask_to_float(m, dtype):
+    return torch.zeros(m.shape, dtype=dtype).masked_fill(~m, float("-inf"))
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    fake = _FakeKernels()
+    monkeypatch.setattr(torch, "_scaled_dot_product_flash_attention", fake.flash)
+    monkeypatch.setattr(torch, "_scaled_dot_product_efficient_attention", fake.efficient)
+    monkeypatch.setattr(torch, "_scaled_dot_product_cudnn_attention", fake.cudnn)
+    monkeypatch.setattr(torch_ops, "_aten", type("A", (), {"_efficient_attention_forward": fake.efficient_forward}))
+    return fake
+
+
+def _math_ref(q, k, v, **kw):
+    with sdpa_kernel(SDPBackend.MATH):
+        return F.scaled_dot_product_attention(q, k, v, **kw)
+
+
+@pytest.mark.parametrize("d", [8, 5, 12, 64])
+def test_cuda_flash_pads_head_dim_with_the_unpadded_scale(fake_cuda, d):
+    q, k, v = qkv(torch.float32, True, hkv=2, d=d)
+    out = torch_ops._CUDA["flash"](q, k, v, None, 0.0, False, None, True)
+    got = fake_cuda.calls[-1]
+    assert got["q"].shape[-1] % 8 == 0 and got["v"].shape[-1] % 8 == 0
+    assert got["scale"] == 1.0 / d ** 0.5
+    assert out.shape == q.shape
+    torch.testing.assert_close(out, _math_ref(q, k, v, enable_gqa=True))
+    out.sum().backward()  # gradients flow back through the padding
+    assert q.grad.shape == q.shape
+
+
+def test_cuda_flash_refuses_what_pytorch_would_not_run_with_it(fake_cuda):
+    q, k, v = qkv(torch.float16, False)
+    with pytest.raises(RuntimeError):
+        torch_ops._CUDA["flash"](q, k, v, None, 0.0, True, None, False)  # causal with Lq != Lk
+    with pytest.raises(RuntimeError):
+        torch_ops._CUDA["flash"](q, k, v, torch.ones(LQ, LK, dtype=torch.bool), 0.0, False, None, False)
+    q2, k2, v2 = qkv(torch.float16, False, hkv=2)
+    with pytest.raises(RuntimeError):
+        torch_ops._CUDA["flash"](q2, k2, v2, None, 0.0, False, None, False)  # GQA without enable_gqa
+    with pytest.raises(RuntimeError):
+        torch_ops._CUDA["efficient"](q2, k2, v2, None, 0.0, False, None, True)  # efficient takes no GQA
+    assert fake_cuda.calls == []
+
+
+@pytest.mark.parametrize("mask_shape", [(LQ, LK), (B, 1, 1, LK), (B, H, LQ, LK), (1, LQ, LK)])
+def test_cuda_efficient_aligns_and_expands_the_mask(fake_cuda, mask_shape):
+    q, k, v = qkv(torch.float32, True)
+    mask = _mask(mask_shape, "bool", torch.float32)
+    out = torch_ops._CUDA["efficient"](q, k, v, mask, 0.0, False, 0.5, False)
+    got = fake_cuda.calls[-1]
+    bias = got["bias"]
+    assert bias.shape == (B, H, LQ, LK) and bias.dtype == q.dtype
+    assert bias.stride(-1) == 1 and all(s % 8 == 0 for s in bias.stride()[:-1])
+    assert got["lse"] is True and got["scale"] == 0.5
+    torch.testing.assert_close(out, _math_ref(q, k, v, attn_mask=mask, scale=0.5))
+    with torch.no_grad():
+        torch_ops._CUDA["efficient"](q, k, v, mask, 0.0, False, None, False)
+    assert fake_cuda.calls[-1]["lse"] is False  # logsumexp only when a gradient can be asked for
+
+
+def test_cuda_cudnn_converts_bool_masks_with_its_own_fill(fake_cuda):
+    q, k, v = qkv(torch.bfloat16, False)
+    mask = _mask((LQ, LK), "bool", torch.float32)
+    torch_ops._CUDA["cudnn"](q, k, v, mask, 0.0, False, None, False)
+    bias = fake_cuda.calls[-1]["bias"]
+    assert bias.dtype == torch.bfloat16 and bias.shape == mask.shape
+    assert set(bias.float().unique().tolist()) == {0.0, torch_ops._CUDNN_BOOL_FILL}
+
+
+def test_cuda_lower_right_bias_takes_flash_then_efficient_paths(fake_cuda, monkeypatch):
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    monkeypatch.setattr(torch.Tensor, "device", property(lambda self: torch.device("cuda")))
+    q, k, v = qkv(torch.float32, False, d=12)
+    bias = causal_lower_right(LQ, LK)
+    torch_ops.run("flash", q, k, v, bias)
+    got = fake_cuda.calls[-1]  # flash's own causal flag (lower-right in that kernel), no mask, padded
+    assert got["name"] == "flash" and got["is_causal"] is True and got["q"].shape[-1] == 16
+    assert got["scale"] == 1.0 / 12 ** 0.5
+    out = torch_ops.run("efficient", q, k, v, bias, scale=0.25)
+    got = fake_cuda.calls[-1]
+    assert got["name"] == "efficient_lr" and got["mask_type"] == 2 and got["scale"] == 0.25
+    torch.testing.assert_close(out, _math_ref(q, k, v, attn_mask=lower_right_reference(LQ, LK), scale=0.25))
+
+
+def lower_right_reference(lq, lk):
+    return torch.ones(lq, lk, dtype=torch.bool).tril(lk - lq)

@@ -35,10 +35,12 @@ def _version() -> tuple[int, int]:
     return int(major), int(minor)
 
 
-# F.sdpa converts a bool mask for cuDNN with a finite fill value (-65504 from 2.5 through 2.11, PR #139450
-# era source); PyTorch PR #177868 (March 2026) changed that constant for later releases. Newer versions are
-# assumed to use -inf like the other backends: unverified, see tests/test_torch_backends.py's GPU checks.
+# F.sdpa converts a bool mask for cuDNN with a finite fill value, -65504 (``convert_boolean_attn_mask_cudnn``,
+# since cuDNN took attn_bias in 2.5; still so in 2.10). PyTorch PR #177868 (March 2026) changed that constant;
+# 2.11 is assumed to predate it and later versions to use -inf like the other backends. Unverified here (no
+# GPU): tests/test_torch_backends.py's GPU test "mask_bool_empty_row" checks it on a device.
 _CUDNN_BOOL_FILL = -65504.0 if _version() < (2, 12) else _NEG_INF
+
 
 def run(name: str, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
         enable_gqa=False):
@@ -189,11 +191,16 @@ def _cuda_flash(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa):
     return _flash_padded(q, k, v, dropout_p, is_causal, scale)
 
 
-def _flash_padded(q, k, v, dropout_p, is_causal, scale):
-    """F.sdpa's CUDA flash branch: head dims padded to a multiple of 8, scale of the unpadded head dim."""
+def _flash_padded(q, k, v, dropout_p, is_causal, scale, pad_as_query=False):
+    """F.sdpa's CUDA flash branch: head dims padded to a multiple of 8 (each its own; CausalBias pads all three
+    by the query's padding), the scale of the unpadded head dim, the output sliced back."""
     d = q.shape[-1]
     og_scale = scale if scale is not None else 1.0 / math.sqrt(d)
-    q, k, v = (t if t.shape[-1] % 8 == 0 else F.pad(t, (0, 8 - t.shape[-1] % 8)) for t in (q, k, v))
+    if pad_as_query:
+        if d % 8:
+            q, k, v = (F.pad(t, (0, 8 - d % 8)) for t in (q, k, v))
+    else:
+        q, k, v = (t if t.shape[-1] % 8 == 0 else F.pad(t, (0, 8 - t.shape[-1] % 8)) for t in (q, k, v))
     out = torch._scaled_dot_product_flash_attention(q, k, v, dropout_p, is_causal, False, scale=og_scale)[0]
     return out if out.shape[-1] == d else out[..., :d]
 
@@ -239,7 +246,8 @@ def _run_causal_bias(name, query, key, value, bias, dropout_p, is_causal, scale,
     validate_python(query, key, value)
     if query.device.type == "cuda" and name == "flash":
         _guard_cuda("flash", query, key, value, None, False, enable_gqa)
-        return _flash_padded(query, key, value, dropout_p, True, scale)  # is_causal: lower-right to flash
+        # is_causal=True means lower-right to the flash kernel
+        return _flash_padded(query, key, value, dropout_p, True, scale, pad_as_query=True)
     if query.device.type == "cuda" and name == "efficient":
         _guard_cuda("efficient", query, key, value, None, False, enable_gqa)
         return _efficient_lower_right(query, key, value, dropout_p, scale)
