@@ -50,13 +50,13 @@ def cpu_flash_reasons(query, key, value, attn_mask, dropout_p: float, enable_gqa
     ``raise_like_pytorch``: raise IndexError where PyTorch's check itself does (a 0-D or 1-D mask)."""
     q, k, v = query, key, value
     if q.is_nested or k.is_nested or v.is_nested:
-        return ["PyTorch's CPU flash kernel does not take nested tensors"]
+        return ["Both fused kernels of cpp version currently do not support Nested Tensor inputs."]
     if dropout_p > 0.0:
-        return [f"PyTorch's CPU flash kernel does not support dropout (dropout_p={dropout_p})"]
+        return ["Both fused kernels do not support non-zero dropout."]
     qs, ks, vs = q.shape, k.shape, v.shape
     if not (len(qs) == len(ks) == len(vs) == 4):
-        return [f"PyTorch's CPU flash kernel needs 4-D query, key and value (got {len(qs)}-D, {len(ks)}-D, "
-                f"{len(vs)}-D)"]
+        return [f"All fused kernels requires query, key and value to be 4 dimensional, but got Query dim: "
+                f"{len(qs)}, Key dim: {len(ks)}, Value dim: {len(vs)} instead."]
     why = _batch_and_heads(qs, ks, vs, enable_gqa)
     if why:
         return [why]
@@ -65,52 +65,58 @@ def cpu_flash_reasons(query, key, value, attn_mask, dropout_p: float, enable_gqa
         if why:
             return [why]
     if not (qs[3] == ks[3] == vs[3]):
-        return [f"PyTorch's CPU flash kernel needs one head dim for query, key and value (got {qs[3]}, "
-                f"{ks[3]}, {vs[3]})"]
+        return [f"Flash attention requires q,k,v to have the same last dimension. Got Query.size(-1): {qs[3]}, "
+                f"Key.size(-1): {ks[3]}, Value.size(-1): {vs[3]} instead."]
     if qs[2] == 0 or ks[2] == 0:
-        return ["PyTorch's CPU flash kernel does not take zero-length sequences"]
+        return ["All fused kernels do not support zero seq_len_q or seq_len_kv."]
     if q.stride(3) != 1 or k.stride(3) != 1 or v.stride(3) != 1:
-        return [f"PyTorch's CPU flash kernel needs the last dimension of query, key and value to have stride 1 "
-                f"(got {q.stride(3)}, {k.stride(3)}, {v.stride(3)})"]
+        return [f"All fused kernels require the last dimension of the input to have stride 1. Got "
+                f"Query.stride(-1): {q.stride(3)}, Key.stride(-1): {k.stride(3)}, Value.stride(-1): {v.stride(3)}"]
     dt = q.dtype
     if not (dt == k.dtype and dt == v.dtype and dt in _CPU_FLASH_DTYPES):
-        return [f"PyTorch's CPU flash kernel needs query, key and value of one dtype among float32, float64, "
-                f"bfloat16, float16 (got {dt}, {k.dtype}, {v.dtype})"]
+        return [f"Expected query, key and value to all be of dtype: {{float32, float64, bfloat16, float16}}. Got "
+                f"Query dtype: {dt}, Key dtype: {k.dtype}, and Value dtype: {v.dtype} instead."]
     return []
 
 
+def _sizes(qs, ks, vs) -> str:
+    return f"Query.sizes(): {list(qs)}, Key.sizes(): {list(ks)}, Value.sizes(): {list(vs)} instead."
+
+
 def _batch_and_heads(qs, ks, vs, enable_gqa: bool) -> str | None:
+    """PyTorch's messages (its debug warnings) for batch and head-count mismatches."""
     if not (qs[0] == ks[0] == vs[0]):
-        return (f"PyTorch's CPU flash kernel needs one batch size for query, key and value (got {qs[0]}, "
-                f"{ks[0]}, {vs[0]})")
+        return ("For dense inputs, both fused kernels require query, key and value to have the same batch_size. "
+                + _sizes(qs, ks, vs))
     hq, hk, hv = qs[1], ks[1], vs[1]
     if enable_gqa:
         if hk != hv:
-            return f"key and value need the same number of heads (got {hk} and {hv})"
+            return ("Both fused kernels require key and value to have the same num_heads and batch_size but got: "
+                    + _sizes(qs, ks, vs))
         if hk == 0 or hq % hk:
-            return f"the number of key/value heads ({hk}) must divide the number of query heads ({hq})"
+            return (f"The number of heads in key/value must divide number of heads in query. Got Key heads: {hk}, "
+                    f"Value heads: {hv}, Query heads: {hq}.")
         return None
     if not (hq == hk == hv):
-        return (f"PyTorch's CPU flash kernel needs one number of heads for query, key and value without "
-                f"enable_gqa (got {hq}, {hk}, {hv})")
+        return ("For dense input, both fused kernels require query, key and value to have the same num_heads "
+                "(or enable_gqa=True). " + _sizes(qs, ks, vs))
     return None
 
 
 def _mask_shape(qs, ks, mask, raise_like_pytorch: bool) -> str | None:
-    if mask.requires_grad:
-        return "PyTorch's CPU flash kernel does not compute the gradient of attn_mask (it requires grad)"
+    if mask.requires_grad:  # PyTorch gives no message for this one
+        return "PyTorch's CPU flash kernel does not compute the gradient of an attn_mask that requires grad."
     if mask.dim() < 2 and raise_like_pytorch:
         # PyTorch's check reads mask.size(-2): F.sdpa raises this whenever the flash flag is on.
         if mask.dim() == 0:
             raise IndexError("Dimension specified as -2 but tensor has no dimensions")
         raise IndexError("Dimension out of range (expected to be in range of [-1, 0], but got -2)")
-    if mask.dim() not in (2, 4):
-        return f"PyTorch's CPU flash kernel takes a 2-D or 4-D attn_mask (got {mask.dim()}-D)"
-    shape, want = tuple(mask.shape), (qs[0], qs[1], qs[2], ks[2])
-    if all(m == w or m == 1 for m, w in zip(shape, want[4 - mask.dim():])):
+    want = (qs[0], qs[1], qs[2], ks[2])
+    if mask.dim() in (2, 4) and all(m == w or m == 1 for m, w in zip(mask.shape, want[4 - mask.dim():])):
         return None
-    return (f"PyTorch's CPU flash kernel needs an attn_mask of shape (Lq, Lk) or (B, H, Lq, Lk), each dim "
-            f"possibly 1 (got {shape} for B, H, Lq, Lk = {want})")
+    return ("Please use the following attn mask shapes: 2d - ({Q_seq_len, 1}  x {KV_seq_len, 1}); 4d - ({Batch, 1} "
+            f"x {{Num_heads, 1}} x {{Q_seq_len, 1}}  x {{KV_seq_len, 1}}) (got {list(mask.shape)} for B, H, Lq, Lk "
+            f"= {list(want)})")
 
 
 def cpu_flash_safety_reasons(query, key, value) -> list[str]:
