@@ -667,7 +667,7 @@ CUDA_CASES = ["square", "lq_ne_lk", "gqa", "gqa_causal", "mask_bool_2d", "mask_b
 @pytest.mark.gpu
 @pytest.mark.parametrize("case_id", CUDA_CASES)
 def test_direct_run_is_sdpa_kernel_on_cuda(case_id):
-    for dtype, grad in itertools.product((torch.bfloat16, torch.float16, torch.float32), (False, True)):
+    for dtype, grad in itertools.product((torch.bfloat16, torch.float32), (False, True)):
         q, k, v, kw = CASES[case_id](dtype, grad, device="cuda")
         for name in SDP:
             ours, theirs = _ours(name, q, k, v, kw), _theirs(name, q, k, v, kw)
