@@ -6,10 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.bias import causal_lower_right, causal_upper_left
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import autosdpa
 from autosdpa.backends import Call
-from autosdpa.backends.torch_backends import get_torch
+from autosdpa.backends.torch_backends import get_torch, torch_flags
 from autosdpa.timing import time_interleaved
 
 pytestmark = pytest.mark.gpu
@@ -18,7 +20,7 @@ SDP = {"math": SDPBackend.MATH, "flash": SDPBackend.FLASH_ATTENTION, "efficient"
        "cudnn": SDPBackend.CUDNN_ATTENTION}
 
 
-def _case(dtype, b, hq, hkv, lq, lk, d, mask=None, causal=False, grad=False, dropout=0.0):
+def _case(dtype, b, hq, hkv, lq, lk, d, mask=None, causal=False, grad=False, dropout=0.0, bias=None):
     g = torch.Generator(device="cuda").manual_seed(0)
     q = torch.randn(b, hq, lq, d, device="cuda", dtype=dtype, generator=g)
     k = torch.randn(b, hkv, lk, d, device="cuda", dtype=dtype, generator=g)
@@ -28,36 +30,68 @@ def _case(dtype, b, hq, hkv, lq, lk, d, mask=None, causal=False, grad=False, dro
         m = torch.rand(b, 1, lq, lk, device="cuda", generator=g) > 0.2
     elif mask == "float":
         m = torch.randn(b, 1, lq, lk, device="cuda", dtype=dtype, generator=g)
+    elif bias == "upper_left":
+        m = causal_upper_left(lq, lk)
+    elif bias == "lower_right":
+        m = causal_lower_right(lq, lk)
     if grad:
         q, k, v = (t.requires_grad_() for t in (q, k, v))
     return q, k, v, dict(attn_mask=m, is_causal=causal, enable_gqa=hq != hkv, dropout_p=dropout)
+
+
+class _Ran(TorchDispatchMode):
+    """Which of PyTorch's CUDA backends ran (math decomposes; its softmax is the tell)."""
+
+    OPS = {"aten._scaled_dot_product_flash_attention": "flash", "aten._flash_attention_forward": "flash",
+           "aten._scaled_dot_product_efficient_attention": "efficient",
+           "aten._efficient_attention_forward": "efficient", "aten._scaled_dot_product_cudnn_attention": "cudnn",
+           "aten._safe_softmax": "math"}
+
+    def __init__(self):
+        super().__init__()
+        self.ran = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = self.OPS.get(str(func.overloadpacket))
+        if name:
+            self.ran.add(name)
+        return func(*args, **(kwargs or {}))
 
 
 CASES = [
     (torch.bfloat16, 2, 8, 8, 256, 256, 64), (torch.float16, 2, 8, 2, 128, 384, 128),
     (torch.float32, 1, 4, 4, 64, 64, 64), (torch.bfloat16, 1, 8, 8, 128, 128, 256),
     (torch.bfloat16, 4, 32, 8, 1, 4096, 128), (torch.float16, 2, 4, 4, 100, 100, 80),
+    (torch.bfloat16, 2, 8, 8, 96, 160, 72), (torch.float16, 2, 8, 4, 160, 96, 64),
 ]
+EXTRAS = [{}, {"causal": True}, {"mask": "bool"}, {"mask": "float"}, {"grad": True}, {"dropout": 0.1},
+          {"causal": True, "dropout": 0.1, "grad": True}, {"mask": "bool", "grad": True},
+          {"bias": "upper_left"}, {"bias": "lower_right"}, {"bias": "lower_right", "grad": True},
+          {"bias": "lower_right", "dropout": 0.1}, {"bias": "upper_left", "dropout": 0.1, "grad": True}]
 
 
-@pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("extra", [{}, {"causal": True}, {"mask": "bool"}, {"grad": True}, {"dropout": 0.1}],
-                         ids=["plain", "causal", "mask", "grad", "dropout"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c[1:])) + f"-{c[0]}".replace("torch.", ""))
+@pytest.mark.parametrize("extra", EXTRAS, ids=lambda e: "+".join(f"{k}={v}" for k, v in e.items()) or "plain")
 def test_eligibility_matches_what_pytorch_runs(case, extra):
+    """A backend autosdpa calls eligible is exactly the one PyTorch runs under sdpa_kernel(that backend):
+    GQA (cases with Hkv != Hq), CausalBias both alignments (lower-right tries flash with no mask first, then
+    efficient attention's own variant, then the materialised mask), dropout, masks and grad included."""
     q, k, v, kw = _case(*case, **extra)
     call = Call(q, k, v, kw["attn_mask"], kw["dropout_p"], kw["is_causal"], None, kw["enable_gqa"],
                 needs_grad=q.requires_grad)
+    assert torch_flags() == (True, True, True, True)
     for name, sdp in SDP.items():
         reasons = get_torch(name).not_supported_reasons(call)
+        rec = _Ran()
         try:
-            with sdpa_kernel(sdp):
+            with sdpa_kernel(sdp), rec:
                 out = F.scaled_dot_product_attention(q, k, v, **kw)
                 if q.requires_grad:
                     out.sum().backward()
-            ran = True
+            ran = rec.ran
         except RuntimeError:
-            ran = False
-        assert ran == (not reasons), (name, reasons)
+            ran = set()
+        assert ran == ({name} if not reasons else set()), (name, ran, reasons)
 
 
 @pytest.mark.parametrize("case", CASES[:4])
