@@ -18,8 +18,10 @@ from .backends.base import Call
 from .reference import GRAD_FACTOR, broadcast_shape, check_shapes, max_error, reference_attention, tolerance
 
 # Work of the reference -- multiply-adds (B·Hq·Lq·Lk·(D+Dv)) plus elements of q, k, v converted to its dtype --
-# above which only a part of the call is checked: about a millisecond of float64 work on a CPU core.
+# above which only a part of the call is checked: about a millisecond of float64 work on a CPU core, or
+# 1/CHECK_SHARE of the whole call's work when that is more.
 CHECK_WORK = 1 << 20
+CHECK_SHARE = 64
 EDGE_ROWS = 8  # query rows kept at each end when rows are cut
 
 
@@ -68,10 +70,12 @@ class Part:
         return f"checked on {slices} of {self.total_slices} batch x head slices{rows}"
 
 
-def choose_part(call: Call, max_work: int = CHECK_WORK) -> Part | None:
+def choose_part(call: Call, max_work: int | None = None) -> Part | None:
     """The part of ``call`` to check, or None to check all of it (small calls, or shapes kept simple): the
     first and last batch entries x first and last kv heads, then only the last of each, then (forward only)
-    only the first and last EDGE_ROWS query rows, until the reference's work fits ``max_work``."""
+    only the first and last EDGE_ROWS query rows, until the reference's work fits ``max_work`` (default
+    CHECK_WORK) or 1/CHECK_SHARE of the whole."""
+    max_work = CHECK_WORK if max_work is None else max_work
     q, k, v, m = call.query, call.key, call.value, call.dense_mask
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or not (q.shape[0] == k.shape[0] == v.shape[0]):
         return None
@@ -86,6 +90,7 @@ def choose_part(call: Call, max_work: int = CHECK_WORK) -> Part | None:
     per_block = group * (lq * lk * (d + dv) + lq * d) + lk * (d + dv)
     if b * hkv * per_block <= max_work:
         return None
+    max_work = max(max_work, b * hkv * per_block // CHECK_SHARE)
     for bs, hs in (({0, b - 1}, {0, hkv - 1}), ({b - 1}, {hkv - 1})):
         blocks = tuple(Block(i, h, group) for i in sorted(bs) for h in sorted(hs))
         if len(blocks) * per_block <= max_work:
@@ -152,11 +157,11 @@ class Check:
             return None, f"wrong result: output shape {tuple(out.shape)}, expected {self.expected_shape}"
         if self.call.dropout_p or self.pieces is None:  # random, or too big to check: finite values at least
             if not _finite(out, grads) and (self.call.dropout_p or self.inputs_finite):
-                return None, "non-finite output"
+                return None, "wrong result: non-finite output"
             return None, None
         part = self.part
         if part is not None and not _finite(out, grads) and self.inputs_finite:
-            return None, f"non-finite output (outside the checked part: {part.describe()})"
+            return None, f"wrong result: non-finite output (outside the checked part: {part.describe()})"
         err = 0.0
         for blk, ref, ref_grads in self.pieces:
             whole = blk is _WHOLE

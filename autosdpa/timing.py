@@ -133,11 +133,12 @@ def timer_for(device: torch.device, cpu_sample_s: float = CPU_SAMPLE_S) -> Timer
 
 
 def summarize(samples: list[float]) -> tuple[float, float]:
-    """(median, interquartile range) of per-call seconds."""
+    """(median, interquartile range) of per-call seconds. Quartiles interpolate between the samples
+    ("inclusive"), so that one preempted sample among a few does not pass for the spread of all."""
     med = statistics.median(samples)
     if len(samples) < 4:
         return med, max(samples) - min(samples)
-    q = statistics.quantiles(samples, n=4)
+    q = statistics.quantiles(samples, n=4, method="inclusive")
     return med, q[2] - q[0]
 
 

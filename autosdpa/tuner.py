@@ -37,6 +37,7 @@ class TuneConfig:
     stable_rounds: int = 3         # settled: the same winner over this many rounds (and clear of the noise)
     dominance: float = 2.0         # after two samples, a candidate this many times slower than the best stops
     cpu_sample_s: float = CPU_SAMPLE_S  # CPU: repetitions per sample sized to about this long
+    timer: Callable[[torch.device], Timer] | None = None  # makes the timer for a device (tests: fake clocks)
 
     @classmethod
     def from_env(cls) -> "TuneConfig":
@@ -78,7 +79,8 @@ def measure(call: Call, backends: list[Backend], config: TuneConfig | None = Non
     - Timing stops early once the ranking is settled (see ``rounds``); candidates clearly slower after two
       samples stop being timed and keep an ``ok`` row with those few samples.
     - ``finish(out, backend_name)`` is applied to each candidate's output inside the timed call (it is part
-      of what the user pays) and before the comparison; ``timer`` defaults to the device's (``timing``).
+      of what the user pays) and before the comparison; ``timer`` defaults to ``config.timer(device)``, else
+      the device's own (``timing``).
     - ``pytorch_choice``: the backend PyTorch would pick (near-ties go to it); by default asked of PyTorch.
     - Candidates whose workspace does not fit ``config.memory_fraction`` of free device memory: ``skipped``.
     - Raises InvalidInputs when the reference rejects the inputs. KeyboardInterrupt (and any other
@@ -87,7 +89,9 @@ def measure(call: Call, backends: list[Backend], config: TuneConfig | None = Non
       ``skipped`` rows all the same.
     """
     config = config or TuneConfig()
-    timer = timer or timer_for(call.query.device, config.cpu_sample_s)
+    if timer is None:
+        dev = call.query.device
+        timer = config.timer(dev) if config.timer is not None else timer_for(dev, config.cpu_sample_s)
     deadline = timer.now() + config.budget_s
     rows: dict[str, Measurement] = {}
     if any(t.numel() == 0 for t in (call.query, call.key, call.value)):
@@ -214,7 +218,10 @@ def _skip_too_slow(first: dict[str, float], config: TuneConfig, rows: dict[str, 
 
 def _leader(samples: dict[str, list[float]], prefer: str | None) -> str | None:
     """choose()'s answer on the samples so far."""
-    meas = {n: Measurement(n, "ok", *summarize(s), len(s)) for n, s in samples.items()}
+    meas = {}
+    for n, s in samples.items():
+        med, spread = summarize(s)
+        meas[n] = Measurement(n, "ok", max(med, 1e-9), spread, len(s))
     return choose(meas, list(meas), prefer if prefer in meas else None)[0]
 
 
@@ -234,6 +241,7 @@ def _timed_rows(res: Rounds, first: dict[str, float], errors: dict[str, float | 
         if call.dropout_p:
             notes.append("dropout: output not compared")
         med, spread = summarize(samples)
+        med = max(med, 1e-9)  # an ok row needs a positive time; a coarse or fake clock can read 0
         rows[name] = Measurement(name, "ok", med, spread, len(samples), errors.get(name), "; ".join(notes),
                                  tuned_shape)
 
