@@ -27,6 +27,7 @@ class Rounds:
     samples: dict[str, list[float]]   # per-call seconds of every candidate that did not fail
     failed: dict[str, str]            # candidate -> why it failed during warm-up or timing
     notes: dict[str, str]             # candidate -> why its timing stopped before the others'
+    est: dict[str, float] = dataclasses.field(default_factory=dict)  # seconds per call, warm (no samples: best guess)
     stopped: str = "max_rounds"       # settled | deadline | max_rounds | no candidates
 
 
@@ -40,11 +41,12 @@ def run_rounds(fns: dict[str, Callable[[], object]], est: dict[str, float], time
     candidate's exception into the reason it failed. KeyboardInterrupt and other non-Exceptions propagate.
     """
     res = Rounds({n: [] for n in fns}, {}, {})
-    first, est = dict(est), dict(est)
+    first = dict(est)
+    res.est = est = dict(est)
     _warm_up(fns, est, timer, deadline, res, describe)
     active = [n for n in fns if n not in res.failed]
     reps = {n: timer.reps_for(est[n]) for n in active}
-    cost = {n: est[n] * reps[n] for n in active}  # then the wall time of its last sample
+    cost = {n: timer.sample_cost(est[n], reps[n]) for n in active}  # then the wall time of its last sample
     winners: list[str | None] = []
     for r in range(config.max_rounds):
         if not active:
@@ -71,10 +73,11 @@ def run_rounds(fns: dict[str, Callable[[], object]], est: dict[str, float], time
 
 
 def _warm_up(fns, est, timer: Timer, deadline: float, res: Rounds, describe) -> None:
-    """The timer's extra warm-up calls (CUDA: plans, autotuning), each only if it fits the budget."""
+    """The timer's extra warm-up calls (CUDA: plans, autotuning), each started only before the deadline. Not
+    gated on the first call's time: that may be a compile, which the warm-up call exists to see past."""
     for _ in range(timer.warmup_calls):
         for n, fn in fns.items():
-            if n in res.failed or timer.now() + est[n] > deadline:
+            if n in res.failed or timer.now() >= deadline:
                 continue
             t0 = timer.now()
             try:

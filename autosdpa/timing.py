@@ -26,6 +26,7 @@ SHORT_GPU_S = 5e-4           # device time below which the host launch may be wh
 BACK_TO_BACK_S = 5e-4        # back-to-back calls per short GPU sample: about this long...
 MIN_BACK_TO_BACK = 4         # ...and at least this many calls
 MAX_REPS = 10_000
+FLUSH_S = 2e-4               # about what writing 256 MiB takes on a current GPU (for cost estimates only)
 
 
 class Timer(Protocol):
@@ -45,6 +46,9 @@ class Timer(Protocol):
 
     def sample(self, fn: Callable[[], object], reps: int) -> float:
         """Seconds per call of ``fn`` as the user pays them, from ``reps`` calls (or as many as the timer uses)."""
+
+    def sample_cost(self, call_s: float, reps: int) -> float:
+        """Estimated wall seconds one ``sample(fn, reps)`` takes for a call of about ``call_s`` seconds."""
 
 
 class CpuTimer:
@@ -69,6 +73,9 @@ class CpuTimer:
         for _ in range(reps):
             fn()
         return (clock() - t0) / reps
+
+    def sample_cost(self, call_s: float, reps: int) -> float:
+        return call_s * reps
 
 
 class CudaTimer:
@@ -119,6 +126,9 @@ class CudaTimer:
                 fn()
             self._sync()
             return max(device_s, (self._clock() - t0) / reps)
+
+    def sample_cost(self, call_s: float, reps: int) -> float:
+        return FLUSH_S + call_s * (1 + (reps if call_s < self.short_s else 0))
 
     def _flush_l2(self) -> None:
         if self._buffer is None:

@@ -70,14 +70,15 @@ def measure(call: Call, backends: list[Backend], config: TuneConfig | None = Non
       call when the whole is large, see ``checks``). Wrong, non-finite, raising or out-of-memory candidates
       are ``rejected`` with the reason in ``detail``; on CUDA the allocator cache is emptied after a failure.
     - Budget: ``config.budget_s`` caps the whole of measure() -- reference, checks, warm-up, timing -- on the
-      timer's clock. Past the cap nothing new starts except each candidate's one checked first call, so that
-      every candidate has evidence: measure() returns by the budget plus at most one call per candidate
-      (plus the error of the per-round cost estimate, at most one sample each). A candidate with no timing
-      sample when the budget runs out is timed by its checked first call (one sample).
+      timer's clock. After the deadline nothing new starts except the checked first call of a candidate not
+      yet checked (every candidate gets that one call: it is the evidence that it is right); a timing round
+      starts only if its estimated cost fits. So measure() returns by the budget plus at most about one call
+      (or one sample) per candidate. A candidate with no timing sample when the budget runs out keeps its
+      first (or warm-up) call as its one sample; so a call bigger than the budget gets 1-3 samples.
     - A candidate whose first call took longer than the whole budget (and TOO_SLOW_FLOOR_S) and over
       ``config.dominance`` x the fastest first call is ``skipped`` ("too slow: ..."), not timed further.
-    - Timing stops early once the ranking is settled (see ``rounds``); candidates clearly slower after two
-      samples stop being timed and keep an ``ok`` row with those few samples.
+    - Timing stops early once the ranking is settled (see ``rounds``); a candidate clearly slower than the
+      leader after its first call and one or two samples stops being timed and keeps an ``ok`` row with them.
     - ``finish(out, backend_name)`` is applied to each candidate's output inside the timed call (it is part
       of what the user pays) and before the comparison; ``timer`` defaults to ``config.timer(device)``, else
       the device's own (``timing``).
@@ -106,7 +107,10 @@ def measure(call: Call, backends: list[Backend], config: TuneConfig | None = Non
     _skip_too_slow(first, config, rows, tuned_shape)
     fns = {n: fns[n] for n in first if n not in rows}
     if pytorch_choice is _FROM_CALL:
-        pytorch_choice = _pytorch_choice(call)
+        try:
+            pytorch_choice = _pytorch_choice(call)
+        except Exception:  # only a tie-breaker: never a reason to fail the tuning
+            pytorch_choice = None
     prefer = pytorch_choice if pytorch_choice in fns else None
     res = run_rounds(fns, first, timer, deadline, config, lambda s: _leader(s, prefer), prefer, _describe)
     _timed_rows(res, first, errors, call, rows, tuned_shape)
@@ -235,9 +239,9 @@ def _timed_rows(res: Rounds, first: dict[str, float], errors: dict[str, float | 
             continue
         notes = [res.notes[name]] if name in res.notes else []
         samples = res.samples.get(name) or []
-        if not samples:  # the budget ran out first: its checked first call is its one sample
-            samples = [first[name]]
-            notes.append("one sample: its checked first call (tuning budget spent)")
+        if not samples:  # the budget ran out first: its first (or faster warm-up) call is its one sample
+            samples = [res.est.get(name, first[name])]
+            notes.append("one sample: its first call (tuning budget spent)")
         if call.dropout_p:
             notes.append("dropout: output not compared")
         med, spread = summarize(samples)

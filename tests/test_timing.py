@@ -92,3 +92,22 @@ def test_summarize_median_and_spread():
     assert summarize([3.0, 1.0, 2.0]) == (2.0, 2.0)
     med, iqr = summarize([1.0, 2.0, 3.0, 4.0, 100.0])
     assert med == 3.0 and iqr == 2.0  # one outlier of five does not set the spread
+
+
+@pytest.mark.parametrize("budget, compiled_status", [(5.0, "ok"), (1.0, "skipped")])
+def test_gpu_first_call_compile_is_not_its_time(budget, compiled_status):
+    """A kernel compiling for 3 s on its first call: with time left, the warm-up call and the samples give its
+    real cost (the compile never becomes its median); when the compile alone is over the whole budget it is
+    skipped as too slow (a later process finds it compiled), never stored as a 3 s kernel."""
+    gpu = FakeGpu()
+    jit = FakeBackend("jit", gpu=gpu, host_s=4e-6, device_s=6e-6, first_cost=3.0)
+    eager = FakeBackend("eager", gpu=gpu, host_s=4e-6, device_s=8e-6)
+    rows = measure(_decode_call(), [jit, eager], TuneConfig(budget_s=budget), timer=CudaTimer(**gpu.timer_kwargs()),
+                   pytorch_choice="eager")
+    meas = {m.backend: m for m in rows}
+    assert meas["jit"].status == compiled_status
+    if compiled_status == "ok":
+        assert meas["jit"].median_s == pytest.approx(6e-6, rel=0.2) and meas["jit"].samples >= 3
+        assert choose(meas, ["jit", "eager"], "eager")[0] == "jit"
+    else:
+        assert meas["jit"].detail.startswith("too slow") and meas["eager"].ok

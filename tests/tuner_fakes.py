@@ -24,7 +24,7 @@ class FakeBackend(Backend):
     """A backend with a scripted cost and answer.
 
     ``cost``: fake seconds per call (a number, or a function of the call number, 1-based); ``first_cost`` for
-    the first call only; ``fn(q, k, v, mask, dropout, causal, scale, gqa)`` computes the output (default:
+    the first call only (on a fake GPU: its host time, e.g. a compile); ``fn(q, k, v, mask, dropout, causal, scale, gqa)`` computes the output (default:
     F.sdpa, the right answer); ``launch(host_s, device_s)`` replaces the clock for fake-GPU backends.
     """
 
@@ -41,7 +41,8 @@ class FakeBackend(Backend):
     def run(self, q, k, v, m=None, dp=0.0, ic=False, sc=None, gqa=False):
         self.calls += 1
         if self.gpu is not None:
-            self.gpu.launch(self.host_s, self.device_s)
+            first = self.calls == 1 and self.first_cost is not None
+            self.gpu.launch(self.first_cost if first else self.host_s, self.device_s)
         elif self.clock is not None:
             if self.calls == 1 and self.first_cost is not None:
                 self.clock.advance(self.first_cost)
