@@ -23,8 +23,6 @@ TIE_TOLERANCE = 0.03  # at least 3%: below that, a "win" is usually noise betwee
 
 __all__ = ["Decision", "InvalidInputs", "TIE_TOLERANCE", "TuneConfig", "choose", "measure"]
 
-# A first call is "too slow" only beyond this too: first calls carry lazy initialisation (tens of ms on a busy CPU).
-TOO_SLOW_FLOOR_S = 0.1
 _FROM_CALL = object()  # measure(pytorch_choice=...) default: ask PyTorch for this call
 
 
@@ -37,6 +35,9 @@ class TuneConfig:
     stable_rounds: int = 3         # settled: the same winner over this many rounds (and clear of the noise)
     dominance: float = 2.0         # after two samples, a candidate this many times slower than the best stops
     cpu_sample_s: float = CPU_SAMPLE_S  # CPU: repetitions per sample sized to about this long
+    # A first call is "too slow" (skipped, not timed) only beyond the budget, ``dominance`` x the fastest first
+    # call, and this: first calls carry lazy initialisation, and a busy CPU makes small ones ~100 ms.
+    too_slow_s: float = 1.0
     timer: Callable[[torch.device], Timer] | None = None  # makes the timer for a device (tests: fake clocks)
 
     @classmethod
@@ -75,7 +76,7 @@ def measure(call: Call, backends: list[Backend], config: TuneConfig | None = Non
       starts only if its estimated cost fits. So measure() returns by the budget plus at most about one call
       (or one sample) per candidate. A candidate with no timing sample when the budget runs out keeps its
       first (or warm-up) call as its one sample; so a call bigger than the budget gets 1-3 samples.
-    - A candidate whose first call took longer than the whole budget (and TOO_SLOW_FLOOR_S) and over
+    - A candidate whose first call took longer than the whole budget, ``config.too_slow_s`` and
       ``config.dominance`` x the fastest first call is ``skipped`` ("too slow: ..."), not timed further.
     - Timing stops early once the ranking is settled (see ``rounds``); a candidate clearly slower than the
       leader after its first call and one or two samples stops being timed and keeps an ``ok`` row with them.
@@ -208,13 +209,13 @@ def _check_all(fns, check: Check, timer: Timer, rows: dict[str, Measurement], tu
 
 def _skip_too_slow(first: dict[str, float], config: TuneConfig, rows: dict[str, Measurement], tuned_shape: str
                    ) -> None:
-    """A first call longer than the whole budget (and TOO_SLOW_FLOOR_S), and over ``dominance`` x another
+    """A first call longer than the whole budget and ``too_slow_s``, and over ``dominance`` x another
     candidate's: not timed. On a GPU this is often a cold compile; a later process finds it cached."""
     if not first:
         return
     fastest = min(first.values())
     for name, s in first.items():
-        if s > max(config.budget_s, TOO_SLOW_FLOOR_S) and s > config.dominance * fastest:
+        if s > max(config.budget_s, config.too_slow_s) and s > config.dominance * fastest:
             rows[name] = Measurement(name, "skipped", tuned_shape=tuned_shape, detail=(
                 f"too slow: its first call took {_fmt(s)}, more than the whole tuning budget ({_fmt(config.budget_s)}) "
                 f"and {s / fastest:.1f}x the fastest candidate's first call; not timed"))

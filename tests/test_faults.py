@@ -16,6 +16,7 @@ from autosdpa.backends.torch_backends import torch_flags
 from autosdpa.timing import CpuTimer
 from autosdpa.tuner import TuneConfig, choose, measure
 from autosdpa.backends import Call
+from autosdpa.problem import Problem
 from tuner_fakes import FakeBackend, FakeClock
 
 MS = 1e-3
@@ -139,17 +140,19 @@ def test_sdpa_rejects_the_fault_and_answers_right(registered, fault):
         assert oom.freed()
 
 
+def _tune(q, **cfg):
+    """First sight through the public offline API, with a TuneConfig (budget, thresholds) of the test's own."""
+    key = Problem.from_call(Call(q, q, q)).key
+    return autosdpa.tune([key], progress=False, device="cpu", config=TuneConfig(**cfg))[0]
+
+
 def test_sdpa_skips_a_backend_slower_than_the_budget(registered):
-    def first_call_hangs(q, k, v, *a):
-        if slow.calls == 1:
-            time.sleep(0.25)  # > the tests' 0.02 s budget, > the 0.1 s floor, > 2x any real backend's call
-        return F.scaled_dot_product_attention(q, k, v)
-    slow = registered(FakeBackend("hangs", fn=first_call_hangs))
+    slow = registered(FakeBackend("hangs", fn=_sleepy))
     q = torch.randn(1, 2, 16, 8)
-    _same_as_pytorch(q)
-    d = autosdpa.explain(q, q, q)
+    d = _tune(q, budget_s=0.02, too_slow_s=0.1)  # _sleepy: 0.25 s a call
     assert d.backend != "hangs" and d.rejected["hangs"].startswith("too slow")
     assert slow.calls == 1
+    _same_as_pytorch(q)
 
 
 def test_sdpa_lets_ctrl_c_through_and_keeps_working(registered):
@@ -173,8 +176,8 @@ def test_a_rejection_is_not_retried_by_the_next_process(registered, fault):
     fn = {"raises": _raise, "nan": _nan, "wrong": _wrong, "oom": _Oom(1 << 20), "too_slow": _sleepy}[fault]
     fake = registered(FakeBackend(fault, fn=fn))
     q = torch.randn(1, 2, 16, 8)
-    _same_as_pytorch(q)
-    assert fake.calls == 1
+    d = _tune(q, budget_s=0.02, too_slow_s=0.1)
+    assert fault in d.rejected and fake.calls == 1
     autosdpa.reset()  # a new process on the same database
     _same_as_pytorch(q)
     assert fake.calls == 1
