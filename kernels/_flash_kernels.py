@@ -17,7 +17,7 @@ import triton.language as tl
 
 from ._common import interpreting
 
-NEG_INF = float("-inf")
+NEG_INF = tl.constexpr(float("-inf"))  # a plain global is rejected by @jit (only constexpr globals)
 
 
 @triton.jit
