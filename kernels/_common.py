@@ -48,16 +48,16 @@ def head_dim_reason(d: int, what: str = "head dim") -> str | None:
     return None
 
 
-def device_reason(t: torch.Tensor) -> str | None:
-    if t.device.type == "cuda":
+def device_reason(t: torch.Tensor, describe: bool = False) -> str | None:
+    if t.device.type == "cuda" or (describe and t.device.type == "meta"):
         return None
     if interpreting() and t.device.type == "cpu":
         return None
     return (f"device {t.device.type} is not supported (needs CUDA, or CPU under TRITON_INTERPRET=1)")
 
 
-def common_reasons(query, key, value, attn_mask, dropout_p, causal, enable_gqa) -> list[str]:
-    """Checks shared by every kernel in this package."""
+def common_reasons(query, key, value, attn_mask, dropout_p, causal, enable_gqa, describe=False) -> list[str]:
+    """Checks shared by every kernel in this package (``describe``: meta tensors pass, for launch plans)."""
     reasons: list[str] = []
     if not triton_available():
         reasons.append("triton is not installed")
@@ -68,7 +68,7 @@ def common_reasons(query, key, value, attn_mask, dropout_p, causal, enable_gqa) 
         reasons.append("inputs must be 4-D (batch, heads, seq, dim); got "
                        f"{query.dim()}-D/{key.dim()}-D/{value.dim()}-D")
         return reasons
-    r = device_reason(query)
+    r = device_reason(query, describe)
     if r:
         reasons.append(r)
     if not (query.device == key.device == value.device):
@@ -164,3 +164,4 @@ def dot_precision(dtype) -> str:
 
 def cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
+
