@@ -103,6 +103,7 @@ def common_reasons(query, key, value, attn_mask, dropout_p, causal, enable_gqa, 
             reasons.append(f"query heads {Hq} not a multiple of key/value heads {Hkv}")
     if Lq == 0 or Lk == 0 or B == 0 or Hq == 0:
         reasons.append("empty input")
+    reasons += _row_stride_reasons(tensors + ((attn_mask,) if isinstance(attn_mask, torch.Tensor) else ()))
     if attn_mask is not None:
         if not isinstance(attn_mask, torch.Tensor):
             reasons.append(f"attn_mask of type {type(attn_mask).__name__} not supported (pass a tensor)")
@@ -123,6 +124,18 @@ def common_reasons(query, key, value, attn_mask, dropout_p, causal, enable_gqa, 
                     reasons.append(f"attn_mask shape {tuple(attn_mask.shape)} does not broadcast to "
                                    f"{(B, Hq, Lq, Lk)}")
     return reasons
+
+
+#: Offsets inside a tile are 32-bit (block starts and batch/head offsets are 64-bit): a tile spans at most
+#: MAX_TILE_ROWS rows, so a row stride below 2^31 / MAX_TILE_ROWS keeps them exact.
+MAX_TILE_ROWS = 128
+
+
+def _row_stride_reasons(tensors) -> list[str]:
+    limit = 2**31 // MAX_TILE_ROWS
+    big = [t.stride(-2) for t in tensors if t.dim() >= 2 and limit <= abs(t.stride(-2)) < 2**31]
+    big += [t.stride(-1) for t in tensors[3:] if t.dim() >= 1 and limit <= abs(t.stride(-1)) < 2**31]
+    return [f"row stride {big[0]} is too large for 32-bit offsets inside a tile (at most {limit - 1})"] if big else []
 
 
 def prepare_mask(attn_mask, B, H, Lq, Lk):

@@ -50,55 +50,69 @@ def operand_class(esize: int, precision: str) -> str:
     return "ieee" if precision == "ieee" else "tf32"
 
 
+def table_key(kind: str, d_pad: int, dv_pad: int, esize: int, precision: str, block_m: int | None = None):
+    """(head class, operand class); the decode split kernel's classes get a "w" when its packed query rows
+    reach 64 (wgmma tiles, far more registers per program)."""
+    hcls = head_class(d_pad, dv_pad)
+    if kind == "split" and (block_m or 0) >= 64:
+        hcls += "w"
+    return hcls, operand_class(esize, precision)
+
+
 def _t(*rows):
     return [Cfg(*r) for r in rows]
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) per (head class, operand class), best first.
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per (head class, operand class), best first (the first is the one
+# AUTOSDPA_KERNEL_CONFIGS=one uses). Every entry compiled for sm_90a without register spills, with and without
+# a mask (benchmarks/kernels_compile_sm90.md); a key with no such config is absent, and the kernel then
+# reports why in its not_supported_reasons (e.g. exact fp32 dots, or 128 packed decode rows at head dim 512).
 TABLES: dict[str, dict[tuple[str, str], list[Cfg]]] = {
     "fwd": {
         ("s", "16"): _t((128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)),
-        ("s", "tf32"): _t((128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4)),
-        ("s", "ieee"): _t((64, 32, 4, 4), (64, 64, 4, 3), (16, 16, 4, 1)),
-        ("m", "16"): _t((64, 32, 4, 2), (64, 64, 8, 2), (128, 32, 8, 2)),
-        ("m", "tf32"): _t((64, 32, 4, 2), (64, 32, 8, 3), (32, 32, 4, 2)),
-        ("m", "ieee"): _t((32, 32, 4, 2), (16, 16, 4, 1)),
-        ("l", "16"): _t((32, 32, 4, 1), (64, 32, 8, 1), (64, 16, 8, 2)),
-        ("l", "tf32"): _t((32, 32, 4, 1), (32, 16, 4, 2), (16, 16, 4, 1)),
-        ("l", "ieee"): _t((16, 16, 4, 1),),
+        ("s", "tf32"): _t((64, 32, 8, 3), (128, 32, 8, 3), (64, 16, 8, 2)),
+        ("s", "ieee"): _t((32, 16, 8, 2), (16, 32, 4, 2), (16, 16, 4, 1)),
+        ("m", "16"): _t((64, 32, 8, 3), (128, 32, 8, 3), (64, 64, 8, 2)),
+        ("m", "tf32"): _t((32, 32, 8, 2), (32, 16, 8, 2), (16, 16, 4, 1)),
+        ("m", "ieee"): _t((32, 16, 8, 2), (16, 32, 8, 2), (16, 16, 4, 1)),
+        ("l", "16"): _t((32, 16, 8, 2), (32, 32, 8, 2), (16, 16, 4, 1)),
+        ("l", "tf32"): _t((32, 16, 8, 2), (16, 32, 8, 1), (16, 16, 8, 1)),
+        ("l", "ieee"): _t((16, 16, 8, 2), (16, 16, 8, 1)),
     },
     "dkdv": {
         ("s", "16"): _t((32, 128, 8, 3), (32, 64, 8, 2), (16, 64, 4, 3)),
-        ("s", "tf32"): _t((32, 128, 8, 3), (32, 64, 4, 3), (16, 64, 4, 3)),
-        ("s", "ieee"): _t((16, 64, 4, 3), (16, 16, 4, 1)),
-        ("m", "16"): _t((16, 64, 4, 2), (32, 64, 8, 2), (16, 32, 4, 2)),
-        ("m", "tf32"): _t((16, 64, 4, 2), (16, 32, 4, 2), (16, 16, 4, 1)),
-        ("m", "ieee"): _t((16, 32, 4, 2), (16, 16, 4, 1)),
-        ("l", "16"): _t((16, 32, 4, 1), (16, 32, 8, 1), (16, 16, 4, 1)),
-        ("l", "tf32"): _t((16, 32, 4, 1), (16, 16, 4, 1)),
-        ("l", "ieee"): _t((16, 16, 4, 1),),
+        ("s", "tf32"): _t((16, 64, 4, 3), (32, 128, 8, 3), (16, 32, 8, 1)),
+        ("s", "ieee"): _t((16, 32, 8, 2), (32, 16, 8, 2), (16, 16, 4, 1)),
+        ("m", "16"): _t((32, 32, 8, 2), (64, 32, 8, 3), (16, 32, 8, 2)),
+        ("m", "tf32"): _t((32, 16, 8, 2), (16, 16, 8, 1), (16, 32, 8, 1)),
+        ("m", "ieee"): _t((32, 16, 8, 2), (16, 32, 8, 2), (16, 16, 8, 1)),
+        ("l", "16"): _t((16, 16, 8, 2), (32, 16, 8, 2), (16, 16, 8, 1)),
+        ("l", "ieee"): _t((16, 16, 8, 1),),
     },
     "dq": {
         ("s", "16"): _t((128, 32, 8, 3), (128, 64, 8, 2), (64, 32, 4, 3)),
-        ("s", "tf32"): _t((128, 32, 8, 3), (64, 32, 4, 3), (64, 16, 4, 3)),
-        ("s", "ieee"): _t((64, 16, 4, 3), (16, 16, 4, 1)),
-        ("m", "16"): _t((64, 16, 4, 2), (64, 32, 8, 2), (32, 32, 4, 2)),
-        ("m", "tf32"): _t((64, 16, 4, 2), (32, 16, 4, 1), (16, 16, 4, 1)),
-        ("m", "ieee"): _t((32, 16, 4, 1), (16, 16, 4, 1)),
-        ("l", "16"): _t((32, 16, 4, 1), (32, 16, 8, 1), (16, 16, 4, 1)),
-        ("l", "tf32"): _t((32, 16, 4, 1), (16, 16, 4, 1)),
-        ("l", "ieee"): _t((16, 16, 4, 1),),
+        ("s", "tf32"): _t((128, 32, 8, 3), (64, 32, 8, 2), (64, 16, 4, 3)),
+        ("s", "ieee"): _t((32, 16, 8, 2), (16, 32, 8, 2), (16, 16, 4, 1)),
+        ("m", "16"): _t((64, 32, 8, 3), (32, 32, 8, 2), (64, 16, 8, 2)),
+        ("m", "tf32"): _t((32, 32, 8, 2), (16, 32, 8, 2), (32, 16, 8, 2)),
+        ("m", "ieee"): _t((16, 32, 8, 2), (32, 16, 8, 2), (16, 16, 8, 1)),
+        ("l", "16"): _t((16, 32, 8, 2), (32, 16, 8, 2), (16, 16, 8, 2)),
+        ("l", "tf32"): _t((16, 16, 8, 2), (16, 16, 16, 2)),
+        ("l", "ieee"): _t((16, 16, 8, 1), (16, 16, 4, 1)),
     },
-    "split": {
+    "split": {   # "w": 64 or more packed query rows per program
         ("s", "16"): _t((None, 128, 8, 3), (None, 64, 4, 3), (None, 64, 8, 2)),
-        ("s", "tf32"): _t((None, 64, 4, 3), (None, 32, 4, 4), (None, 64, 8, 2)),
-        ("s", "ieee"): _t((None, 32, 4, 2), (None, 16, 4, 1)),
-        ("m", "16"): _t((None, 64, 4, 3), (None, 32, 4, 4), (None, 64, 8, 2)),
-        ("m", "tf32"): _t((None, 32, 4, 2), (None, 16, 4, 1)),
-        ("m", "ieee"): _t((None, 32, 4, 2), (None, 16, 4, 1)),
-        ("l", "16"): _t((None, 32, 4, 2), (None, 16, 4, 1)),
-        ("l", "tf32"): _t((None, 32, 4, 2), (None, 16, 4, 1)),
-        ("l", "ieee"): _t((None, 16, 4, 1),),
+        ("s", "tf32"): _t((None, 64, 8, 2), (None, 32, 4, 4), (None, 64, 4, 3)),
+        ("s", "ieee"): _t((None, 64, 8, 2), (None, 32, 8, 2), (None, 64, 4, 3)),
+        ("m", "16"): _t((None, 64, 8, 2), (None, 64, 4, 3), (None, 32, 4, 4)),
+        ("m", "tf32"): _t((None, 32, 8, 2), (None, 32, 4, 2), (None, 16, 4, 1)),
+        ("m", "ieee"): _t((None, 32, 8, 2), (None, 16, 4, 1)),
+        ("l", "16"): _t((None, 32, 8, 2), (None, 32, 4, 2), (None, 16, 4, 1)),
+        ("l", "tf32"): _t((None, 16, 8, 1), (None, 32, 8, 1), (None, 16, 4, 1)),
+        ("l", "ieee"): _t((None, 16, 8, 2), (None, 32, 8, 1), (None, 16, 4, 1)),
+        ("sw", "16"): _t((None, 64, 8, 3), (None, 32, 8, 2), (None, 64, 8, 2)),
+        ("sw", "tf32"): _t((None, 16, 8, 2),),
+        ("mw", "16"): _t((None, 32, 8, 2), (None, 16, 8, 2)),
     },
 }
 
@@ -132,7 +146,7 @@ def candidates(kind: str, *, d_pad: int, dv_pad: int, esize: int, precision: str
     """The configs worth trying for one autotune key, best first; empty when none can fit. ``table``
     replaces the key's table (the compile script explores with it)."""
     if table is None:
-        table = TABLES[kind].get((head_class(d_pad, dv_pad), operand_class(esize, precision)), [])
+        table = TABLES[kind].get(table_key(kind, d_pad, dv_pad, esize, precision, block_m), [])
     kept = [c for c in table
             if smem_bytes(kind, c, d_pad, dv_pad, esize, mask_esize, block_m) <= smem_limit]
     # tiles larger than the (bucketed) problem only waste work; keep the smallest such tile
@@ -181,6 +195,15 @@ EXPLORE = {
 }
 
 
+def _no_table_reason(kind, ocls, query, value, rows) -> str:
+    what = f"head dims {query.shape[-1]}/{value.shape[-1]}" + (f", {rows} packed query rows" if kind == "split"
+                                                                else "")
+    if ocls == "ieee":
+        return (f"fp32 exact (ieee) dots are not offered for {what} ({kind}): every config spills registers "
+                "(allow TF32 with torch.backends.cuda.matmul.allow_tf32 = True, or use another backend)")
+    return f"no {kind} tile config runs {what} in {query.dtype} without spilling registers"
+
+
 def config_reasons(kinds, query, key, value, attn_mask, smem_limit: int) -> list[str]:
     """Why no tile config can run these inputs (empty when every kernel in ``kinds`` has one)."""
     from . import _common as C
@@ -188,15 +211,12 @@ def config_reasons(kinds, query, key, value, attn_mask, smem_limit: int) -> list
     precision = C.dot_precision(query.dtype)
     esize = query.element_size()
     mask_esize = attn_mask.element_size() if attn_mask is not None else 0
-    hcls, ocls = head_class(d_pad, dv_pad), operand_class(esize, precision)
     rows = max(16, C.next_pow2(query.shape[1] // max(1, key.shape[1]) * query.shape[2]))  # decode's packed rows
     reasons = []
     for kind in kinds:
+        hcls, ocls = table_key(kind, d_pad, dv_pad, esize, precision, rows)
         if not TABLES[kind].get((hcls, ocls)):
-            reasons.append(f"fp32 exact (ieee) dots are not offered for head dims {query.shape[-1]}/"
-                           f"{value.shape[-1]} ({kind}): every config spills registers (allow TF32 with "
-                           "torch.backends.cuda.matmul.allow_tf32 = True, or use another backend)"
-                           if ocls == "ieee" else f"no {kind} config for head-dim class {hcls}")
+            reasons.append(_no_table_reason(kind, ocls, query, value, rows))
         elif not candidates(kind, d_pad=d_pad, dv_pad=dv_pad, esize=esize, precision=precision,
                             mask_esize=mask_esize, smem_limit=smem_limit, mode="all", block_m=rows):
             reasons.append(f"no {kind} tile config fits {smem_limit} B of shared memory (head dims "

@@ -82,12 +82,14 @@ def _bwd_launches(do, q, k, v, o, lse, mask, mask_kind, mstr, causal, sm_scale, 
     B, Hq, Lq, D = q.shape
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
     meta = _launch_meta(q, D, Dv, mask_kind, causal)
+    dv_pad = meta["DV_PAD"]
+    # o and dO rows in fp32 registers: fewer rows and more warps for wide heads (no spills up to Dv=512)
     pre = L.Launch("bwd_preprocess_kernel", None,
                    dict(O=o, DO=do, Delta=delta, stride_ob=o.stride(0), stride_oh=o.stride(1),
                         stride_om=o.stride(2), stride_db=do.stride(0), stride_dh=do.stride(1),
                         stride_dm=do.stride(2), H=Hq, Lq=Lq),
-                   dict(HEAD_DIM_V=Dv, DV_PAD=meta["DV_PAD"], BLOCK_M=PRE_BLOCK_M), Lq, "BLOCK_M", B * Hq,
-                   fixed=_configs.Cfg(None, None, 4, 1))
+                   dict(HEAD_DIM_V=Dv, DV_PAD=dv_pad, BLOCK_M=max(16, min(PRE_BLOCK_M, 8192 // dv_pad))), Lq,
+                   "BLOCK_M", B * Hq, fixed=_configs.Cfg(None, None, 8 if dv_pad >= 256 else 4, 1))
     ins = dict(Q=q, K=k, V=v, Msk=mask if mask is not None else q, DO=do, LSE=lse, Delta=delta)
     common = dict(zip(("stride_qb", "stride_qh", "stride_qm", "stride_kb", "stride_kh", "stride_kn",
                        "stride_vb", "stride_vh", "stride_vn", "stride_mb", "stride_mh", "stride_mm", "stride_mn",
@@ -107,7 +109,7 @@ def _bwd_launches(do, q, k, v, o, lse, mask, mask_kind, mstr, causal, sm_scale, 
             L.Launch("attn_bwd_dq_kernel", "dq", dq_args, meta, Lq, "BLOCK_M", B * Hq, tune_key=keys)]
 
 
-PRE_BLOCK_M = 64
+PRE_BLOCK_M = 64  # rows per program of the backward preprocess (fewer for Dv > 128)
 
 
 def _empty(shape, like, dtype=None):

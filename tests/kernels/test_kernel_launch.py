@@ -28,7 +28,7 @@ def test_flash_grids_put_batch_times_heads_on_the_unbounded_axis():
     q, k, v = meta(B, Hq, L, 128), meta(B, Hkv, L, 128), meta(B, Hkv, L, 128)
     fwd, pre, dkdv, dq = flash.launches(q, k, v, causal="top_left", enable_gqa=True, needs_grad=True)
     assert fwd.grid({"BLOCK_M": 128}) == (32 * B * Hq,)
-    assert pre.grid({}) == (L // flash.PRE_BLOCK_M * B * Hq,)
+    assert pre.grid({}) == (L // pre.meta["BLOCK_M"] * B * Hq,) and pre.meta["BLOCK_M"] == flash.PRE_BLOCK_M
     assert dkdv.grid({"BLOCK_N": 64}) == (64 * B * Hkv,)
     assert dq.grid({"BLOCK_M": 16}) == (256 * B * Hq,)
     for launch in (fwd, pre, dkdv, dq):
@@ -94,6 +94,7 @@ FAR = textwrap.dedent("""
     def far_mask(Lq, Lk, rows):
         n = Lq if rows else Lk
         stride = -(-(2**31 + 64) // (n - 1))
+        assert stride < 2**24
         try:
             base = torch.empty((n - 1) * stride + max(Lq, Lk), dtype=torch.bool)
         except RuntimeError as e:
@@ -103,16 +104,17 @@ FAR = textwrap.dedent("""
         m[:, 0] = True
         return m
 
-    for rows in (True, False):
-        m = far_mask(33, 35, rows)
-        q, k, v = make_qkv(1, 1, 1, 33, 35, 16, requires_grad=True)
+    # 136 rows (or columns) with a stride under 2^24 (the in-tile limit): the last one starts past 2^31
+    for Lq, Lk, rows in ((136, 20, True), (20, 136, False)):
+        m = far_mask(Lq, Lk, rows)
+        q, k, v = make_qkv(1, 1, 1, Lq, Lk, 16, requires_grad=True)
         out = flash.attention(q, k, v, attn_mask=m)
         ref = reference(q, k, v, m)
         assert_close(out, ref, torch.float32, what="fwd rows=%s" % rows)
         for a, b in zip(torch.autograd.grad(out.sum(), (q, k, v)), torch.autograd.grad(ref.sum(), (q, k, v))):
             assert_close(a, b, torch.float32, grad=True, what="grad rows=%s" % rows)
-    m = far_mask(2, 35, False)
-    q, k, v = make_qkv(1, 2, 1, 2, 35, 16)
+    m = far_mask(2, 136, False)
+    q, k, v = make_qkv(1, 2, 1, 2, 136, 16)
     assert_close(decode.attention(q, k, v, attn_mask=m, enable_gqa=True, num_splits=2),
                  reference(q, k, v, m, enable_gqa=True), torch.float32, what="decode")
     print("OK")
@@ -229,3 +231,10 @@ def test_backend_ready_hook():
     if _common.interpreting():
         assert TritonFlash().ready(Call(x, x, x)) and TritonDecode().ready(Call(x[:, :, :1], x, x))
     assert not TritonFlash().ready(Call(x, x, x, dropout_p=0.5))      # ineligible: never "ready"
+
+
+def test_row_strides_too_large_for_32_bit_tile_offsets_are_reported():
+    q = meta(1, 1, 4, 16)
+    wide = meta(1, 1, 4, 1 << 25)[..., :4]            # mask rows 2^25 elements apart
+    assert any("row stride" in r for r in flash.not_supported_reasons(q, q, q, attn_mask=wide))
+    assert not any("row stride" in r for r in flash.not_supported_reasons(q, q, q))
