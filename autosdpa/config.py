@@ -145,6 +145,20 @@ class Settings:
         return tuple(dict.fromkeys(shipped_db_paths() + self.shared_dbs))
 
 
+def triton_interpret_allowed(env: Mapping[str, str] | None = None) -> bool:
+    """Whether this project's Triton kernels may run on the CPU interpreter (tests only): both
+    ``TRITON_INTERPRET=1`` (Triton's own switch) and ``AUTOSDPA_TRITON_INTERPRET=1``. Read per call, since tests
+    set it per test; no warnings here (``Settings.from_env`` gives those)."""
+    env = os.environ if env is None else env
+    return env.get("TRITON_INTERPRET", "0") == "1" and env.get("AUTOSDPA_TRITON_INTERPRET", "0").strip() == "1"
+
+
+def triton_interpreting(env: Mapping[str, str] | None = None) -> bool:
+    """Whether Triton runs kernels on its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    env = os.environ if env is None else env
+    return env.get("TRITON_INTERPRET", "0") == "1"
+
+
 def configure_logging(level: str | None) -> None:
     if not level:
         return

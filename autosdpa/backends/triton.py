@@ -14,6 +14,7 @@ import sys
 import torch
 from torch.nn.attention.bias import CausalBias
 
+from ..config import triton_interpret_allowed
 from .base import Backend, Call, register
 
 _PKG = "autosdpa_kernels"
@@ -52,10 +53,6 @@ def _triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 #: On the CPU the kernels only run under Triton's interpreter, which is a test tool (orders of magnitude
 #: slower than any real backend). The backends therefore stay unavailable on the CPU unless this variable
 #: is "1" as well, so that a process that merely has TRITON_INTERPRET=1 set (a test run) does not time them.
@@ -63,7 +60,7 @@ CPU_OPT_IN = "AUTOSDPA_TRITON_INTERPRET"
 
 
 def _cpu_allowed() -> bool:
-    return _interpreting() and os.environ.get(CPU_OPT_IN, "0") == "1"
+    return triton_interpret_allowed()
 
 
 def _to_4d(q, k, v, mask):
