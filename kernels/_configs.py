@@ -8,6 +8,7 @@ inside an H100's limit. ``candidates()`` then drops what cannot fit this problem
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import NamedTuple
 
@@ -145,8 +146,24 @@ def candidates(kind: str, *, d_pad: int, dv_pad: int, esize: int, precision: str
                smem_limit: int = H100_SMEM_PER_BLOCK, mode: str | None = None, table=None) -> list[Cfg]:
     """The configs worth trying for one autotune key, best first; empty when none can fit. ``table``
     replaces the key's table (the compile script explores with it)."""
-    if table is None:
-        table = TABLES[kind].get(table_key(kind, d_pad, dv_pad, esize, precision, block_m), [])
+    mode = mode or config_mode()
+    if table is None:  # every launch asks: remember the answer
+        return list(_cached_candidates(kind, d_pad, dv_pad, esize, precision, mask_esize, lq_bucket, lk_bucket,
+                                       block_m, smem_limit, mode))
+    return _candidates(kind, d_pad, dv_pad, esize, mask_esize, lq_bucket, lk_bucket, block_m, smem_limit, mode,
+                       table)
+
+
+@functools.lru_cache(maxsize=4096)
+def _cached_candidates(kind, d_pad, dv_pad, esize, precision, mask_esize, lq_bucket, lk_bucket, block_m,
+                       smem_limit, mode) -> tuple:
+    table = TABLES[kind].get(table_key(kind, d_pad, dv_pad, esize, precision, block_m), [])
+    return tuple(_candidates(kind, d_pad, dv_pad, esize, mask_esize, lq_bucket, lk_bucket, block_m, smem_limit,
+                             mode, table))
+
+
+def _candidates(kind, d_pad, dv_pad, esize, mask_esize, lq_bucket, lk_bucket, block_m, smem_limit, mode,
+                table) -> list[Cfg]:
     kept = [c for c in table
             if smem_bytes(kind, c, d_pad, dv_pad, esize, mask_esize, block_m) <= smem_limit]
     # tiles larger than the (bucketed) problem only waste work; keep the smallest such tile
@@ -154,7 +171,7 @@ def candidates(kind: str, *, d_pad: int, dv_pad: int, esize: int, precision: str
     if not small and kept:
         small = [min(kept, key=lambda c: ((c.block_m or 1) * c.block_n, c.num_stages))]
     kept = small[:MAX_PER_KEY]
-    if (mode or config_mode()) == "one":
+    if mode == "one":
         kept = kept[:1]
     return kept
 

@@ -35,17 +35,20 @@ def flat_grid(n_blocks: int, batch: int) -> tuple[int]:
 def spec_key(args: dict, exact: tuple = ()) -> tuple:
     """What Triton specialises a compiled kernel on, conservatively: tensor dtype and 16-byte alignment, and
     for each int whether it is 1, a multiple of 16 and 32-bit; ints named in ``exact`` (autotune keys) by
-    value. Two launches with equal keys reuse one compiled (and autotuned) kernel."""
+    value. Two launches with equal keys reuse one compiled (and autotuned) kernel. On every launch: keep it
+    cheap."""
     out = []
+    add = out.append
     for name, a in args.items():
-        if isinstance(a, torch.Tensor):
-            out.append((a.dtype, a.data_ptr() % 16 == 0))
-        elif isinstance(a, bool) or name in exact:
-            out.append(a)
-        elif isinstance(a, int):
-            out.append((a == 1, a % 16 == 0, -2**31 <= a < 2**31))
+        t = type(a)
+        if t is int:
+            add(a if name in exact else (a == 1, a % 16 == 0, -2147483648 <= a <= 2147483647))
+        elif t is float:
+            add(float)
+        elif isinstance(a, torch.Tensor):
+            add((a.dtype, a.data_ptr() % 16 == 0))
         else:
-            out.append(type(a))
+            add(a)
     return tuple(out)
 
 

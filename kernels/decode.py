@@ -28,6 +28,12 @@ MAX_ROWS = 128       # (query heads per KV head) * Lq packed into one program
 MAX_AUTO_SPLITS = 64  # the combine kernel holds (splits x Dv) fp32 in registers
 SPLIT_GRANULE = 128   # split lengths are multiples of this (>= every BLOCK_N of the split configs)
 META_SMS = 132        # SM count assumed for launch plans on meta tensors (H100 / H200)
+#: runtime arguments of each kernel, in order
+SPLIT_ARGS = ("Q", "K", "V", "Msk", "PO", "PLSE", "stride_qb", "stride_qh", "stride_qm", "stride_kb", "stride_kh",
+              "stride_kn", "stride_vb", "stride_vh", "stride_vn", "stride_mb", "stride_mh", "stride_mm",
+              "stride_mn", "HQ", "HKV", "G", "Lq", "Lk", "causal_off", "qk_scale", "split_len", "NUM_SPLITS",
+              "K_BUCKET")
+COMBINE_ARGS = ("PO", "PLSE", "O", "stride_ob", "stride_oh", "stride_om", "HQ", "Lq", "NUM_SPLITS")
 
 
 def _kernels():
@@ -113,12 +119,10 @@ def _launches(q, k, v, mask, kind, mstr, causal, sm_scale, num_splits, alloc):
     po = alloc((B, Hq, Lq, splits, DV_PAD), torch.float32)
     plse = alloc((B, Hq, Lq, splits), torch.float32)
     o = alloc((B, Hq, Lq, Dv), q.dtype)
-    names = ("stride_qb", "stride_qh", "stride_qm", "stride_kb", "stride_kh", "stride_kn",
-             "stride_vb", "stride_vh", "stride_vn", "stride_mb", "stride_mh", "stride_mm", "stride_mn")
-    strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *mstr)
-    args = dict(Q=q, K=k, V=v, Msk=mask if mask is not None else q, PO=po, PLSE=plse, **dict(zip(names, strides)),
-                HQ=Hq, HKV=Hkv, G=G, Lq=Lq, Lk=Lk, causal_off=(Lk - Lq) if causal == "bottom_right" else 0,
-                qk_scale=sm_scale * C.LOG2E, split_len=split_len, NUM_SPLITS=splits, K_BUCKET=C.length_bucket(Lk))
+    args = dict(zip(SPLIT_ARGS, (q, k, v, mask if mask is not None else q, po, plse, *q.stride()[:3],
+                                 *k.stride()[:3], *v.stride()[:3], *mstr, Hq, Hkv, G, Lq, Lk,
+                                 (Lk - Lq) if causal == "bottom_right" else 0, sm_scale * C.LOG2E, split_len,
+                                 splits, C.length_bucket(Lk))))
     meta = dict(HEAD_DIM=D, HEAD_DIM_V=Dv, D_PAD=D_PAD, DV_PAD=DV_PAD, MASK_KIND=kind, CAUSAL=causal != "none",
                 PRECISION=C.dot_precision(q.dtype), UPCAST=C.interpreting() and q.dtype == torch.bfloat16,
                 BLOCK_M=max(16, C.next_pow2(G * Lq)))
@@ -126,8 +130,7 @@ def _launches(q, k, v, mask, kind, mstr, causal, sm_scale, num_splits, alloc):
                      tune_key=("NUM_SPLITS", "K_BUCKET"))
     s_pad = max(2, C.next_pow2(splits))
     combine = L.Launch("decode_combine_kernel", None,
-                       dict(PO=po, PLSE=plse, O=o, stride_ob=o.stride(0), stride_oh=o.stride(1),
-                            stride_om=o.stride(2), HQ=Hq, Lq=Lq, NUM_SPLITS=splits),
+                       dict(zip(COMBINE_ARGS, (po, plse, o, *o.stride()[:3], Hq, Lq, splits))),
                        dict(HEAD_DIM_V=Dv, DV_PAD=DV_PAD, S_PAD=s_pad), B * Hq * Lq, "", 1,
                        fixed=_configs.Cfg(None, None, 8 if s_pad * DV_PAD >= 16384 else 4, 1))
     return split, combine, o

@@ -64,18 +64,30 @@ def _strides(t, n=3):
     return t.stride()[:n]
 
 
+_STRIDES_QKVM = ("stride_qb", "stride_qh", "stride_qm", "stride_kb", "stride_kh", "stride_kn", "stride_vb",
+                 "stride_vh", "stride_vn", "stride_mb", "stride_mh", "stride_mm", "stride_mn")
+#: runtime arguments of each kernel, in order (built on every launch: one zip, no per-name work)
+FWD_ARGS = ("Q", "K", "V", "Msk", "O", "LSE", *_STRIDES_QKVM, "stride_ob", "stride_oh", "stride_om",
+            "H", "G", "Lq", "Lk", "causal_off", "qk_scale", "Q_BUCKET", "K_BUCKET")
+PRE_ARGS = ("O", "DO", "Delta", "stride_ob", "stride_oh", "stride_om", "stride_db", "stride_dh", "stride_dm",
+            "H", "Lq")
+_BWD_IN = ("Q", "K", "V", "Msk", "DO", "LSE", "Delta")
+_BWD_TAIL = ("Lq", "Lk", "causal_off", "qk_scale", "sm_scale", "Q_BUCKET", "K_BUCKET")
+DKDV_ARGS = (*_BWD_IN, "DK", "DV", *_STRIDES_QKVM, "stride_dob", "stride_doh", "stride_dom", "stride_dkb",
+             "stride_dkh", "stride_dkn", "stride_dvb", "stride_dvh", "stride_dvn", "H", "HKV", "G", *_BWD_TAIL)
+DQ_ARGS = (*_BWD_IN, "DQ", *_STRIDES_QKVM, "stride_dob", "stride_doh", "stride_dom", "stride_dqb", "stride_dqh",
+           "stride_dqm", "H", "G", *_BWD_TAIL)
+_BUCKETS = ("Q_BUCKET", "K_BUCKET")
+
+
 def _fwd_launch(q, k, v, mask, mask_kind, mstr, causal, sm_scale, G, o, lse) -> L.Launch:
     B, Hq, Lq, D = q.shape
     Lk, Dv = k.shape[2], v.shape[3]
-    names = ("stride_qb", "stride_qh", "stride_qm", "stride_kb", "stride_kh", "stride_kn",
-             "stride_vb", "stride_vh", "stride_vn", "stride_mb", "stride_mh", "stride_mm", "stride_mn",
-             "stride_ob", "stride_oh", "stride_om")
-    strides = (*_strides(q), *_strides(k), *_strides(v), *mstr, *_strides(o))
-    args = dict(Q=q, K=k, V=v, Msk=mask if mask is not None else q, O=o, LSE=lse, **dict(zip(names, strides)),
-                H=Hq, G=G, Lq=Lq, Lk=Lk, causal_off=_causal_off(causal, Lq, Lk), qk_scale=sm_scale * C.LOG2E,
-                Q_BUCKET=C.length_bucket(Lq), K_BUCKET=C.length_bucket(Lk))
+    args = dict(zip(FWD_ARGS, (q, k, v, mask if mask is not None else q, o, lse, *_strides(q), *_strides(k),
+                               *_strides(v), *mstr, *_strides(o), Hq, G, Lq, Lk, _causal_off(causal, Lq, Lk),
+                               sm_scale * C.LOG2E, C.length_bucket(Lq), C.length_bucket(Lk))))
     return L.Launch("attn_fwd_kernel", "fwd", args, _launch_meta(q, D, Dv, mask_kind, causal), Lq, "BLOCK_M",
-                    B * Hq, tune_key=("Q_BUCKET", "K_BUCKET"))
+                    B * Hq, tune_key=_BUCKETS)
 
 
 def _bwd_launches(do, q, k, v, o, lse, mask, mask_kind, mstr, causal, sm_scale, G, delta, dq, dk, dv):
@@ -85,28 +97,18 @@ def _bwd_launches(do, q, k, v, o, lse, mask, mask_kind, mstr, causal, sm_scale, 
     dv_pad = meta["DV_PAD"]
     # o and dO rows in fp32 registers: fewer rows and more warps for wide heads (no spills up to Dv=512)
     pre = L.Launch("bwd_preprocess_kernel", None,
-                   dict(O=o, DO=do, Delta=delta, stride_ob=o.stride(0), stride_oh=o.stride(1),
-                        stride_om=o.stride(2), stride_db=do.stride(0), stride_dh=do.stride(1),
-                        stride_dm=do.stride(2), H=Hq, Lq=Lq),
+                   dict(zip(PRE_ARGS, (o, do, delta, *_strides(o), *_strides(do), Hq, Lq))),
                    dict(HEAD_DIM_V=Dv, DV_PAD=dv_pad, BLOCK_M=max(16, min(PRE_BLOCK_M, 8192 // dv_pad))), Lq,
                    "BLOCK_M", B * Hq, fixed=_configs.Cfg(None, None, 8 if dv_pad >= 256 else 4, 1))
-    ins = dict(Q=q, K=k, V=v, Msk=mask if mask is not None else q, DO=do, LSE=lse, Delta=delta)
-    common = dict(zip(("stride_qb", "stride_qh", "stride_qm", "stride_kb", "stride_kh", "stride_kn",
-                       "stride_vb", "stride_vh", "stride_vn", "stride_mb", "stride_mh", "stride_mm", "stride_mn",
-                       "stride_dob", "stride_doh", "stride_dom"),
-                      (*_strides(q), *_strides(k), *_strides(v), *mstr, *_strides(do))))
-    tail = dict(Lq=Lq, Lk=Lk, causal_off=_causal_off(causal, Lq, Lk), qk_scale=sm_scale * C.LOG2E,
-                sm_scale=sm_scale, Q_BUCKET=C.length_bucket(Lq), K_BUCKET=C.length_bucket(Lk))
-    keys = ("Q_BUCKET", "K_BUCKET")
-    dkdv_args = dict(**ins, DK=dk, DV=dv, **common,
-                     **dict(zip(("stride_dkb", "stride_dkh", "stride_dkn"), _strides(dk))),
-                     **dict(zip(("stride_dvb", "stride_dvh", "stride_dvn"), _strides(dv))), H=Hq, HKV=Hkv, G=G,
-                     **tail)
-    dq_args = dict(**ins, DQ=dq, **common, **dict(zip(("stride_dqb", "stride_dqh", "stride_dqm"), _strides(dq))),
-                   H=Hq, G=G, **tail)
+    ins = (q, k, v, mask if mask is not None else q, do, lse, delta)
+    strides = (*_strides(q), *_strides(k), *_strides(v), *mstr, *_strides(do))
+    tail = (Lq, Lk, _causal_off(causal, Lq, Lk), sm_scale * C.LOG2E, sm_scale, C.length_bucket(Lq),
+            C.length_bucket(Lk))
+    dkdv = dict(zip(DKDV_ARGS, (*ins, dk, dv, *strides, *_strides(dk), *_strides(dv), Hq, Hkv, G, *tail)))
+    dqa = dict(zip(DQ_ARGS, (*ins, dq, *strides, *_strides(dq), Hq, G, *tail)))
     return [pre,
-            L.Launch("attn_bwd_dkdv_kernel", "dkdv", dkdv_args, meta, Lk, "BLOCK_N", B * Hkv, tune_key=keys),
-            L.Launch("attn_bwd_dq_kernel", "dq", dq_args, meta, Lq, "BLOCK_M", B * Hq, tune_key=keys)]
+            L.Launch("attn_bwd_dkdv_kernel", "dkdv", dkdv, meta, Lk, "BLOCK_N", B * Hkv, tune_key=_BUCKETS),
+            L.Launch("attn_bwd_dq_kernel", "dq", dqa, meta, Lq, "BLOCK_M", B * Hq, tune_key=_BUCKETS)]
 
 
 PRE_BLOCK_M = 64  # rows per program of the backward preprocess (fewer for Dv > 128)

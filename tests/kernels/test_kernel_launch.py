@@ -238,3 +238,23 @@ def test_row_strides_too_large_for_32_bit_tile_offsets_are_reported():
     wide = meta(1, 1, 4, 1 << 25)[..., :4]            # mask rows 2^25 elements apart
     assert any("row stride" in r for r in flash.not_supported_reasons(q, q, q, attn_mask=wide))
     assert not any("row stride" in r for r in flash.not_supported_reasons(q, q, q))
+
+
+def test_argument_names_match_the_kernels():
+    import importlib
+    fk = importlib.import_module("autosdpa_kernels._flash_kernels")
+    dk = importlib.import_module("autosdpa_kernels._decode_kernels")
+
+    def runtime(fn):
+        fn = getattr(fn, "fn", fn)
+        return tuple(p.name for p in fn.params if not p.is_constexpr) if hasattr(fn, "params") else None
+
+    for fn, names in ((fk.attn_fwd_kernel, flash.FWD_ARGS), (fk.bwd_preprocess_kernel, flash.PRE_ARGS),
+                      (fk.attn_bwd_dkdv_kernel, flash.DKDV_ARGS), (fk.attn_bwd_dq_kernel, flash.DQ_ARGS),
+                      (dk.decode_split_kernel, decode.SPLIT_ARGS), (dk.decode_combine_kernel, decode.COMBINE_ARGS)):
+        got = runtime(fn)
+        if got is None:   # the interpreter's wrapper: read the Python signature
+            import inspect
+            anns = inspect.signature(fn.fn).parameters.values()
+            got = tuple(p.name for p in anns if "constexpr" not in str(p.annotation))
+        assert got == names, fn
