@@ -65,19 +65,16 @@ def _integrity(path) -> str:
 
 
 def test_locked_past_the_timeout(tmp_path):
-    from autosdpa.dispatch import dispatcher
-
     db = tmp_path / "user.sqlite"
-    _use(db)
-    with dispatcher.use_store(Store(str(db), timeout_s=0.3)):
-        assert _calls([8]) == []
-        holder = sqlite3.connect(str(db), isolation_level=None)
-        holder.execute("BEGIN IMMEDIATE")  # another process holds the write lock, and keeps it
-        try:
-            msgs = _calls([16, 32, 8])
-        finally:
-            holder.execute("ROLLBACK")
-            holder.close()
+    _use(db, timeout_s=0.3)  # AUTOSDPA_DB_TIMEOUT=0.3
+    assert _calls([8]) == []
+    holder = sqlite3.connect(str(db), isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # another process holds the write lock, and keeps it
+    try:
+        msgs = _calls([16, 32, 8])
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
     assert len(msgs) == 1 and "locked" in msgs[0] and "0.3 s timeout" in msgs[0], msgs
     assert {_lq(k) for k in _keys(db)} == {8}  # what was measured before the lock is still there
     _use(db)  # the fault has cleared: a fresh start saves again
@@ -172,7 +169,6 @@ def test_upgraded_by_a_newer_autosdpa_while_in_use(tmp_path):
     assert len(_calls([64])) == 1 and _keys(db) == before
 
 
-@pytest.mark.xfail(reason="the dispatcher is to open its store with timeout_s=settings.db_timeout_s", strict=False)
 def test_the_dispatcher_store_is_the_configured_one(tmp_path):
     db = tmp_path / "mine.sqlite"
     _use(db, timeout_s=0.5)
