@@ -1,6 +1,17 @@
 """First-sight tuning: check every eligible backend against one shared reference, time the survivors side by
 side within a hard time budget, and pick the winner (near-ties go to PyTorch's own choice, so decisions are
-stable)."""
+stable).
+
+The budget (``TuneConfig.budget_s``) caps the whole of ``measure()`` -- reference, checks, warm-up, timing --
+on the timer's clock. A timing round starts only if its estimated cost fits before the deadline. After the
+deadline each candidate starts at most one more call: its checked first call if it has none yet (every
+candidate gets that: it is the evidence that it is right), else one timing sample if it has none yet (not when
+its first call alone was over the budget, or clearly slower than a sampled candidate: then that first call is
+its one sample). So ``measure()`` returns by the budget plus the call running at the deadline plus at most one
+call (or one ~``cpu_sample_s`` sample) per candidate, and a call bigger than the budget gets 1-3 samples.
+PyTorch's pick is checked first, so a late candidate can only be overstated by a first call's start-up
+costs, never the baseline.
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -70,12 +81,7 @@ def measure(call: Call, backends: list[Backend], config: TuneConfig | None = Non
     - Correctness: each candidate's first call is compared with one reference shared by all (a part of the
       call when the whole is large, see ``checks``). Wrong, non-finite, raising or out-of-memory candidates
       are ``rejected`` with the reason in ``detail``; on CUDA the allocator cache is emptied after a failure.
-    - Budget: ``config.budget_s`` caps the whole of measure() -- reference, checks, warm-up, timing -- on the
-      timer's clock. After the deadline nothing new starts except the checked first call of a candidate not
-      yet checked (every candidate gets that one call: it is the evidence that it is right); a timing round
-      starts only if its estimated cost fits. So measure() returns by the budget plus at most about one call
-      (or one sample) per candidate. A candidate with no timing sample when the budget runs out keeps its
-      first (or warm-up) call as its one sample; so a call bigger than the budget gets 1-3 samples.
+    - Budget: ``config.budget_s`` is a hard cap on all of it, with the overshoot bound in the module's notes.
     - A candidate whose first call took longer than the whole budget, ``config.too_slow_s`` and
       ``config.dominance`` x the fastest first call is ``skipped`` ("too slow: ..."), not timed further.
     - Timing stops early once the ranking is settled (see ``rounds``); a candidate clearly slower than the
