@@ -2,7 +2,8 @@
 stopped as soon as the ranking is settled, with clearly dominated candidates dropped after a cheap look.
 
 A round starts only if its estimated cost (each candidate's last sample, wall clock) fits before the deadline,
-so the rounds overshoot it by at most the error of that estimate.
+so the rounds overshoot it by at most the error of that estimate. After them, a candidate without a sample
+may get one past the deadline (``_last_samples``: the bound is in ``tuner``'s notes).
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Callable, Protocol
 
 from .timing import Timer, summarize
 
-DOMINANCE_ROUNDS = 2  # rounds after which a clearly slower candidate may be dropped (from the first on)
+DOMINANCE_ROUNDS = 2  # after each of the first rounds, up to this many, clearly slower candidates are dropped
 
 
 class Stopping(Protocol):
