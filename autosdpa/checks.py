@@ -126,6 +126,15 @@ class Check:
         self._inputs_finite: bool | None = None
 
     @property
+    def unchecked(self) -> str | None:
+        """Why outputs are not compared with the reference (None when they are)."""
+        if self.call.dropout_p:
+            return "dropout: output not compared"
+        if self.pieces is None:
+            return "reference out of memory: output not compared"
+        return None
+
+    @property
     def inputs_finite(self) -> bool:
         """Outside the checked part, finite inputs must give finite outputs (asked only when one is not)."""
         if self._inputs_finite is None:

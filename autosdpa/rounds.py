@@ -2,7 +2,8 @@
 stopped as soon as the ranking is settled, with clearly dominated candidates dropped after a cheap look.
 
 A round starts only if its estimated cost (each candidate's last sample, wall clock) fits before the deadline,
-so the rounds overshoot it by at most the error of that estimate.
+so the rounds overshoot it by at most the error of that estimate. After them, a candidate without a sample
+may get one past the deadline (``_last_samples``: the bound is in ``tuner``'s notes).
 """
 from __future__ import annotations
 
@@ -11,11 +12,12 @@ from typing import Callable, Protocol
 
 from .timing import Timer, summarize
 
-DOMINANCE_ROUNDS = 2  # rounds after which a clearly slower candidate may be dropped (from the first on)
+DOMINANCE_ROUNDS = 2  # after each of the first rounds, up to this many, clearly slower candidates are dropped
 
 
 class Stopping(Protocol):
     """The fields of TuneConfig the rounds read."""
+    budget_s: float
     min_rounds: int
     max_rounds: int
     stable_rounds: int
@@ -33,12 +35,15 @@ class Rounds:
 
 def run_rounds(fns: dict[str, Callable[[], object]], est: dict[str, float], timer: Timer, deadline: float,
                config: Stopping, winner_of: Callable[[dict[str, list[float]]], str | None],
-               prefer: str | None, describe: Callable[[Exception], str]) -> Rounds:
-    """Sample ``fns`` until settled, ``deadline`` (timer clock) or ``config.max_rounds``.
+               prefer: str | None, describe: Callable[[Exception], str], late: frozenset[str] = frozenset()
+               ) -> Rounds:
+    """Sample ``fns`` until settled, ``deadline`` (timer clock) or ``config.max_rounds``; then one sample for
+    each candidate still without one, within the overshoot bound (see ``_last_samples``).
 
-    ``est``: seconds per call of each (from its checked first call); ``winner_of`` ranks the samples so far
-    (the tuner's choose()); ``prefer`` is PyTorch's pick, which keeps near-ties; ``describe`` turns a
-    candidate's exception into the reason it failed. KeyboardInterrupt and other non-Exceptions propagate.
+    ``est``: seconds per call of each (from its checked first call); ``late``: those whose check started
+    after the deadline; ``winner_of`` ranks the samples so far (the tuner's choose()); ``prefer`` is PyTorch's
+    pick, which keeps near-ties; ``describe`` turns a candidate's exception into the reason it failed.
+    KeyboardInterrupt and other non-Exceptions propagate.
     """
     res = Rounds({n: [] for n in fns}, {}, {})
     first = dict(est)
@@ -69,7 +74,27 @@ def run_rounds(fns: dict[str, Callable[[], object]], est: dict[str, float], time
         if _settled(res.samples, active, winners, config, prefer):
             res.stopped = "settled"
             break
+    _last_samples(fns, res, reps, first, late, timer, config, describe)
     return res
+
+
+def _last_samples(fns, res: Rounds, reps: dict[str, int], first: dict[str, float], late: frozenset[str],
+                  timer: Timer, config: Stopping, describe) -> None:
+    """Past the deadline, one sample for each candidate still without one (in ``fns`` order: PyTorch's pick
+    first), so that no ranking rests on a first call, which carries lazy start-up costs -- unless its check
+    already started past the deadline (its one late call), its first call alone was over the budget (that
+    call is its sample), or that call was over ``dominance`` x a sampled candidate's median (it loses anyway,
+    and a first call only overstates)."""
+    for n in fns:
+        if n in res.failed or res.samples.get(n):
+            continue
+        sampled = [summarize(s)[0] for s in res.samples.values() if s]
+        if n in late or first[n] > config.budget_s or (sampled and first[n] > config.dominance * min(sampled)):
+            continue
+        try:
+            res.samples[n].append(timer.sample(fns[n], reps[n]))
+        except Exception as e:
+            _fail(res, None, n, f"failed while timing: {describe(e)}")
 
 
 def _warm_up(fns, est, timer: Timer, deadline: float, res: Rounds, describe) -> None:

@@ -1,6 +1,17 @@
 """First-sight tuning: check every eligible backend against one shared reference, time the survivors side by
 side within a hard time budget, and pick the winner (near-ties go to PyTorch's own choice, so decisions are
-stable)."""
+stable).
+
+The budget (``TuneConfig.budget_s``) caps the whole of ``measure()`` -- reference, checks, warm-up, timing --
+on the timer's clock. A timing round starts only if its estimated cost fits before the deadline. After the
+deadline each candidate starts at most one more call: its checked first call if it has none yet (every
+candidate gets that: it is the evidence that it is right), else one timing sample if it has none yet (not when
+its first call alone was over the budget, or clearly slower than a sampled candidate: then that first call is
+its one sample). So ``measure()`` returns by the budget plus the call running at the deadline plus at most one
+call (or one ~``cpu_sample_s`` sample) per candidate, and a call bigger than the budget gets 1-3 samples.
+PyTorch's pick is checked first, so a late candidate can only be overstated by a first call's start-up
+costs, never the baseline.
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -70,12 +81,7 @@ def measure(call: Call, backends: list[Backend], config: TuneConfig | None = Non
     - Correctness: each candidate's first call is compared with one reference shared by all (a part of the
       call when the whole is large, see ``checks``). Wrong, non-finite, raising or out-of-memory candidates
       are ``rejected`` with the reason in ``detail``; on CUDA the allocator cache is emptied after a failure.
-    - Budget: ``config.budget_s`` caps the whole of measure() -- reference, checks, warm-up, timing -- on the
-      timer's clock. After the deadline nothing new starts except the checked first call of a candidate not
-      yet checked (every candidate gets that one call: it is the evidence that it is right); a timing round
-      starts only if its estimated cost fits. So measure() returns by the budget plus at most about one call
-      (or one sample) per candidate. A candidate with no timing sample when the budget runs out keeps its
-      first (or warm-up) call as its one sample; so a call bigger than the budget gets 1-3 samples.
+    - Budget: ``config.budget_s`` is a hard cap on all of it, with the overshoot bound in the module's notes.
     - A candidate whose first call took longer than the whole budget, ``config.too_slow_s`` and
       ``config.dominance`` x the fastest first call is ``skipped`` ("too slow: ..."), not timed further.
     - Timing stops early once the ranking is settled (see ``rounds``); a candidate clearly slower than the
@@ -100,21 +106,27 @@ def measure(call: Call, backends: list[Backend], config: TuneConfig | None = Non
         return [Measurement(b.name, "skipped", detail="empty input: nothing to check or time",
                             tuned_shape=tuned_shape) for b in backends]
     runnable = _fit_memory(call, backends, config, rows, tuned_shape)
-    q, k, v, xs, grad_out = _inputs(call)
-    check = Check(call, grad_out)
-    fns = {b.name: _timed_fn(b, call, (q, k, v), xs, grad_out, finish) for b in runnable}
-    first, errors = _check_all(fns, check, timer, rows, tuned_shape)
-    del check
-    _skip_too_slow(first, config, rows, tuned_shape)
-    fns = {n: fns[n] for n in first if n not in rows}
     if pytorch_choice is _FROM_CALL:
         try:
             pytorch_choice = _pytorch_choice(call)
         except Exception:  # only a tie-breaker: never a reason to fail the tuning
             pytorch_choice = None
+    # PyTorch's pick goes first: it is the baseline and keeps near-ties, so it must be checked and sampled
+    # within the budget; a late candidate can only be overstated by its first call, i.e. lose to it.
+    runnable.sort(key=lambda b: b.name != pytorch_choice)
+    q, k, v, xs, grad_out = _inputs(call)
+    check = Check(call, grad_out)
+    fns = {b.name: _timed_fn(b, call, (q, k, v), xs, grad_out, finish) for b in runnable}
+    first, errors, late = _check_all(fns, check, timer, deadline, rows, tuned_shape)
+    unchecked = check.unchecked
+    if unchecked and check.pieces is None:
+        log.warning("autosdpa: reference too large to check %s; timing unchecked", tuned_shape)
+    del check  # the reference's memory goes before the timing
+    _skip_too_slow(first, config, rows, tuned_shape)
+    fns = {n: fns[n] for n in first if n not in rows}
     prefer = pytorch_choice if pytorch_choice in fns else None
-    res = run_rounds(fns, first, timer, deadline, config, lambda s: _leader(s, prefer), prefer, _describe)
-    _timed_rows(res, first, errors, call, rows, tuned_shape)
+    res = run_rounds(fns, first, timer, deadline, config, lambda s: _leader(s, prefer), prefer, _describe, late)
+    _timed_rows(res, first, errors, unchecked, rows, tuned_shape)
     if call.query.is_cuda and res.failed:
         torch.cuda.empty_cache()
     log.debug("autosdpa: measured %s: %s after %s", tuned_shape, res.stopped, {n: len(s) for n, s in res.samples.items()})
@@ -181,16 +193,20 @@ def _describe(e: Exception) -> str:
     return f"{type(e).__name__}: {first}"[:500]
 
 
-def _check_all(fns, check: Check, timer: Timer, rows: dict[str, Measurement], tuned_shape: str
-               ) -> tuple[dict[str, float], dict[str, float | None]]:
-    """Run each candidate once and judge it: ({passed: seconds of that first call}, {passed: max error}).
-    Every candidate gets this call even past the budget: it is the evidence that it is right."""
+def _check_all(fns, check: Check, timer: Timer, deadline: float, rows: dict[str, Measurement], tuned_shape: str
+               ) -> tuple[dict[str, float], dict[str, float | None], frozenset[str]]:
+    """Run each candidate once and judge it: ({passed: seconds of that first call}, {passed: max error},
+    {those checked after the deadline}). Every candidate gets this call even past the budget: it is the
+    evidence that it is right."""
     first: dict[str, float] = {}
     errors: dict[str, float | None] = {}
+    late = set()
     cuda = check.call.query.is_cuda
     for name, fn in fns.items():
         try:
             t0 = timer.now()
+            if t0 >= deadline:
+                late.add(name)
             out, grads = fn()
             timer.sync()
             seconds = timer.now() - t0
@@ -204,7 +220,7 @@ def _check_all(fns, check: Check, timer: Timer, rows: dict[str, Measurement], tu
                 torch.cuda.empty_cache()
             continue
         first[name], errors[name] = max(seconds, 1e-9), err
-    return first, errors
+    return first, errors, frozenset(late)
 
 
 def _skip_too_slow(first: dict[str, float], config: TuneConfig, rows: dict[str, Measurement], tuned_shape: str
@@ -230,7 +246,7 @@ def _leader(samples: dict[str, list[float]], prefer: str | None) -> str | None:
     return choose(meas, list(meas), prefer if prefer in meas else None)[0]
 
 
-def _timed_rows(res: Rounds, first: dict[str, float], errors: dict[str, float | None], call: Call,
+def _timed_rows(res: Rounds, first: dict[str, float], errors: dict[str, float | None], unchecked: str | None,
                 rows: dict[str, Measurement], tuned_shape: str) -> None:
     for name in first:
         if name in rows:
@@ -240,11 +256,11 @@ def _timed_rows(res: Rounds, first: dict[str, float], errors: dict[str, float | 
             continue
         notes = [res.notes[name]] if name in res.notes else []
         samples = res.samples.get(name) or []
-        if not samples:  # the budget ran out first: its first (or faster warm-up) call is its one sample
+        if not samples:  # the budget ran out (see rounds._last_samples): its first call is its one sample
             samples = [res.est.get(name, first[name])]
             notes.append("one sample: its first call (tuning budget spent)")
-        if call.dropout_p:
-            notes.append("dropout: output not compared")
+        if unchecked:
+            notes.append(unchecked)
         med, spread = summarize(samples)
         med = max(med, 1e-9)  # an ok row needs a positive time; a coarse or fake clock can read 0
         rows[name] = Measurement(name, "ok", med, spread, len(samples), errors.get(name), "; ".join(notes),

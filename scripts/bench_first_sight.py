@@ -200,6 +200,8 @@ def write(results, load_before, load_after, a) -> None:
 
 
 def _ms(s: float) -> str:
+    if s < 1e-3:
+        return f"{s * 1e6:.0f} µs"
     return f"{s * 1e3:.1f} ms" if s < 10 else f"{s:.1f} s"
 
 

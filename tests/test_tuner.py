@@ -74,17 +74,22 @@ def test_budget_is_a_hard_cap_on_all_of_measure():
 
 
 def test_call_bigger_than_the_budget_gets_one_to_three_samples():
+    # Calls over the whole budget: their checked first call is their one sample; after the deadline no
+    # other call starts, so the overshoot is the call running at the deadline.
     clock = FakeClock()
-    a, b = FakeBackend("a", clock, 0.3), FakeBackend("b", clock, 0.35)
+    a, b = FakeBackend("a", clock, 0.6), FakeBackend("b", clock, 0.7)
     meas = _run([a, b], clock, budget=0.5)
-    assert {m.samples for m in meas.values()} == {1}
-    assert all(m.ok and "one sample" in m.detail for m in meas.values())
-    assert clock.t <= 0.5 + 0.3 + 0.35  # the budget plus one call each
-    clock = FakeClock()
-    a, b = FakeBackend("a", clock, 0.2), FakeBackend("b", clock, 0.25)
-    meas = _run([a, b], clock, budget=1.0)
-    assert all(1 <= m.samples <= 3 for m in meas.values())
-    assert clock.t <= 1.0 + 0.2 + 0.25
+    assert all(m.ok and m.samples == 1 and "one sample" in m.detail for m in meas.values())
+    assert a.calls == b.calls == 1 and clock.t == pytest.approx(1.3)
+    # Calls near the budget: past the deadline each candidate starts at most one more call (here a sample:
+    # a ranking never rests on first calls alone when a real sample is affordable).
+    for budget, cost_a, cost_b in ((0.5, 0.3, 0.35), (1.0, 0.2, 0.25)):
+        clock = FakeClock()
+        a, b = FakeBackend("a", clock, cost_a), FakeBackend("b", clock, cost_b)
+        meas = _run([a, b], clock, budget=budget)
+        assert all(m.ok and 1 <= m.samples <= 3 for m in meas.values())
+        running_at_deadline = max(cost_a, cost_b)
+        assert clock.t <= budget + running_at_deadline + cost_a + cost_b
 
 
 def test_first_call_longer_than_the_budget_is_skipped_as_too_slow():
@@ -299,3 +304,21 @@ def test_part_check_of_gradients(monkeypatch):
     meas = _run([wrong, good], clock, call=call)
     assert meas["wrong_dk"].status == "rejected" and "checked on" in meas["wrong_dk"].detail
     assert meas["good"].ok
+
+
+def test_reference_out_of_memory_times_unchecked_and_says_so(monkeypatch):
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+    monkeypatch.setattr(checks, "reference_attention", oom)
+    clock = FakeClock()
+    meas = _run([FakeBackend("a", clock, MS), FakeBackend("nan", clock, MS, fn=lambda q, *a: q * math.nan)], clock)
+    assert meas["a"].ok and meas["a"].max_error is None and "not compared" in meas["a"].detail
+    assert meas["nan"].status == "rejected"  # finite inputs still need finite outputs
+
+
+def test_dropout_outputs_are_not_compared_but_must_be_finite():
+    clock = FakeClock()
+    meas = _run([FakeBackend("a", clock, MS), FakeBackend("nan", clock, MS, fn=lambda q, *a: q * math.nan)], clock,
+                call=_call(1, 2, 8, 16, dropout_p=0.5))
+    assert meas["a"].ok and meas["a"].detail == "dropout: output not compared"
+    assert meas["nan"].status == "rejected" and "non-finite" in meas["nan"].detail
