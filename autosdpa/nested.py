@@ -13,12 +13,13 @@ import math
 import torch
 
 from .backends.base import Call
-from .backends.njt import NJT_PYTORCH, is_jagged, like_query, seqlen_range, tokens_major
-from .problem import DTYPE_NAMES, DTYPES, Problem, bucket
+from .backends.njt import NJT_PYTORCH, is_jagged, like_query, seqlen_range, token_count, tokens_major
+from .problem import DECODE_LQ, DTYPE_NAMES, DTYPES, Problem, bucket
 from .reference import max_error as dense_max_error, reference_attention
 
 __all__ = ["is_jagged", "any_jagged", "is_jagged_call", "make_call", "degenerate_reason", "layout_reasons",
-           "pytorch_choice", "problem_from_call", "synthetic_call", "reference", "max_error", "random_output"]
+           "pytorch_choice", "problem_from_call", "bucket_key", "synthetic_call", "reference", "max_error",
+           "random_output"]
 
 
 def any_jagged(*ts) -> bool:
@@ -108,8 +109,28 @@ def problem_from_call(call: Call, threshold: int | None = 16) -> Problem:
                     lk=seqlen_range(k)[1], d=q.shape[3], dv=v.shape[3], causal=call.causal, mask="none",
                     dropout=call.dropout_p > 0, gqa=bool(call.enable_gqa), train=call.needs_grad,
                     layout="jagged", deterministic=torch.are_deterministic_algorithms_enabled(),
-                    tokens=int(tokens_major(q).shape[0]))
+                    tokens=token_count(q))
     return exact.bucketed(threshold).with_(tokens=bucket(exact.tokens, threshold))
+
+
+def bucket_key(fk: tuple, q, k, v, threshold: int | None) -> tuple | None:
+    """The dispatcher's bucket key for a jagged call (as it has one for dense calls), so that a new batch in a
+    known bucket decides nothing: the fast key ``fk`` without its shapes (each new batch has new ragged
+    sizes), plus batch, longest lengths and tokens bucketed as ``problem_from_call`` buckets them and the
+    memory layout PyTorch's NJT path checks. None for anything ``make_call`` might not accept as it stands
+    (those are decided per call); calls it rejects are never cached, and plans re-check each new layout."""
+    if not (is_jagged(q) and is_jagged(k) and is_jagged(v)) or q.dim() != 4 or _ragged_dims(q) != [2]:
+        return None
+    if q.lengths() is not None or k.lengths() is not None:
+        return None
+    (q_lo, lq), (k_lo, lk) = seqlen_range(q), seqlen_range(k)
+    if q_lo == 0 or k_lo == 0:
+        return None
+    t = threshold
+    sizes = (bucket(q.shape[0], t), bucket(lq, t), bucket(lk, 0 if t is not None and lq <= DECODE_LQ else t),
+             bucket(token_count(q), t), q.shape[1], k.shape[1], v.shape[1], q.shape[3], k.shape[3], v.shape[3])
+    layouts = tuple(tuple(s if isinstance(s, int) else None for s in x.stride()) for x in (q, k, v))
+    return ("jagged", sizes, layouts, *fk[3:])
 
 
 def _lengths(n: int, longest: int, total: int, g: torch.Generator) -> list[int]:
@@ -172,8 +193,8 @@ def reference(call: Call, **kw) -> torch.Tensor:
     qv, kv, vv = tokens_major(q), tokens_major(k), tokens_major(v)
     outs = []
     for b in range(len(qo) - 1):  # (1, H, L, E): 3-D inputs would have no head dim, hence no GQA
-        seq = Call(qv[None, qo[b]:qo[b + 1]].transpose(1, 2), kv[None, ko[b]:ko[b + 1]].transpose(1, 2),
-                   vv[None, ko[b]:ko[b + 1]].transpose(1, 2), None, 0.0, call.is_causal, call.scale, call.enable_gqa)
+        q1, k1, v1 = (x[None, o[b]:o[b + 1]].transpose(1, 2) for x, o in ((qv, qo), (kv, ko), (vv, ko)))
+        seq = Call(q1, k1, v1, None, 0.0, call.is_causal, call.scale, call.enable_gqa)
         outs.append(reference_attention(seq, **kw)[0].transpose(0, 1))
     return like_query(torch.cat(outs), q)
 
@@ -197,5 +218,5 @@ def random_output(call: Call, seed: int = 0) -> torch.Tensor:
     gradient for checking backward passes."""
     q, v = call.query, call.value
     g = torch.Generator(device="cpu").manual_seed(seed)
-    vals = torch.randn(tokens_major(q).shape[0], q.shape[1], v.shape[3], generator=g).to(q.device)
+    vals = torch.randn(token_count(q), q.shape[1], v.shape[3], generator=g).to(q.device)
     return like_query(vals, q)

@@ -259,3 +259,18 @@ def test_cuda_pytorch_kernels_take_njt(backend, causal):
         got = _run(name, q, k, v, is_causal=causal)
         _assert_structure(got, q)
         assert nested.max_error(got, ref) <= 1e-2
+
+
+def test_bucket_key_groups_batches_of_one_problem():
+    def key(q_lens, k_lens=None, **kw):
+        _, (q, k, v) = _qkv(q_lens, k_lens, **kw)
+        fk = (q.shape, k.shape, v.shape, q.dtype, -1, None, 0.0, True, False, False)
+        return nested.bucket_key(fk, q, k, v, 16), nested.problem_from_call(nested.make_call(q, k, v), 16)
+    (a, pa), (b, pb), (c, pc) = key([20, 3, 9]), key([30, 1, 1]), key([20, 3, 9, 1])
+    assert pa == pb and a == b and hash(a) == hash(b)  # other lengths, same bucket: batch, Lq and tokens
+    assert pc != pa and c != a
+    assert key([20, 3, 9], [5, 5, 5])[0] != a and key([20, 3, 9], hq=8)[0] != a
+    assert key([20, 0, 9])[0] is None  # a sequence of length 0 never shares a plan
+    holes = torch.nested.narrow(torch.randn(2, 6, 4, 8), 1, torch.tensor([0, 1]), torch.tensor([3, 4]),
+                                layout=torch.jagged).transpose(1, 2)
+    assert nested.bucket_key((), holes, holes, holes, 16) is None

@@ -16,17 +16,30 @@ import torch.nn.functional as F
 
 from .base import Backend, Call, register
 
+try:  # the NJT class: an isinstance check is far cheaper than its is_nested / layout (each a torch function)
+    from torch.nested._internal.nested_tensor import NestedTensor as _NJT
+except ImportError:  # pragma: no cover - another PyTorch layout of its internals
+    _NJT = None
+
 _sdpa = F.scaled_dot_product_attention  # the original: this module loads before autosdpa.patch() can run
 _PYTORCH_LOG = "torch.nested._internal.sdpa"  # where PyTorch's NJT backend selection says why not
 
 
 def is_jagged(t) -> bool:
+    if _NJT is not None:
+        return isinstance(t, _NJT)
     return isinstance(t, torch.Tensor) and t.is_nested and t.layout == torch.jagged
 
 
+def token_count(nt: torch.Tensor) -> int:
+    """Tokens of a (B, H, ragged L, E) NJT (its values are (H, tokens, E))."""
+    return int(nt.values().shape[1])
+
+
 def tokens_major(nt: torch.Tensor) -> torch.Tensor:
-    """The (tokens, H, E) buffer behind a (B, H, ragged L, E) NJT (a view: gradients flow through it)."""
-    return nt.transpose(1, 2).values()
+    """The (tokens, H, E) buffer behind a (B, H, ragged L, E) NJT (a view: gradients flow through it). Its
+    values are (H, tokens, E): transposing those is a dense view, cheaper than an NJT transpose."""
+    return nt.values().transpose(0, 1)
 
 
 def seqlen_range(nt: torch.Tensor) -> tuple[int, int]:
@@ -113,7 +126,7 @@ def _pad_rows(nt: torch.Tensor, longest: int) -> torch.Tensor:
     offsets = nt.offsets()
     lengths = offsets.diff()
     first = torch.arange(lengths.numel(), device=offsets.device) * longest - offsets[:-1]
-    n = int(tokens_major(nt).shape[0])
+    n = token_count(nt)
     return torch.repeat_interleave(first, lengths, output_size=n) + torch.arange(n, device=offsets.device)
 
 
