@@ -13,7 +13,8 @@ import math
 import torch
 
 from .backends.base import Call
-from .backends.njt import NJT_PYTORCH, is_jagged, like_query, seqlen_range, token_count, tokens_major
+from .backends.njt import (NJT_PYTORCH, is_jagged, jagged_view, like_query, seqlen_range, token_count,
+                           tokens_major)
 from .problem import DECODE_LQ, DTYPE_NAMES, DTYPES, Problem, bucket
 from .reference import max_error as dense_max_error, reference_attention
 
@@ -133,9 +134,19 @@ def bucket_key(fk: tuple, q, k, v, threshold: int | None) -> tuple | None:
     return ("jagged", sizes, layouts, *fk[3:])
 
 
+def _fit(n: int, longest: int, total: int) -> tuple[int, int]:
+    """(longest, total) that ``n`` sequences can have: the key's own values where they can, else values that
+    bucket to them. Bucketing rounds the longest length and the total up to powers of two independently, so
+    e.g. 3 sequences, longest 32, 32 tokens (from 20, 3, 9) become 30, 1, 1."""
+    total = min(total, n * longest)  # fewer tokens when sequences of at most ``longest`` cannot hold them all
+    if total < longest + n - 1 and longest > 1 and longest & (longest - 1) == 0:  # a rounded-up longest
+        longest = max(longest // 2 + 1, total - n + 1)
+    return longest, min(max(total, longest + n - 1), n * longest)
+
+
 def _lengths(n: int, longest: int, total: int, g: torch.Generator) -> list[int]:
     """``n`` random lengths in [1, longest], the first ``longest``, summing to ``total`` (clamped to what
-    is possible: bucketing rounds the batch, longest length and total up independently)."""
+    is possible)."""
     total = min(max(total, longest + n - 1), n * longest)
     lens = [longest] + [1] * (n - 1)
     if n > 1:
@@ -153,8 +164,7 @@ def _lengths(n: int, longest: int, total: int, g: torch.Generator) -> list[int]:
 
 def _njt(lengths: list[int], heads: int, dim: int, offsets, rand) -> torch.Tensor:
     """(B, heads, ragged L, dim) over a (tokens, heads, dim) buffer: the layout of projected sequences."""
-    return torch.nested.nested_tensor_from_jagged(rand(sum(lengths), heads, dim), offsets, min_seqlen=min(lengths),
-                                                  max_seqlen=max(lengths)).transpose(1, 2)
+    return jagged_view(rand(sum(lengths), heads, dim), offsets, min(lengths), max(lengths)).transpose(1, 2)
 
 
 def synthetic_call(problem: Problem, device="cpu", seed: int = 0) -> Call:
@@ -169,9 +179,9 @@ def synthetic_call(problem: Problem, device="cpu", seed: int = 0) -> Call:
     def rand(*shape):
         return torch.randn(*shape, generator=g, dtype=torch.float32).to(device=dev, dtype=dt)
 
-    q_lens = _lengths(problem.batch, problem.lq, problem.tokens, g)
+    q_lens = _lengths(problem.batch, *_fit(problem.batch, problem.lq, problem.tokens), g)
     k_lens = q_lens if problem.lk == problem.lq else _lengths(
-        problem.batch, problem.lk, round(sum(q_lens) * problem.lk / problem.lq), g)
+        problem.batch, problem.lk, round(sum(q_lens) * problem.lk / max(q_lens)), g)
     q_off = torch.tensor([0, *q_lens], device=dev).cumsum(0)
     k_off = q_off if k_lens is q_lens else torch.tensor([0, *k_lens], device=dev).cumsum(0)
     q = _njt(q_lens, problem.hq, problem.d, q_off, rand)

@@ -211,11 +211,14 @@ def test_synthetic_inputs_have_the_problem_key(key):
     assert nested.max_error(out, nested.reference(call)) <= TOLERANCE[call.query.dtype]
 
 
-def test_synthetic_lengths_when_bucketed_totals_are_impossible():
-    """3 sequences of at most 7 tokens cannot hold 32: the synthetic batch holds as many as it can."""
+def test_synthetic_lengths_when_the_bucketed_values_do_not_fit():
+    """Bucketing rounds each value up on its own: 3 sequences of at most 7 tokens cannot hold 32 (from 21),
+    3 of 32 tokens in all cannot have one of 32 (from 20, 3, 9). The synthetic batch still has the key."""
     p = Problem(batch=3, hq=1, hkv=1, lq=7, lk=7, d=8, dv=8, layout="jagged", tokens=32)
+    assert nested.synthetic_call(p).query.offsets().tolist() == [0, 7, 14, 21]
+    p = p.with_(lq=32, lk=32)
     call = nested.synthetic_call(p)
-    assert call.query.offsets().tolist() == [0, 7, 14, 21]
+    assert call.query.offsets().tolist() == [0, 30, 31, 32] and nested.problem_from_call(call) == p
 
 
 def test_reference_and_max_error():

@@ -16,10 +16,12 @@ import torch.nn.functional as F
 
 from .base import Backend, Call, register
 
-try:  # the NJT class: an isinstance check is far cheaper than its is_nested / layout (each a torch function)
-    from torch.nested._internal.nested_tensor import NestedTensor as _NJT
+try:  # the NJT class (an isinstance check is far cheaper than its is_nested / layout, each a torch function),
+    # and the view F.sdpa builds its NJT output with (the public nested_tensor_from_jagged logs a deprecation
+    # warning of torch.fx on first use)
+    from torch.nested._internal.nested_tensor import NestedTensor as _NJT, nested_view_from_values_offsets_lengths
 except ImportError:  # pragma: no cover - another PyTorch layout of its internals
-    _NJT = None
+    _NJT = nested_view_from_values_offsets_lengths = None
 
 _sdpa = F.scaled_dot_product_attention  # the original: this module loads before autosdpa.patch() can run
 _PYTORCH_LOG = "torch.nested._internal.sdpa"  # where PyTorch's NJT backend selection says why not
@@ -50,9 +52,15 @@ def seqlen_range(nt: torch.Tensor) -> tuple[int, int]:
 
 def like_query(values: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
     """(B, H, ragged L, Ev) NJT over ``values`` (tokens, H, Ev) with the query's offsets, as F.sdpa builds it."""
-    lo, hi = seqlen_range(query)
-    nt = torch.nested.nested_tensor_from_jagged(values, query.offsets(), min_seqlen=lo, max_seqlen=hi)
-    return nt.transpose(1, 2)
+    return jagged_view(values, query.offsets(), *seqlen_range(query)).transpose(1, 2)
+
+
+def jagged_view(values: torch.Tensor, offsets: torch.Tensor, shortest: int, longest: int) -> torch.Tensor:
+    """(B, ragged L, ...) NJT over ``values`` (tokens, ...), differentiable in ``values``."""
+    if nested_view_from_values_offsets_lengths is not None:
+        return nested_view_from_values_offsets_lengths(values, offsets, None, min_seqlen=shortest,
+                                                       max_seqlen=longest)
+    return torch.nested.nested_tensor_from_jagged(values, offsets, min_seqlen=shortest, max_seqlen=longest)
 
 
 class NJTBackend(Backend):
