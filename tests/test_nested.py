@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from autosdpa import backends, nested
 from autosdpa.backends.base import Call
@@ -18,6 +19,15 @@ LENGTHS = {"ragged": ([5, 12, 3], None), "uniform": ([4, 4], None), "cross": ([5
 
 # PyTorch's CPU NJT path converts to the older nested layout internally, which warns that it is a prototype.
 pytestmark = pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors is in prototype stage")
+
+
+@pytest.fixture(autouse=True)
+def _all_pytorch_backends_on():
+    """njt_pytorch is eligible where F.sdpa has a backend under PyTorch's sdp flags: start from all flags on,
+    whatever an earlier test left behind."""
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH,
+                      SDPBackend.CUDNN_ATTENTION]):
+        yield
 
 
 def _leaf(lengths, heads, dim, dtype=torch.float32, seed=0, grad=False):
@@ -245,8 +255,6 @@ def test_reference_and_max_error():
 def test_cuda_pytorch_kernels_take_njt(backend, causal):
     """On CUDA PyTorch's NJT attention runs flash / efficient / cuDNN, causal included (equal q and k lengths):
     njt_pytorch is eligible and equals the reference, as do the compositions."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
     _, (q, k, v) = _qkv([5, 12, 3, 64], hq=4, d=64, dtype=torch.float16)
     q, k, v = (t.to("cuda") for t in (q, k, v))
     call = nested.make_call(q, k, v, is_causal=causal)
