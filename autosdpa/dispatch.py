@@ -26,7 +26,7 @@ from torch.nn.attention.bias import CausalBias
 from . import backends as _backends
 from . import compiled, consensus
 from .backends.base import Backend, Call
-from .backends.torch_backends import _GET as _FLAG_GETTERS, pytorch_choice, torch_flags
+from .backends.torch_backends import FLAG_GETTERS as _FLAG_GETTERS, pytorch_choice, torch_flags
 from .calls import degenerate_reason, invalid_reason, make_call
 from .claims import check_claim
 from .config import Settings, configure_logging
@@ -53,7 +53,7 @@ _MAX_PLANS = 4096
 _plans: dict = {}                       # fast key -> plan (None: F.sdpa)
 _bucket_plans: dict = {}                # bucket key -> plan: a new length in a known bucket decides nothing
 _overrides: Overrides = NO_OVERRIDES    # autosdpa.backend(...) / mode(...) in force; part of the fast key
-_FK_FLAGS = slice(10, 15)               # where the fast key holds PyTorch's four sdp flags and det mode
+_FK_FLAGS = slice(10, 14)               # where the fast key holds PyTorch's four sdp flags
 _FK_OVERRIDES = 15
 
 
@@ -236,6 +236,8 @@ class Dispatcher:
         local = self._local
         if getattr(local, "busy", False):  # re-entered from inside a backend (CausalBias calls F.sdpa)
             return None
+        if _tracing():  # torch.jit.trace: record PyTorch's own op, decide nothing
+            return None
         try:
             bk = _bucket_key(fk, q, m, self.settings.bucket_threshold)
         except Exception:  # odd inputs: decided (or passed to PyTorch) the long way
@@ -266,17 +268,18 @@ class Dispatcher:
 
     def _plan(self, fk, q, k, v, m, dp, ic, sc, gqa):
         """(plan, whether it may be cached under the fast key)."""
-        if _tracing():  # torch.jit.trace: record PyTorch's own op, decide nothing
-            return None, False
         call = make_call(q, k, v, m, dp, ic, sc, gqa)
         if call is None or degenerate_reason(call):  # PyTorch handles (or rejects) them; they decide nothing
-            return None, call is not None and not degenerate_reason(call)
+            return None, False
         if invalid_reason(call):
             return InvalidPlan(_backends.get("math")), True  # the fast key holds all three shapes
         flags = fk[_FK_FLAGS]
-        policy = resolve(fk[_FK_OVERRIDES], self.settings.mode, flags[:4], _priority_set())
+        policy = resolve(fk[_FK_OVERRIDES], self.settings.mode, flags, _priority_set())
         with self._lock:
             decision, backend, cacheable = self.decide(call, policy)
+        # PyTorch's CUDA checks read the flags: another thread's sdpa_kernel meanwhile may have coloured the
+        # eligibility, so such a decision serves this call only.
+        cacheable = cacheable and torch_flags() == flags
         if decision.source == "invalid":
             return InvalidPlan(_backends.get("math")), False
         forced = policy.forced and len(policy.allowed or ()) == 1

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch.nn.attention.bias import CausalBias
 
 from .backends import torch_backends
+from .backends.torch_layout import output_order, restride
 from .backends.base import Backend
 from .calls import make_call, needs_grad
 from .eligibility import ForcedBackendError, eligibility, reasons_text
@@ -50,7 +51,7 @@ class Plan:
         if not ok or (q.is_cuda and _capturing() and not self._ready(q, k, v, m, dp, ic, sc, gqa)):
             return _sdpa(q, k, v, m, dp, ic, scale=sc, enable_gqa=gqa)
         out = self.backend.run(q, k, v, m, dp, ic, sc, gqa)
-        return out if order is None else torch_backends.restride(out, order)
+        return out if order is None else restride(out, order)
 
     def _check(self, sig, q, k, v, m, dp, ic, sc, gqa):
         call = make_call(q, k, v, m, dp, ic, sc, gqa)
@@ -66,11 +67,11 @@ class Plan:
 
     def _order(self, call):
         """The dim order PyTorch's own pick gives its output (None: the backend's own output already has it)."""
-        if not hasattr(torch_backends, "output_order"):  # TODO(merge wt-torchops): remove
+        pick = torch_backends.pytorch_choice(call)
+        if pick is None:  # F.sdpa would raise or run nothing here: the backend's own layout
             return None
-        pick = torch_backends.pytorch_choice(call) or "math"
-        want = torch_backends.output_order(call, pick)
-        return None if want == torch_backends.output_order(call, self.backend.name) else want
+        want = output_order(call, pick)
+        return None if want == output_order(call, self.backend.name) else want
 
     def _ready(self, q, k, v, m, dp, ic, sc, gqa) -> bool:
         """During CUDA-graph capture nothing may compile or autotune: only a kernel already built runs."""

@@ -17,7 +17,6 @@ from autosdpa.problem import Problem
 CHILD = textwrap.dedent("""
     import json, torch, autosdpa
     from autosdpa import dispatch
-from autosdpa.problem import Problem
     calls = []
     real = dispatch.measure
     dispatch.measure = lambda *a, **k: (calls.append(1), real(*a, **k))[1]

@@ -138,7 +138,7 @@ def test_threads_on_new_and_known_problems(caplog):
             for j in range(6):
                 q, k, v = qkv(L=lengths[(i + j) % len(lengths)], seed=i)
                 torch.testing.assert_close(autosdpa.sdpa(q, k, v), F.scaled_dot_product_attention(q, k, v))
-                if i % 4 == 0:
+                if i == 0:  # one thread only: PyTorch's sdpa_kernel itself races another thread's sdpa_kernel
                     with sdpa_kernel([SDPBackend.MATH]):
                         F.scaled_dot_product_attention(q, k, v)
         except Exception as e:  # pragma: no cover - the assertion below reports it
