@@ -27,6 +27,7 @@ from . import backends as _backends
 from . import compiled, consensus
 from .backends.base import Backend, Call
 from .backends.torch_backends import FLAG_GETTERS as _FLAG_GETTERS, pytorch_choice, torch_flags
+from .backends.torch_layout import output_order, restride
 from .calls import degenerate_reason, invalid_reason, make_call
 from .claims import check_claim
 from .config import Settings, configure_logging
@@ -131,6 +132,15 @@ def _shape_str(call: Call) -> str:
     return s
 
 
+def _finisher(call: Call):
+    """What turns each candidate's output into the layout PyTorch's own pick gives (timed with it)."""
+    pick = pytorch_choice(call)
+    if pick is None:
+        return None
+    want = output_order(call, pick)
+    return lambda out, name: restride(out, want)  # ``out`` itself when it already has that layout
+
+
 def _env_kind(b: Backend) -> str:
     """Rows of PyTorch's backends do not depend on Triton or our kernels; rows of our kernels do."""
     return "torch" if b.torch_backend is not None else "kernels"
@@ -192,7 +202,8 @@ class Dispatcher:
         with self._lock:
             if self._store is None:
                 try:
-                    self._store = Store(self.settings.db, shared=list(self.settings.all_shared_dbs()))
+                    self._store = Store(self.settings.db, shared=list(self.settings.all_shared_dbs()),
+                                        timeout_s=self.settings.db_timeout_s)
                 except Exception as e:  # StoreError, or OSError/ImportError from an odd location or URL
                     self._fallback_store(e)
             return self._store
@@ -215,7 +226,7 @@ class Dispatcher:
         """Route lookups and saves to ``db`` (a Store, path or URL) for the block; memory starts empty."""
         with self._lock:
             prev = self._store, self._memory, self._claims
-            self._store = db if isinstance(db, Store) else Store(db)
+            self._store = db if isinstance(db, Store) else Store(db, timeout_s=self.settings.db_timeout_s)
             self._memory, self._claims = {}, {}
             try:
                 yield self._store
@@ -364,8 +375,7 @@ class Dispatcher:
         return self._envs(device)
 
     def _envs(self, device) -> dict[str, tuple[str, dict]]:
-        fp = environment(device)
-        return {"torch": fp, "kernels": fp}
+        return {"torch": environment(device), "kernels": environment(device, kernels=True)}
 
     def _measurements(self, call, problem, envs, mkey, timed, eligible, policy, config, force):
         """(rows by backend, where they came from, whether the outcome may be cached)."""
@@ -414,7 +424,8 @@ class Dispatcher:
                  ", ".join(b.name for b in timed))
         device = call.query.device
         with torch.random.fork_rng(devices=[device] if call.query.is_cuda else []):
-            rows = measure(call, timed, config or self.config, tuned_shape=_shape_str(call))
+            rows = measure(call, timed, config or self.config, tuned_shape=_shape_str(call),
+                           finish=_finisher(call), pytorch_choice=pytorch_choice(call))
         by_kind: dict[str, list[Measurement]] = {}
         kinds = {b.name: _env_kind(b) for b in timed}
         for r in rows:

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import json
 
-from .store import BACKEND_NAME_RE, ENV_FIELDS, Store, environment_problem, key_problem
+from .records import ENV_FIELDS
+from .store import Store
+from .validation import backend_name_error, environment_error, key_error
 
 
 def _gather_bytes(payload: bytes, group) -> list[bytes]:
@@ -40,11 +42,11 @@ def _valid(dec) -> bool:
     if not isinstance(dec, dict):
         return False
     info = dec.get("info")
-    return (isinstance(dec.get("backend"), str) and bool(BACKEND_NAME_RE.match(dec["backend"]))
+    return (backend_name_error(dec.get("backend")) is None
             and isinstance(dec.get("decided_at"), (int, float)) and not isinstance(dec.get("decided_at"), bool)
             and 0 <= dec["decided_at"] < 1e11
-            and key_problem(dec.get("problem_key")) is None
-            and isinstance(info, dict) and environment_problem({"fingerprint": dec.get("fingerprint"), **info}) is None)
+            and key_error(dec.get("problem_key")) is None
+            and isinstance(info, dict) and environment_error({"fingerprint": dec.get("fingerprint"), **info}) is None)
 
 
 def sync_decisions(group=None, *, store: Store | None = None) -> int:
@@ -53,12 +55,12 @@ def sync_decisions(group=None, *, store: Store | None = None) -> int:
     or added. A no-op without torch.distributed."""
     import torch.distributed as dist
 
-    from . import dispatch
+    from .dispatch import dispatcher
     from .consensus import world
 
     if world() is None:
         return 0
-    store = store or dispatch.get_store()
+    store = store or dispatcher.store()
     envs = {e["fingerprint"]: {f: e[f] for f in ENV_FIELDS} for e in store.environments()}
     mine = [{**d, "info": envs.get(d["fingerprint"])} for d in store.decisions()]
     payloads = _gather_bytes(json.dumps(mine).encode(), group)
@@ -78,5 +80,5 @@ def sync_decisions(group=None, *, store: Store | None = None) -> int:
     finally:
         dist.barrier(group=group)  # even when this rank failed: the others must not wait forever
     if n:
-        dispatch.clear_plans()  # the next call of each problem re-decides and reads the agreed backend
+        dispatcher.clear_plans()  # the next call of each problem re-decides and reads the agreed backend
     return n

@@ -1,8 +1,12 @@
 """Persistent measurements: SQLAlchemy 2.x Core, SQLite by default, any SQLAlchemy URL (PostgreSQL) for fleets.
 
-Every backend's measurement is kept (not only the winner), one row per (environment, problem key, backend).
-Read-only shared databases (shipped ``tuning_db/*.sqlite`` and ``AUTOSDPA_SHARED_DBS``) are layered under the
-user's database: the user's own rows win.
+All of autosdpa's SQL lives here. Every backend's measurement is kept (not only the winner), one row per
+(environment, problem key, backend). Read-only shared databases (shipped ``tuning_db/*.sqlite`` and
+``AUTOSDPA_SHARED_DBS``) are layered under the user's database: the user's own rows win.
+
+A database target is a file path, ``":memory:"``, or a URL (anything with ``://``). A path is always a path:
+``?`` and ``#`` in it are part of the file name, never URI parameters. Settings (which target, how long to
+wait for a lock) are arguments: the store never reads the environment.
 
 Schema versions (``autosdpa_meta.schema_version``), upgraded forward by ``MIGRATIONS``:
 
@@ -12,6 +16,12 @@ Schema versions (``autosdpa_meta.schema_version``), upgraded forward by ``MIGRAT
 
 A writable database of an older version is upgraded in place when opened; a read-only one (a shipped or
 downloaded file) is read as it is when its tables are compatible, never written. A newer version is refused.
+An existing file is inspected read-only *before* anything is written to it: a file that is not a regular
+file, not SQLite, or another application's database is refused untouched (no WAL switch, no ``-journal``).
+
+Files from elsewhere are data (see ``autosdpa.validation``): tables with hidden or generated columns, views
+or triggers where tables are expected are refused; every text column is read through ``substr`` with a
+bound, and rows are streamed, so a small hostile file cannot make a read take unbounded time or memory.
 
 Concurrency: SQLite files run in WAL mode with a busy timeout; write transactions start with
 ``BEGIN IMMEDIATE`` (so a reader never has to upgrade to a writer mid-transaction, which SQLite answers with an
@@ -19,35 +29,28 @@ immediate "database is locked"), and every write is retried with backoff on tran
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import hashlib
-import json
-import math
 import os
 import random
-import re
+import sqlite3
+import stat
 import time
-from urllib.parse import quote
+import warnings
 from pathlib import Path
-from typing import Callable, Iterable, Sequence, TypeVar
+from typing import Callable, Iterable, Iterator, Sequence, TypeVar
+from urllib.parse import quote
 
 import sqlalchemy as sa
 from sqlalchemy import event
 
-SCHEMA_VERSION = 2
-STATUSES = ("ok", "rejected", "skipped")
+from .config import DEFAULT_DB_TIMEOUT_S
+from .records import ENV_FIELDS, ENV_INT_FIELDS, MEASUREMENT_FIELDS, STATUSES, Measurement, fingerprint_of  # noqa: F401
+from .validation import (BACKEND_NAME_RE, MAX_BACKENDS_PER_KEY, MAX_KEY_LEN, TEXT_READ_LIMITS,  # noqa: F401
+                         environment_error, key_error, known_backends, measurement_error)
 
-# Limits for data that may come from elsewhere (see docs/sharing.md, "Validation").
-MAX_KEY_LEN = 512
-MAX_DETAIL_LEN = 2000
-MAX_SHAPE_LEN = 512
-MAX_SAMPLES = 10**7
-MAX_SECONDS = 1e6
-#: Well-formed backend names; names of backends this install does not know must also match it to be kept
-#: (``autosdpa db import --allow-unknown-backends``), so a file from a newer autosdpa keeps its evidence.
-BACKEND_NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,47}$")
-FINGERPRINT_RE = re.compile(r"^[0-9a-f]{16}$")
-_PRINTABLE_RE = re.compile(r"^[^\x00-\x1f\x7f]*$")
+SCHEMA_VERSION = 2
+MEMORY = ":memory:"
 
 metadata = sa.MetaData()
 meta_table = sa.Table(
@@ -96,100 +99,22 @@ decision_table = sa.Table(  # v2
     sa.Column("decided_at", sa.Float, nullable=False),
     sa.Column("decided_by", sa.String(256), nullable=False, default=""),
 )
-ENV_FIELDS = ("device_type", "device_name", "capability", "cores", "memory_gb", "torch", "cuda", "cudnn",
-              "triton", "kernels")
-MEASUREMENT_FIELDS = ("backend", "status", "median_s", "spread_s", "samples", "max_error", "detail",
-                      "tuned_shape", "measured_at")
 _V1_TABLES = {"autosdpa_meta": meta_table, "environment": environment_table, "measurement": measurement_table}
 
 
 class StoreError(RuntimeError):
-    """The database cannot be used (unreadable, corrupt, newer schema, ...)."""
+    """The database cannot be used (unreadable, corrupt, newer schema, locked, full, ...)."""
 
 
 @dataclasses.dataclass
-class Measurement:
-    backend: str
-    status: str  # ok | rejected | skipped
-    median_s: float | None = None
-    spread_s: float | None = None
-    samples: int = 0
-    max_error: float | None = None
-    detail: str = ""
-    tuned_shape: str = ""
-    measured_at: float = dataclasses.field(default_factory=time.time)
-
-    @property
-    def ok(self) -> bool:
-        return self.status == "ok" and self.median_s is not None and self.median_s > 0
-
-    def validate(self) -> None:
-        """Raise ValueError unless this row is sane data (rows may come from files made elsewhere)."""
-        if not isinstance(self.backend, str) or not BACKEND_NAME_RE.match(self.backend):
-            raise ValueError(f"malformed backend name {str(self.backend)[:80]!r}")
-        if self.status not in STATUSES:
-            raise ValueError(f"unknown status {str(self.status)[:40]!r}")
-        for f in ("median_s", "spread_s", "max_error"):
-            v = getattr(self, f)
-            if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v)
-                                  or v < 0 or v > MAX_SECONDS):
-                raise ValueError(f"{f}={str(v)[:40]!r} is not a finite non-negative number")
-        if self.status == "ok" and not (self.median_s and self.median_s > 0):
-            raise ValueError("an ok measurement needs a positive median")
-        if not isinstance(self.samples, int) or isinstance(self.samples, bool) or not 0 <= self.samples <= MAX_SAMPLES:
-            raise ValueError(f"samples={str(self.samples)[:40]!r} is not an integer in 0..{MAX_SAMPLES}")
-        t = self.measured_at
-        if (not isinstance(t, (int, float)) or isinstance(t, bool) or not math.isfinite(t) or t < 0
-                or t > time.time() + 86400):
-            raise ValueError(f"measured_at={str(t)[:40]!r} is not a plausible time")
-        for f, limit in (("detail", MAX_DETAIL_LEN), ("tuned_shape", MAX_SHAPE_LEN)):
-            v = getattr(self, f)
-            if not isinstance(v, str) or len(v) > limit or not _PRINTABLE_RE.match(v):
-                raise ValueError(f"{f} is not a printable string of at most {limit} characters")
+class PruneResult:
+    removed: int = 0                                   # measurement rows deleted
+    kept: int = 0                                      # measurement rows left
+    environments_removed: list[str] = dataclasses.field(default_factory=list)  # fingerprints
+    removed_by_environment: dict[str, int] = dataclasses.field(default_factory=dict)  # stale fingerprint -> rows
 
 
-def fingerprint_of(fields: dict) -> str:
-    """The fingerprint ``autosdpa.environment`` computes for these environment fields."""
-    info = {f: fields[f] for f in ENV_FIELDS}
-    return hashlib.sha256(json.dumps(info, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def environment_problem(env: dict) -> str | None:
-    """Why this environment row (fingerprint + ENV_FIELDS) is not sane data, or None."""
-    fp = env.get("fingerprint")
-    if not isinstance(fp, str) or not FINGERPRINT_RE.match(fp):
-        return "malformed fingerprint"
-    for f in ENV_FIELDS:
-        v = env.get(f)
-        if f in ("cores", "memory_gb"):
-            if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= 10**7:
-                return f"environment field {f} is not a sane integer"
-        elif not isinstance(v, str) or len(v) > 256 or not _PRINTABLE_RE.match(v):
-            return f"environment field {f} is not a printable string of at most 256 characters"
-    if fingerprint_of(env) != fp:
-        return "fingerprint does not match the environment's fields"
-    return None
-
-
-def key_problem(key) -> str | None:
-    """Why this problem key is not acceptable data, or None (it must parse and be canonical)."""
-    if not isinstance(key, str) or len(key) > MAX_KEY_LEN:
-        return "problem key is not a string of at most 512 characters"
-    from .problem import Problem
-
-    try:
-        if Problem.parse(key).key != key:
-            return "problem key is not canonical"
-    except (ValueError, TypeError, KeyError, IndexError):
-        return "problem key does not parse"
-    return None
-
-
-def known_backends() -> set[str]:
-    from .backends import all_backends
-
-    return {b.name for b in all_backends()}
-
+# -- targets ---------------------------------------------------------------------------------------------------
 
 def default_db_path() -> Path:
     import platformdirs
@@ -197,36 +122,84 @@ def default_db_path() -> Path:
     return Path(platformdirs.user_cache_dir("autosdpa")) / "autosdpa.sqlite"
 
 
-def db_url(target: str | os.PathLike | None = None) -> str:
-    """A path or SQLAlchemy URL -> URL; None means ``AUTOSDPA_DB`` or the default cache file."""
-    if target is None:
-        from .config import Settings
+def parse_target(target: str | os.PathLike | None) -> tuple[str, str | Path]:
+    """``(kind, where)``: ("file", absolute Path), ("memory", ":memory:") or ("url", URL string).
 
-        target = Settings.from_env().db or default_db_path()
-    target = str(target)
-    if "://" in target:
-        return target
-    return "sqlite:///" + str(Path(target).expanduser().absolute())
+    None is the default cache file. Only a string with ``://`` is a URL; an ``sqlite:///PATH`` URL is taken as
+    the file PATH (and may not carry parameters). Raises StoreError for a malformed URL."""
+    if target is None:
+        return "file", default_db_path()
+    t = os.fspath(target)
+    if t in ("", MEMORY, "sqlite://", "sqlite:///:memory:"):
+        return "memory", MEMORY
+    if "://" not in t:
+        return "file", Path(t).expanduser().absolute()
+    try:
+        u = sa.engine.make_url(t)
+    except (sa.exc.ArgumentError, ValueError) as e:
+        raise StoreError(f"cannot open {t!r}: not a database URL ({e})") from None
+    if u.get_backend_name() != "sqlite":
+        return "url", t
+    if u.query:
+        raise StoreError(f"{t}: parameters in an sqlite URL are not supported; give the file path instead")
+    if not u.database or u.database == MEMORY:
+        return "memory", MEMORY
+    return "file", Path(u.database).expanduser().absolute()
+
+
+def db_url(target: str | os.PathLike | None = None) -> str:
+    """A readable URL for a target (None: the default cache file). For display: files are opened by path."""
+    kind, where = parse_target(target)
+    return {"memory": "sqlite://", "file": f"sqlite:///{where}"}.get(kind, str(where))
 
 
 def is_sqlite_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a regular file starting with SQLite's header (never opens a FIFO or device)."""
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return False
         with open(path, "rb") as f:
             return f.read(16) == b"SQLite format 3\x00"
     except OSError:
         return False
 
 
-def _sqlite_wal_header(path: str | os.PathLike) -> bool:
+def _check_file(path: Path, *, readonly: bool) -> bool:
+    """Refuse what is not a usable file before SQLite touches it; create the parent folder of a new file.
+    Returns whether the file exists with content (and so must be inspected before any write)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        if readonly:
+            raise StoreError(f"no such database file: {path}") from None
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StoreError(f"cannot create {path}: {e.strerror or e}") from None
+        if not path.parent.is_dir():
+            raise StoreError(f"cannot create {path}: {path.parent} is not a folder")
+        return False
+    except OSError as e:  # a path through a file, no permission, ...
+        raise StoreError(f"cannot use {path}: {e.strerror or e}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise StoreError(f"{path} is not a regular file")
+    if st.st_size == 0 and not readonly:
+        return False
+    if not is_sqlite_file(path):
+        raise StoreError(f"{path} is not an SQLite database file")
+    return True
+
+
+def _sqlite_wal_header(path: Path) -> bool:
     with open(path, "rb") as f:
         head = f.read(20)
     return len(head) >= 20 and head[18] == 2 and head[19] == 2
 
 
-def _sqlite_pragmas(dbapi_conn, _record, *, readonly: bool, wal: bool = True):
+def _sqlite_pragmas(dbapi_conn, *, readonly: bool, wal: bool, timeout_s: float) -> None:
     dbapi_conn.isolation_level = None  # we emit BEGIN ourselves (see _on_begin)
     cur = dbapi_conn.cursor()
-    cur.execute(f"PRAGMA busy_timeout = {int(lock_timeout_s() * 1000)}")
+    cur.execute(f"PRAGMA busy_timeout = {int(timeout_s * 1000)}")
     if readonly:
         cur.execute("PRAGMA query_only = 1")
         cur.execute("PRAGMA trusted_schema = 0")  # a hostile file's views/triggers may not call functions
@@ -240,33 +213,29 @@ def _on_begin(conn) -> None:
     conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get("autosdpa_write") else "BEGIN")
 
 
-def make_engine(url: str, *, readonly: bool = False, wal: bool = True) -> sa.Engine:
-    u = sa.engine.make_url(url)
-    if u.get_backend_name() == "sqlite":
-        db = u.database or ""
-        if readonly:
-            if not db or not Path(db).is_file():
-                raise StoreError(f"no such database file: {db}")
-            if not is_sqlite_file(db):
-                raise StoreError(f"{db} is not an SQLite database file")
-            p = Path(db).absolute()
-            # mode=ro: never create, never write. A WAL-mode file without its -wal/-shm is opened immutable so
-            # that SQLite does not create those files next to a shipped file either.
-            immutable = _sqlite_wal_header(p) and not Path(str(p) + "-wal").exists()
-            url = f"sqlite:///file:{quote(str(p))}?mode=ro{'&immutable=1' if immutable else ''}&uri=true"
-        elif not db or db == ":memory:":  # one shared in-memory database, not one per connection
-            engine = sa.create_engine("sqlite://", poolclass=sa.pool.StaticPool,
-                                      connect_args={"check_same_thread": False})
-            return engine
-        else:
-            Path(db).parent.mkdir(parents=True, exist_ok=True)
-            if Path(db).is_file() and Path(db).stat().st_size and not is_sqlite_file(db):
-                raise StoreError(f"{db} is not an SQLite database file")
-        engine = sa.create_engine(url, connect_args={"timeout": lock_timeout_s()})
-        event.listen(engine, "connect", lambda c, r: _sqlite_pragmas(c, r, readonly=readonly, wal=wal))
-        event.listen(engine, "begin", _on_begin)
-        return engine
-    return sa.create_engine(url, pool_pre_ping=True)
+def _file_engine(path: Path, *, readonly: bool, wal: bool, timeout_s: float, pool=sa.pool.QueuePool) -> sa.Engine:
+    """An engine on the file ``path``, opened by a URI built from the path (``?``/``#`` are quoted, never
+    parameters). Read-only: ``mode=ro``; a WAL-mode file without its ``-wal`` is opened immutable so that
+    SQLite does not create ``-wal``/``-shm`` files next to a shipped file either."""
+    params = "mode=rwc"
+    if readonly:
+        immutable = _sqlite_wal_header(path) and not Path(str(path) + "-wal").exists()
+        params = "mode=ro" + ("&immutable=1" if immutable else "")
+    uri = f"file:{quote(str(path))}?{params}"
+
+    def connect():
+        return sqlite3.connect(uri, uri=True, timeout=timeout_s, check_same_thread=False)
+
+    engine = sa.create_engine("sqlite+pysqlite://", creator=connect, poolclass=pool)
+    event.listen(engine, "connect",
+                 lambda c, _r: _sqlite_pragmas(c, readonly=readonly, wal=wal, timeout_s=timeout_s))
+    event.listen(engine, "begin", _on_begin)
+    return engine
+
+
+def _memory_engine() -> sa.Engine:
+    # one shared in-memory database, not one per connection
+    return sa.create_engine("sqlite://", poolclass=sa.pool.StaticPool, connect_args={"check_same_thread": False})
 
 
 T = TypeVar("T")
@@ -281,17 +250,9 @@ def _transient(e: BaseException) -> bool:
     return isinstance(e, sa.exc.OperationalError) and ("locked" in msg or "busy" in msg)
 
 
-def lock_timeout_s() -> float:
-    """How long to wait for a locked database before giving up (``AUTOSDPA_DB_TIMEOUT``, default 30 s).
-    The dispatcher then falls back to memory with one warning, so a stuck lock never stalls a run for long."""
-    from .config import Settings
-
-    return Settings.from_env().db_timeout_s
-
-
-def retrying(fn: Callable[[], T], *, deadline_s: float | None = None) -> T:
-    """Run ``fn`` (one whole transaction), retrying with jittered exponential backoff on transient errors."""
-    deadline_s = lock_timeout_s() if deadline_s is None else deadline_s
+def retrying(fn: Callable[[], T], *, deadline_s: float) -> T:
+    """Run ``fn`` (one whole transaction), retrying with jittered exponential backoff on transient errors
+    until ``deadline_s`` seconds have passed."""
     start, delay = time.monotonic(), 0.01
     while True:
         try:
@@ -303,7 +264,26 @@ def retrying(fn: Callable[[], T], *, deadline_s: float | None = None) -> T:
         delay = min(delay * 2, 1.0)
 
 
-# -- migrations ------------------------------------------------------------------------------------------------
+def _describe(e: BaseException) -> str:
+    orig = getattr(e, "orig", None)
+    return f"{e.__class__.__name__}: {str(orig if orig is not None else e).splitlines()[0][:300]}"
+
+
+def _hint(e: BaseException, timeout_s: float) -> str:
+    """What SQLite's terse messages usually mean, for the one warning a user gets."""
+    msg = str(getattr(e, "orig", None) or e).lower()
+    if "locked" in msg or "busy" in msg:
+        return f" (another process held it longer than the {timeout_s:g} s timeout, AUTOSDPA_DB_TIMEOUT)"
+    if "disk i/o error" in msg or "disk is full" in msg:
+        return " (is the disk full, or the file size limited?)"
+    if "readonly" in msg or "read-only" in msg:
+        return " (the file or its folder is read-only)"
+    if "not a database" in msg or "malformed" in msg:
+        return " (the file was damaged or replaced)"
+    return ""
+
+
+# -- schema and migrations ---------------------------------------------------------------------------------------
 
 def _create(conn, items) -> None:
     for item in items:
@@ -338,7 +318,8 @@ def migrate(conn, version: int) -> int:
 
 
 def _read_version(conn, where: str) -> int:
-    v = conn.execute(sa.select(meta_table.c.value).where(meta_table.c.name == "schema_version")).scalar()
+    v = conn.execute(sa.select(sa.func.substr(meta_table.c.value, 1, 16))
+                     .where(meta_table.c.name == "schema_version")).scalar()
     try:
         version = int(str(v)[:12])
     except (TypeError, ValueError):
@@ -348,315 +329,81 @@ def _read_version(conn, where: str) -> int:
     return version
 
 
-class Store:
-    """One database (plus read-only layers). All methods raise ``StoreError`` on database trouble."""
-
-    def __init__(self, url: str | None = None, *, readonly: bool = False, shared: Sequence[str] = (),
-                 wal: bool = True):
-        self.url = db_url(url)
-        self.readonly = readonly
-        self.version = SCHEMA_VERSION
-        self._env_ids: dict[str, int] = {}
-        self.engine = None
-        try:
-            try:
-                self.engine = make_engine(self.url, readonly=readonly, wal=wal)
-            except (OSError, ImportError, ValueError) as e:  # a path that cannot exist, a missing driver, a bad URL
-                raise StoreError(f"cannot open {self.display_url}: {type(e).__name__}: {e}") from e
-            self._write = self.engine.execution_options(autosdpa_write=True)
-            # retried: a concurrent process creating the file (or switching it to WAL) holds the lock briefly
-            retrying(self._check_schema)
-        except sa.exc.SQLAlchemyError as e:
-            if self.engine is not None:
-                self.engine.dispose()
-            raise StoreError(f"cannot open {self.display_url}: {_describe(e)}") from e
-        except StoreError:
-            if self.engine is not None:
-                self.engine.dispose()
-            raise
-        self.shared: list[Store] = []
-        for path in shared:
-            try:
-                self.shared.append(Store(path, readonly=True))
-            except StoreError as e:
-                import warnings
-
-                warnings.warn(f"autosdpa: skipping shared tuning database: {e}", RuntimeWarning, stacklevel=2)
-
-    @property
-    def display_url(self) -> str:
-        return sa.engine.make_url(self.url).render_as_string(hide_password=True)
-
-    @property
-    def dialect(self) -> str:
-        return self.engine.dialect.name
-
-    # -- schema -----------------------------------------------------------------------------------------
-    def _check_schema(self) -> None:
-        if self.readonly:
-            with self.engine.connect() as c:
-                self.version = self._inspect(c)
-            return
-        try:  # the common case, an up-to-date database: a plain read, no write lock taken
-            with self.engine.connect() as c:
-                if sa.inspect(c).has_table("autosdpa_meta") and self._inspect(c) == SCHEMA_VERSION:
-                    self.version = SCHEMA_VERSION
-                    return
-        except StoreError:
-            pass  # half-created by a concurrent process, or needs a migration: decide under the lock
-        self.version = retrying(self._setup_schema)
-
-    def _inspect(self, c) -> int:
-        """Check the tables of an existing database; its schema version (read-only opens)."""
-        insp = sa.inspect(c)
-        tables = set(insp.get_table_names())
-        if "autosdpa_meta" not in tables:
-            raise StoreError(f"{self.display_url} is not an autosdpa database (no autosdpa_meta table)")
-        version = _read_version(c, self.display_url)
-        if version > SCHEMA_VERSION:
-            raise StoreError(f"{self.display_url} has schema version {version}, newer than this autosdpa "
-                             f"understands ({SCHEMA_VERSION}); upgrade autosdpa")
-        for name, table in _V1_TABLES.items():
-            if name not in tables:
-                raise StoreError(f"{self.display_url} is not a usable autosdpa database (no {name} table)")
-            have = {col["name"] for col in insp.get_columns(name)}
-            missing = [col.name for col in table.columns if col.name not in have]
-            if missing:
-                raise StoreError(f"{self.display_url}: table {name} lacks columns {', '.join(missing)}")
-        return version
-
-    def _setup_schema(self) -> int:
-        with self._write.begin() as c:
-            if self.dialect == "postgresql":  # one process at a time creates / migrates
-                c.execute(sa.text("SELECT pg_advisory_xact_lock(7305860421)"))
-            insp = sa.inspect(c)
-            tables = set(insp.get_table_names())
-            if "autosdpa_meta" not in tables:
-                foreign = tables - set(metadata.tables)
-                if foreign:
-                    raise StoreError(f"{self.display_url} is not an autosdpa database (it has other tables: "
-                                     f"{', '.join(sorted(foreign)[:5])})")
-                _create(c, [meta_table, environment_table, measurement_table, measurement_key_index,
-                            decision_table])
-                stmt = _insert(c, meta_table).values(name="schema_version", value=str(SCHEMA_VERSION))
-                c.execute(stmt.on_conflict_do_nothing() if hasattr(stmt, "on_conflict_do_nothing") else stmt)
-            version = self._inspect(c)
-            if version < SCHEMA_VERSION:
-                version = migrate(c, version)
-            return version
-
-    def schema_version(self) -> int:
-        try:
-            with self.engine.connect() as c:
-                return _read_version(c, self.display_url)
-        except sa.exc.SQLAlchemyError as e:
-            raise StoreError(f"{self.display_url}: {_describe(e)}") from e
-
-    # -- environments -----------------------------------------------------------------------------------
-    def environment_id(self, fingerprint: str, info: dict | None = None, *, create: bool = True) -> int | None:
-        if fingerprint in self._env_ids:
-            return self._env_ids[fingerprint]
-        t = environment_table
-        try:
-            with self.engine.connect() as c:
-                eid = c.execute(sa.select(t.c.id).where(t.c.fingerprint == fingerprint)).scalar()
-            if eid is None and create and not self.readonly:
-                def insert():
-                    with self._write.begin() as c:
-                        return _environment_id_in(c, fingerprint, info)
-                eid = retrying(insert)
-        except sa.exc.SQLAlchemyError as e:
-            raise StoreError(f"{self.display_url}: {_describe(e)}") from e
-        if eid is not None:
-            self._env_ids[fingerprint] = eid
-        return eid
-
-    def environments(self) -> list[dict]:
-        """Every environment row: {"id", "fingerprint", "created_at", **ENV_FIELDS}."""
-        try:
-            with self.engine.connect() as c:
-                return [dict(r) for r in c.execute(sa.select(environment_table)
-                                                   .order_by(environment_table.c.id)).mappings()]
-        except sa.exc.SQLAlchemyError as e:
-            raise StoreError(f"{self.display_url}: {_describe(e)}") from e
-
-    # -- measurements -----------------------------------------------------------------------------------
-    def lookup(self, fingerprint: str, key: str) -> dict[str, Measurement]:
-        """All measurements of ``key`` in this environment: shared layers first, the user's rows on top."""
-        out: dict[str, Measurement] = {}
-        for layer in self.shared:
-            try:
-                out.update(layer.lookup_own(fingerprint, key))
-            except StoreError:
-                continue
-        out.update(self.lookup_own(fingerprint, key))
-        return out
-
-    def lookup_own(self, fingerprint: str, key: str) -> dict[str, Measurement]:
-        """This database's rows for ``key`` in this environment (not the shared layers)."""
-        eid = self.environment_id(fingerprint, create=False)
-        if eid is None:
-            return {}
-        m = measurement_table
-        try:
-            with self.engine.connect() as c:
-                rows = c.execute(sa.select(m).where(m.c.environment_id == eid, m.c.problem_key == key)).all()
-        except sa.exc.SQLAlchemyError as e:
-            raise StoreError(f"{self.display_url}: {_describe(e)}") from e
-        out = {}
-        for r in rows:
-            meas = _row_to_measurement(r)
-            try:
-                meas.validate()
-            except (ValueError, TypeError):
-                continue  # bad data from elsewhere is ignored, never trusted
-            out[meas.backend] = meas
-        return out
-
-    def save(self, fingerprint: str, info: dict, key: str, measurements: Iterable[Measurement]) -> None:
-        """Upsert one row per backend (a re-measurement replaces the older row of the same environment).
-
-        Safe with many processes writing at once: retried with backoff on lock contention / deadlocks."""
-        if self.readonly:
-            raise StoreError(f"{self.display_url} is read-only")
-        measurements = sorted(measurements, key=lambda m: m.backend)  # one lock order for every writer
-        if not measurements:
-            return
-        def write():
-            with self._write.begin() as c:
-                # Resolved inside the write transaction, never from a cache: a pruned environment's id can be
-                # reused by SQLite for another environment.
-                eid = _environment_id_in(c, fingerprint, info)
-                _upsert_measurements(c, [dict(environment_id=eid, problem_key=key, **dataclasses.asdict(m))
-                                         for m in measurements])
-                return eid
-        try:
-            self._env_ids[fingerprint] = retrying(write)
-        except sa.exc.SQLAlchemyError as e:
-            raise StoreError(f"{self.display_url}: {_describe(e)}") from e
-
-    def rows(self, *, fingerprint: str | None = None) -> list[tuple[dict, str, Measurement]]:
-        """Every (environment fields, problem key, measurement) in this database (not the shared layers)."""
-        return list(self.iter_rows(fingerprint=fingerprint))
-
-    def iter_rows(self, *, fingerprint: str | None = None, since: float | None = None):
-        """Like ``rows()`` but streamed (files from elsewhere may be large)."""
-        e, m = environment_table, measurement_table
-        cols = [e.c.fingerprint, *[e.c[f] for f in ENV_FIELDS], m.c.problem_key, *[m.c[f] for f in MEASUREMENT_FIELDS]]
-        q = sa.select(*cols).join(e, e.c.id == m.c.environment_id).order_by(m.c.problem_key, m.c.backend)
-        if fingerprint:
-            q = q.where(e.c.fingerprint == fingerprint)
-        if since is not None:
-            q = q.where(m.c.measured_at >= since)
-        try:
-            with self.engine.connect() as c:
-                for r in c.execution_options(yield_per=1000).execute(q).mappings():
-                    env = {"fingerprint": r["fingerprint"], **{f: r[f] for f in ENV_FIELDS}}
-                    yield env, r["problem_key"], _row_to_measurement(r)
-        except sa.exc.SQLAlchemyError as e_:
-            raise StoreError(f"{self.display_url}: {_describe(e_)}") from e_
-
-    def counts(self) -> dict[str, int]:
-        try:
-            with self.engine.connect() as c:
-                out = {"environments": c.execute(sa.select(sa.func.count()).select_from(environment_table)).scalar(),
-                       "measurements": c.execute(sa.select(sa.func.count()).select_from(measurement_table)).scalar()}
-                if self.version >= 2:
-                    out["decisions"] = c.execute(sa.select(sa.func.count()).select_from(decision_table)).scalar()
-                return out
-        except sa.exc.SQLAlchemyError as e:
-            raise StoreError(f"{self.display_url}: {_describe(e)}") from e
-
-    # -- decisions (rank-consistent choices; see autosdpa.consensus) ------------------------------------
-    def decide(self, fingerprint: str, info: dict | None, key: str, backend: str, decided_by: str = "") -> str:
-        """Record ``backend`` for (environment, key) unless a decision exists (first writer wins); returns the
-        decision in force."""
-        if self.readonly:
-            raise StoreError(f"{self.display_url} is read-only")
-        d = decision_table
-
-        def write():
-            with self._write.begin() as c:
-                eid = _environment_id_in(c, fingerprint, info)  # not cached: ids can be reused after a prune
-                stmt = _insert(c, d).values(environment_id=eid, problem_key=key, backend=backend,
-                                            decided_at=time.time(), decided_by=decided_by[:256])
-                if hasattr(stmt, "on_conflict_do_nothing"):
-                    c.execute(stmt.on_conflict_do_nothing(index_elements=["environment_id", "problem_key"]))
-                elif c.execute(sa.select(d.c.backend).where(d.c.environment_id == eid,
-                                                            d.c.problem_key == key)).scalar() is None:
-                    c.execute(stmt)
-                return c.execute(sa.select(d.c.backend).where(d.c.environment_id == eid,
-                                                              d.c.problem_key == key)).scalar()
-        try:
-            return retrying(write)
-        except sa.exc.SQLAlchemyError as e:
-            raise StoreError(f"{self.display_url}: {_describe(e)}") from e
-
-    def decisions(self) -> list[dict]:
-        """Every decision: {"fingerprint", "problem_key", "backend", "decided_at", "decided_by"}."""
-        e, d = environment_table, decision_table
-        q = sa.select(e.c.fingerprint, d.c.problem_key, d.c.backend, d.c.decided_at, d.c.decided_by).join(
-            e, e.c.id == d.c.environment_id).order_by(e.c.fingerprint, d.c.problem_key)
-        try:
-            with self.engine.connect() as c:
-                return [dict(r) for r in c.execute(q).mappings()]
-        except sa.exc.SQLAlchemyError as e_:
-            raise StoreError(f"{self.display_url}: {_describe(e_)}") from e_
-
-    def set_decisions(self, decisions: Iterable[dict]) -> int:
-        """Overwrite decisions with ``decisions`` (dicts as from ``decisions()``); environments must exist
-        here or are created from ``info`` when given. Returns how many were written."""
-        items = []
-        for dec in decisions:
-            eid = self.environment_id(dec["fingerprint"], dec.get("info"), create=bool(dec.get("info")))
-            if eid is not None:
-                items.append(dict(environment_id=eid, problem_key=dec["problem_key"], backend=dec["backend"],
-                                  decided_at=float(dec.get("decided_at") or time.time()),
-                                  decided_by=str(dec.get("decided_by", ""))[:256]))
-        if not items:
-            return 0
-        d = decision_table
-
-        def write():
-            with self._write.begin() as c:
-                for it in sorted(items, key=lambda i: (i["environment_id"], i["problem_key"])):
-                    c.execute(sa.delete(d).where(d.c.environment_id == it["environment_id"],
-                                                 d.c.problem_key == it["problem_key"]))
-                    c.execute(sa.insert(d), it)
-        try:
-            retrying(write)
-        except sa.exc.SQLAlchemyError as e:
-            raise StoreError(f"{self.display_url}: {_describe(e)}") from e
-        return len(items)
-
-    def close(self) -> None:
-        if self.engine is not None:
-            self.engine.dispose()
-        for s in getattr(self, "shared", ()):
-            s.close()
+def _writable_version(c, where: str) -> None:
+    """Inside a write transaction: refuse to write into a database a newer autosdpa has upgraded meanwhile."""
+    version = _read_version(c, where)
+    if version > SCHEMA_VERSION:
+        raise StoreError(f"{where} was upgraded to schema version {version} by a newer autosdpa; not writing "
+                         f"to it (this autosdpa understands {SCHEMA_VERSION}); upgrade autosdpa")
 
 
-def _describe(e: BaseException) -> str:
-    orig = getattr(e, "orig", None)
-    return f"{e.__class__.__name__}: {str(orig if orig is not None else e).splitlines()[0][:300]}"
+def _refuse_hidden_objects(c, where: str) -> None:
+    """SQLite: our names must be plain tables, without hidden or generated columns, without triggers.
+
+    A generated column is computed on every read (``printf('%.*c', 1e9, 'x')`` from a 44 KB file), a view or
+    virtual table may run anything: a file that has them is not one autosdpa wrote."""
+    names = set(metadata.tables)
+    for kind, name, tbl, sql in c.exec_driver_sql(
+            "SELECT type, substr(name, 1, 64), substr(tbl_name, 1, 64), substr(sql, 1, 40) FROM sqlite_master"):
+        if kind == "trigger" and tbl in names:
+            raise StoreError(f"{where}: refusing a database with triggers on its tables (trigger {name!r})")
+        if name in names and (kind != "table" or (sql or "").upper().startswith("CREATE VIRTUAL")):
+            raise StoreError(f"{where}: {name} is a {'virtual table' if kind == 'table' else kind}, not a table")
+    for name in sorted(names):
+        for col in c.exec_driver_sql(f'PRAGMA table_xinfo("{name}")').mappings():
+            if col["hidden"]:
+                raise StoreError(f"{where}: refusing table {name} with a hidden or generated column "
+                                 f"({str(col['name'])[:64]!r})")
 
 
-def _environment_id_in(c, fingerprint: str, info: dict | None) -> int:
-    """The id of ``fingerprint``'s environment, created from ``info`` if missing, inside transaction ``c``."""
-    t = environment_table
-    eid = c.execute(sa.select(t.c.id).where(t.c.fingerprint == fingerprint)).scalar()
-    if eid is None:
-        row = {f: (info or {}).get(f, 0 if f in ("cores", "memory_gb") else "") for f in ENV_FIELDS}
-        stmt = _insert(c, t).values(fingerprint=fingerprint, created_at=time.time(), **row)
-        if hasattr(stmt, "on_conflict_do_nothing"):
-            stmt = stmt.on_conflict_do_nothing(index_elements=["fingerprint"])
-        c.execute(stmt)
-        eid = c.execute(sa.select(t.c.id).where(t.c.fingerprint == fingerprint)).scalar()
-    return eid
+def _inspect(c, where: str) -> int | None:
+    """Check an existing database's tables: its schema version, or None when it has none of autosdpa's tables
+    and no others (a new database). Raises StoreError for anything autosdpa did not write."""
+    tables = set(sa.inspect(c).get_table_names())
+    if c.dialect.name == "sqlite":
+        _refuse_hidden_objects(c, where)
+    if "autosdpa_meta" not in tables:
+        foreign = tables - set(metadata.tables)
+        if foreign:
+            raise StoreError(f"{where} is not an autosdpa database (it has other tables: "
+                             f"{', '.join(sorted(t[:64] for t in foreign)[:5])})")
+        return None
+    version = _read_version(c, where)
+    if version > SCHEMA_VERSION:
+        raise StoreError(f"{where} has schema version {version}, newer than this autosdpa "
+                         f"understands ({SCHEMA_VERSION}); upgrade autosdpa")
+    insp = sa.inspect(c)
+    for name, table in _V1_TABLES.items():
+        if name not in tables:
+            raise StoreError(f"{where} is not a usable autosdpa database (no {name} table)")
+        have = {col["name"] for col in insp.get_columns(name)}
+        missing = [col.name for col in table.columns if col.name not in have]
+        if missing:
+            raise StoreError(f"{where}: table {name} lacks columns {', '.join(missing)}")
+    return version
+
+
+# -- bounded reads -----------------------------------------------------------------------------------------------
+
+def _text(col, dialect: str):
+    """``col`` read through ``substr``: never more than its limit (+1, so "too long" shows)."""
+    return sa.func.substr(col, 1, TEXT_READ_LIMITS[col.name]).label(col.name)
+
+
+def _number(col, dialect: str):
+    """SQLite stores any value in any column: text or a blob in a number column is read bounded, then refused
+    by validation."""
+    if dialect != "sqlite":
+        return col
+    return sa.case((sa.func.typeof(col).in_(("integer", "real", "null")), col),
+                   else_=sa.func.substr(col, 1, 40)).label(col.name)
+
+
+def _bounded(cols, dialect: str) -> list:
+    return [_text(c, dialect) if c.name in TEXT_READ_LIMITS else _number(c, dialect) for c in cols]
 
 
 def _row_to_measurement(r) -> Measurement:
-    r = r._mapping if hasattr(r, "_mapping") else r
     return Measurement(backend=r["backend"], status=r["status"], median_s=r["median_s"], spread_s=r["spread_s"],
                        samples=r["samples"], max_error=r["max_error"],
                        detail="" if r["detail"] is None else r["detail"],
@@ -675,7 +422,7 @@ def _insert(conn, table):
     return insert(table)
 
 
-def _upsert_measurements(conn, rows: list[dict]) -> None:
+def _upsert(conn, rows: list[dict]) -> None:
     m = measurement_table
     stmt = _insert(conn, m)
     if hasattr(stmt, "on_conflict_do_update"):
@@ -688,3 +435,431 @@ def _upsert_measurements(conn, rows: list[dict]) -> None:
         conn.execute(sa.delete(m).where(m.c.environment_id == row["environment_id"],
                                         m.c.problem_key == row["problem_key"], m.c.backend == row["backend"]))
         conn.execute(sa.insert(m), row)
+
+
+def _environment_id_in(c, fingerprint: str, info: dict | None) -> int:
+    """The id of ``fingerprint``'s environment, created from ``info`` if missing, inside transaction ``c``."""
+    t = environment_table
+    eid = c.execute(sa.select(t.c.id).where(t.c.fingerprint == fingerprint)).scalar()
+    if eid is None:
+        row = {f: (info or {}).get(f, 0 if f in ENV_INT_FIELDS else "") for f in ENV_FIELDS}
+        stmt = _insert(c, t).values(fingerprint=fingerprint, created_at=time.time(), **row)
+        if hasattr(stmt, "on_conflict_do_nothing"):
+            stmt = stmt.on_conflict_do_nothing(index_elements=["fingerprint"])
+        c.execute(stmt)
+        eid = c.execute(sa.select(t.c.id).where(t.c.fingerprint == fingerprint)).scalar()
+    return eid
+
+
+def seal_file(path: str | os.PathLike) -> None:
+    """Leave the SQLite file ``path`` self-contained for sharing: rollback journal (no -wal/-shm), compacted."""
+    try:
+        con = sqlite3.connect(f"file:{quote(str(Path(path).absolute()))}?mode=rw", uri=True)
+        try:
+            con.execute("PRAGMA journal_mode=DELETE")
+            con.execute("VACUUM")
+        finally:
+            con.close()
+    except sqlite3.Error as e:
+        raise StoreError(f"cannot finish {path}: {e}") from None
+
+
+# -- the store ---------------------------------------------------------------------------------------------------
+
+class Store:
+    """One database (plus read-only layers). All methods raise ``StoreError`` on database trouble.
+
+    ``target``: a file path, ``":memory:"`` or a URL (None: the default cache file). ``timeout_s``: how long
+    to wait for a locked database (busy timeout and write retries) before raising StoreError."""
+
+    def __init__(self, target: str | os.PathLike | None = None, *, readonly: bool = False,
+                 shared: Sequence[str | os.PathLike] = (), wal: bool = True, timeout_s: float = DEFAULT_DB_TIMEOUT_S):
+        self.kind, where = parse_target(target)
+        self.path: Path | None = where if self.kind == "file" else None
+        self.url = db_url(target) if self.kind != "memory" else "sqlite://"
+        self.readonly = readonly
+        self.timeout_s = timeout_s
+        self.version = SCHEMA_VERSION
+        self.engine = None
+        self.shared: list[Store] = []
+        self._env_ids: dict[str, int] = {}
+        try:
+            self.engine = self._open(wal)
+        except OSError as e:  # the file vanished or changed under us between the checks
+            raise StoreError(f"cannot open {self.display_url}: {e.strerror or e}") from e
+        for p in shared:
+            try:
+                self.shared.append(Store(p, readonly=True, timeout_s=timeout_s))
+            except StoreError as e:
+                warnings.warn(f"autosdpa: skipping shared tuning database: {e}", RuntimeWarning, stacklevel=2)
+
+    def _open(self, wal: bool) -> sa.Engine:
+        """Inspect first (read-only), then open for writing: nothing is written to a file that is refused."""
+        version = None
+        engine = None
+        with self._db_errors("cannot open "):
+            if self.kind == "memory":
+                engine = _memory_engine()
+            elif self.kind == "url":
+                try:
+                    engine = sa.create_engine(self.url, pool_pre_ping=True)
+                except (ImportError, ValueError, sa.exc.ArgumentError) as e:  # missing driver, bad URL
+                    raise StoreError(f"cannot open {self.display_url}: {type(e).__name__}: {e}") from e
+            else:
+                existing = _check_file(self.path, readonly=self.readonly)
+                if existing and not self.readonly:
+                    version = self._probe()
+                engine = _file_engine(self.path, readonly=self.readonly, wal=wal, timeout_s=self.timeout_s)
+            try:
+                self.engine = engine
+                self._write = engine.execution_options(autosdpa_write=True)
+                self.version = self._check_schema(known=version)
+            except BaseException:
+                engine.dispose()
+                self.engine = None
+                raise
+        return engine
+
+    def _probe(self) -> int | None:
+        """The schema version of an existing file, read through a read-only connection (None: no tables)."""
+        probe = _file_engine(self.path, readonly=True, wal=False, timeout_s=self.timeout_s, pool=sa.pool.NullPool)
+        try:
+            return self._inspect_with(probe)
+        finally:
+            probe.dispose()
+
+    def _inspect_with(self, engine: sa.Engine) -> int | None:
+        def once():
+            with engine.connect() as c:
+                return _inspect(c, self.display_url)
+        return retrying(once, deadline_s=self.timeout_s)
+
+    @property
+    def display_url(self) -> str:
+        if self.kind == "file":
+            return str(self.path)
+        return sa.engine.make_url(self.url).render_as_string(hide_password=True)
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    def same_database(self, other: "Store | str | os.PathLike") -> bool:
+        """Whether ``other`` (a Store or a target) is this very database (a file: through links and ``..``)."""
+        kind, where = (other.kind, other.path or other.url) if isinstance(other, Store) else parse_target(other)
+        if kind != self.kind or kind == "memory":
+            return False
+        if kind == "url":
+            return where == self.url
+        try:
+            return os.path.samefile(where, self.path)
+        except OSError:
+            return False
+
+    @contextlib.contextmanager
+    def _db_errors(self, prefix: str = ""):
+        """Every database error (SQLAlchemy's, or the driver's) becomes one StoreError naming the database."""
+        try:
+            yield
+        except (sa.exc.SQLAlchemyError, sqlite3.Error) as e:
+            raise StoreError(f"{prefix}{self.display_url}: {_describe(e)}{_hint(e, self.timeout_s)}") from e
+
+    # -- schema -----------------------------------------------------------------------------------------
+    def _check_schema(self, known: int | None) -> int:
+        if self.readonly:
+            version = self._inspect_with(self.engine)
+            if version is None:
+                raise StoreError(f"{self.display_url} is not an autosdpa database (no autosdpa_meta table)")
+            return version
+        if known == SCHEMA_VERSION:  # inspected by the probe: nothing to create or migrate
+            return known
+        if self.kind != "file":
+            try:  # the common case, an up-to-date database: a plain read, no write lock taken
+                with self.engine.connect() as c:
+                    if _inspect(c, self.display_url) == SCHEMA_VERSION:
+                        return SCHEMA_VERSION
+            except StoreError:
+                pass  # half-created by a concurrent process, or needs a migration: decide under the lock
+        # retried: a concurrent process creating the file (or switching it to WAL) holds the lock briefly
+        return retrying(self._setup_schema, deadline_s=self.timeout_s)
+
+    def _setup_schema(self) -> int:
+        with self._write.begin() as c:
+            if self.dialect == "postgresql":  # one process at a time creates / migrates
+                c.execute(sa.text("SELECT pg_advisory_xact_lock(7305860421)"))
+            version = _inspect(c, self.display_url)
+            if version is None:
+                _create(c, [meta_table, environment_table, measurement_table, measurement_key_index,
+                            decision_table])
+                stmt = _insert(c, meta_table).values(name="schema_version", value=str(SCHEMA_VERSION))
+                c.execute(stmt.on_conflict_do_nothing() if hasattr(stmt, "on_conflict_do_nothing") else stmt)
+                version = _inspect(c, self.display_url)
+            if version < SCHEMA_VERSION:
+                version = migrate(c, version)
+            return version
+
+    def schema_version(self) -> int:
+        with self._db_errors(), self.engine.connect() as c:
+            return _read_version(c, self.display_url)
+
+    # -- environments -----------------------------------------------------------------------------------
+    def environment_id(self, fingerprint: str, info: dict | None = None, *, create: bool = True) -> int | None:
+        if fingerprint in self._env_ids:
+            return self._env_ids[fingerprint]
+        t = environment_table
+        with self._db_errors():
+            with self.engine.connect() as c:
+                eid = c.execute(sa.select(t.c.id).where(t.c.fingerprint == fingerprint)).scalar()
+            if eid is None and create and not self.readonly:
+                def insert():
+                    with self._write.begin() as c:
+                        return _environment_id_in(c, fingerprint, info)
+                eid = retrying(insert, deadline_s=self.timeout_s)
+        if eid is not None:
+            self._env_ids[fingerprint] = eid
+        return eid
+
+    def environment(self, fingerprint: str) -> dict | None:
+        """The environment row of ``fingerprint`` ({"fingerprint", "created_at", **ENV_FIELDS}), or None."""
+        t = environment_table
+        q = sa.select(*_bounded([t.c.fingerprint, *[t.c[f] for f in ENV_FIELDS]], self.dialect),
+                      t.c.created_at).where(t.c.fingerprint == fingerprint).limit(1)
+        with self._db_errors(), self.engine.connect() as c:
+            row = c.execute(q).mappings().first()
+        return dict(row) if row is not None else None
+
+    def iter_environments(self) -> Iterator[dict]:
+        """Every environment row, streamed: {"fingerprint", "created_at", **ENV_FIELDS} (bounded, not validated)."""
+        t = environment_table
+        q = sa.select(*_bounded([t.c.fingerprint, *[t.c[f] for f in ENV_FIELDS]], self.dialect),
+                      _number(t.c.created_at, self.dialect)).order_by(t.c.id)
+        with self._db_errors(), self.engine.connect() as c:
+            for r in c.execution_options(yield_per=500).execute(q).mappings():
+                yield dict(r)
+
+    def environments(self) -> list[dict]:
+        """``list(iter_environments())``: for the user's own database (few environments)."""
+        return list(self.iter_environments())
+
+    # -- measurements -----------------------------------------------------------------------------------
+    def lookup(self, fingerprint: str, key: str) -> dict[str, Measurement]:
+        """All valid measurements of ``key`` in this environment: shared layers first, the user's rows on top."""
+        out: dict[str, Measurement] = {}
+        for layer in self.shared:
+            try:
+                out.update(layer.lookup_own(fingerprint, key))
+            except StoreError:
+                continue
+        out.update(self.lookup_own(fingerprint, key))
+        return out
+
+    def lookup_own(self, fingerprint: str, key: str) -> dict[str, Measurement]:
+        """This database's valid rows for ``key`` in this environment (not the shared layers)."""
+        eid = self.environment_id(fingerprint, create=False)
+        if eid is None:
+            return {}
+        m = measurement_table
+        q = (sa.select(*_bounded([m.c[f] for f in MEASUREMENT_FIELDS], self.dialect))
+             .where(m.c.environment_id == eid, m.c.problem_key == key).limit(MAX_BACKENDS_PER_KEY))
+        out = {}
+        with self._db_errors(), self.engine.connect() as c:
+            for r in c.execute(q).mappings():
+                meas = _row_to_measurement(r)
+                if measurement_error(meas) is None:  # bad data from elsewhere is ignored, never trusted
+                    out[meas.backend] = meas
+        return out
+
+    def save(self, fingerprint: str, info: dict, key: str, measurements: Iterable[Measurement]) -> None:
+        """Upsert one row per backend (a re-measurement replaces the older row of the same environment).
+
+        Safe with many processes writing at once: retried with backoff on lock contention / deadlocks."""
+        self.upsert_many(fingerprint, info, [(key, m) for m in measurements])
+
+    def upsert_many(self, fingerprint: str, info: dict | None, rows: Sequence[tuple[str, Measurement]],
+                    *, chunk: int = 500) -> None:
+        """Write ``(problem key, measurement)`` rows of one environment in one transaction, replacing rows of
+        the same (key, backend). The environment is created from ``info`` if missing."""
+        if self.readonly:
+            raise StoreError(f"{self.display_url} is read-only")
+        rows = sorted(rows, key=lambda r: (r[0], r[1].backend))  # one lock order for every writer
+        if not rows:
+            return
+
+        def write():
+            with self._write.begin() as c:
+                _writable_version(c, self.display_url)
+                # Resolved inside the write transaction, never from a cache: a pruned environment's id can be
+                # reused by SQLite for another environment.
+                eid = _environment_id_in(c, fingerprint, info)
+                dicts = [dict(environment_id=eid, problem_key=k, **dataclasses.asdict(m)) for k, m in rows]
+                for i in range(0, len(dicts), chunk):
+                    _upsert(c, dicts[i:i + chunk])
+                return eid
+        with self._db_errors():
+            self._env_ids[fingerprint] = retrying(write, deadline_s=self.timeout_s)
+
+    def evidence(self, fingerprint: str, pairs: Sequence[tuple[str, str]]) -> dict[tuple[str, str], tuple[int, float]]:
+        """``{(problem key, backend): (samples, measured_at)}`` of the rows of ``pairs`` this database holds in
+        the environment ``fingerprint`` (for the conflict rule of imports and merges)."""
+        t, m = environment_table, measurement_table
+        out: dict[tuple[str, str], tuple[int, float]] = {}
+        keys = sorted({k for k, _ in pairs})
+        wanted = set(pairs)
+        with self._db_errors(), self.engine.connect() as c:
+            for i in range(0, len(keys), 200):
+                q = (sa.select(m.c.problem_key, m.c.backend, m.c.samples, m.c.measured_at)
+                     .join(t, t.c.id == m.c.environment_id)
+                     .where(t.c.fingerprint == fingerprint, m.c.problem_key.in_(keys[i:i + 200])))
+                for r in c.execute(q):
+                    if (r.problem_key, r.backend) in wanted:
+                        out[(r.problem_key, r.backend)] = (r.samples or 0, r.measured_at or 0.0)
+        return out
+
+    def iter_rows(self, *, fingerprint: str | None = None, since: float | None = None
+                  ) -> Iterator[tuple[dict, str, Measurement]]:
+        """Every (environment fields, problem key, measurement) of this database (not the shared layers), streamed
+        in (environment, key, backend) order, every text read bounded; not validated. Rows of one environment
+        share one (read-only) environment dict."""
+        e, m = environment_table, measurement_table
+        cols = _bounded([e.c.fingerprint, *[e.c[f] for f in ENV_FIELDS], m.c.problem_key,
+                         *[m.c[f] for f in MEASUREMENT_FIELDS]], self.dialect)
+        q = (sa.select(*cols).join(e, e.c.id == m.c.environment_id)
+             .order_by(m.c.environment_id, m.c.problem_key, m.c.backend))
+        if fingerprint:
+            q = q.where(e.c.fingerprint == fingerprint)
+        if since is not None:
+            q = q.where(m.c.measured_at >= since)
+        n_env = 1 + len(ENV_FIELDS)
+        head, env = None, {}
+        with self._db_errors(), self.engine.connect() as c:
+            for r in c.execution_options(yield_per=1000).execute(q):
+                if r[:n_env] != head:  # rows come grouped by environment: one dict per environment
+                    head = r[:n_env]
+                    env = dict(zip(("fingerprint", *ENV_FIELDS), head))
+                m = Measurement(*r[n_env + 1:])  # MEASUREMENT_FIELDS, in the dataclass's order
+                if m.detail is None:
+                    m.detail = ""
+                if m.tuned_shape is None:
+                    m.tuned_shape = ""
+                yield env, r[n_env], m
+
+    def rows(self, *, fingerprint: str | None = None) -> list[tuple[dict, str, Measurement]]:
+        """``list(iter_rows())``: for small databases and tests."""
+        return list(self.iter_rows(fingerprint=fingerprint))
+
+    def counts(self) -> dict[str, int]:
+        with self._db_errors(), self.engine.connect() as c:
+            out = {"environments": c.execute(sa.select(sa.func.count()).select_from(environment_table)).scalar(),
+                   "measurements": c.execute(sa.select(sa.func.count()).select_from(measurement_table)).scalar()}
+            if self.version >= 2:
+                out["decisions"] = c.execute(sa.select(sa.func.count()).select_from(decision_table)).scalar()
+            return out
+
+    def prune(self, *, scope: Iterable[str] | None = None, stale: Iterable[str] = (), failed: bool = False,
+              older_than: float | None = None, decisions: bool = False, dry_run: bool = False) -> PruneResult:
+        """Delete the rows of the ``stale`` environments; in the ``scope`` environments (fingerprints; None: all)
+        rows that are not ok (``failed``) or measured before ``older_than``, and rank ``decisions``; then every
+        environment of the scope left without rows. ``dry_run`` does the same work and rolls it back."""
+        if self.readonly:
+            raise StoreError(f"{self.display_url} is read-only")
+        e, m, d = environment_table, measurement_table, decision_table
+        stale, scope_fps = set(stale), (None if scope is None else set(scope))
+        row_cond = ([m.c.status != "ok"] if failed else []) + ([m.c.measured_at < older_than]
+                                                                if older_than is not None else [])
+
+        def work():
+            with self._write.connect() as c:
+                trans = c.begin()
+                _writable_version(c, self.display_url)
+                ids = {fp: i for i, fp in c.execute(sa.select(e.c.id, e.c.fingerprint))}
+                scope_ids = list(ids.values()) if scope_fps is None else [ids[f] for f in scope_fps if f in ids]
+                res = PruneResult()
+                stale_ids = {ids[f]: f for f in stale if f in ids}
+                if stale_ids:
+                    for eid, n in c.execute(sa.select(m.c.environment_id, sa.func.count()).where(
+                            m.c.environment_id.in_(stale_ids)).group_by(m.c.environment_id)):
+                        res.removed_by_environment[stale_ids[eid]] = n
+                    res.removed += c.execute(sa.delete(m).where(m.c.environment_id.in_(stale_ids))).rowcount
+                if row_cond and scope_ids:
+                    res.removed += c.execute(sa.delete(m).where(m.c.environment_id.in_(scope_ids),
+                                                                sa.or_(*row_cond))).rowcount
+                if decisions and scope_ids:
+                    c.execute(sa.delete(d).where(d.c.environment_id.in_(scope_ids)))
+                empty = set(scope_ids) | set(stale_ids)
+                has_rows = sa.exists().where(m.c.environment_id == e.c.id)
+                gone = set(c.execute(sa.select(e.c.id).where(e.c.id.in_(empty or [-1]), ~has_rows)).scalars())
+                if gone:
+                    c.execute(sa.delete(d).where(d.c.environment_id.in_(gone)))
+                    c.execute(sa.delete(e).where(e.c.id.in_(gone)))
+                res.environments_removed = sorted(fp for fp, i in ids.items() if i in gone)
+                res.kept = c.execute(sa.select(sa.func.count()).select_from(m)).scalar()
+                trans.rollback() if dry_run else trans.commit()  # dry run: the same work, so exact counts
+                return res
+        with self._db_errors():
+            res = retrying(work, deadline_s=self.timeout_s)
+        self._env_ids.clear()
+        return res
+
+    # -- decisions (rank-consistent choices; see autosdpa.consensus) ------------------------------------
+    def decide(self, fingerprint: str, info: dict | None, key: str, backend: str, decided_by: str = "") -> str:
+        """Record ``backend`` for (environment, key) unless a decision exists (first writer wins); returns the
+        decision in force."""
+        if self.readonly:
+            raise StoreError(f"{self.display_url} is read-only")
+        d = decision_table
+
+        def write():
+            with self._write.begin() as c:
+                _writable_version(c, self.display_url)
+                eid = _environment_id_in(c, fingerprint, info)  # not cached: ids can be reused after a prune
+                stmt = _insert(c, d).values(environment_id=eid, problem_key=key, backend=backend,
+                                            decided_at=time.time(), decided_by=decided_by[:256])
+                if hasattr(stmt, "on_conflict_do_nothing"):
+                    c.execute(stmt.on_conflict_do_nothing(index_elements=["environment_id", "problem_key"]))
+                elif c.execute(sa.select(d.c.backend).where(d.c.environment_id == eid,
+                                                            d.c.problem_key == key)).scalar() is None:
+                    c.execute(stmt)
+                return c.execute(sa.select(sa.func.substr(d.c.backend, 1, TEXT_READ_LIMITS["backend"])).where(
+                    d.c.environment_id == eid, d.c.problem_key == key)).scalar()
+        with self._db_errors():
+            return retrying(write, deadline_s=self.timeout_s)
+
+    def decisions(self) -> list[dict]:
+        """Every decision: {"fingerprint", "problem_key", "backend", "decided_at", "decided_by"} (bounded)."""
+        e, d = environment_table, decision_table
+        q = sa.select(*_bounded([e.c.fingerprint, d.c.problem_key, d.c.backend], self.dialect), d.c.decided_at,
+                      sa.func.substr(d.c.decided_by, 1, 256).label("decided_by")).join(
+            e, e.c.id == d.c.environment_id).order_by(e.c.fingerprint, d.c.problem_key)
+        with self._db_errors(), self.engine.connect() as c:
+            return [dict(r) for r in c.execute(q).mappings()]
+
+    def set_decisions(self, decisions: Iterable[dict]) -> int:
+        """Overwrite decisions with ``decisions`` (dicts as from ``decisions()``); environments must exist
+        here or are created from ``info`` when given. Returns how many were written."""
+        items = []
+        for dec in decisions:
+            eid = self.environment_id(dec["fingerprint"], dec.get("info"), create=bool(dec.get("info")))
+            if eid is not None:
+                items.append(dict(environment_id=eid, problem_key=dec["problem_key"], backend=dec["backend"],
+                                  decided_at=float(dec.get("decided_at") or time.time()),
+                                  decided_by=str(dec.get("decided_by", ""))[:256]))
+        if not items:
+            return 0
+        d = decision_table
+
+        def write():
+            with self._write.begin() as c:
+                _writable_version(c, self.display_url)
+                for it in sorted(items, key=lambda i: (i["environment_id"], i["problem_key"])):
+                    c.execute(sa.delete(d).where(d.c.environment_id == it["environment_id"],
+                                                 d.c.problem_key == it["problem_key"]))
+                    c.execute(sa.insert(d), it)
+        with self._db_errors():
+            retrying(write, deadline_s=self.timeout_s)
+        return len(items)
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.dispose()
+        for s in self.shared:
+            s.close()

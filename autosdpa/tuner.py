@@ -1,30 +1,44 @@
-"""First-sight tuning: check every eligible backend against the reference, time the survivors side by
-side, and pick the winner (near-ties go to PyTorch's own choice, so decisions are stable)."""
+"""First-sight tuning: check every eligible backend against one shared reference, time the survivors side by
+side within a hard time budget, and pick the winner (near-ties go to PyTorch's own choice, so decisions are
+stable)."""
 from __future__ import annotations
 
 import dataclasses
 import logging
-import math
-import os
+from typing import Callable
 
 import torch
+from torch import Tensor
 
 from .backends.base import Backend, Call
-from .reference import GRAD_FACTOR, max_error, reference_attention, tolerance
+from .backends.torch_backends import pytorch_choice as _pytorch_choice
+from .checks import Check, InvalidInputs, is_oom
+from .rounds import Rounds, run_rounds
 from .store import Measurement
-from .timing import summarize, time_interleaved
+from .timing import CPU_SAMPLE_S, Timer, summarize, timer_for
 
 log = logging.getLogger("autosdpa")
 
 TIE_TOLERANCE = 0.03  # at least 3%: below that, a "win" is usually noise between runs
 
+__all__ = ["Decision", "InvalidInputs", "TIE_TOLERANCE", "TuneConfig", "choose", "measure"]
+
+_FROM_CALL = object()  # measure(pytorch_choice=...) default: ask PyTorch for this call
+
 
 @dataclasses.dataclass
 class TuneConfig:
-    budget_s: float = 1.0          # timing time per problem (checks and warm-up come on top)
+    budget_s: float = 1.0          # hard cap on all of measure(): reference, checks, warm-up and timing
     memory_fraction: float = 0.8   # of free device memory a candidate may need
-    min_rounds: int = 5
+    min_rounds: int = 3            # samples each before the ranking may be called settled
     max_rounds: int = 50
+    stable_rounds: int = 3         # settled: the same winner over this many rounds (and clear of the noise)
+    dominance: float = 2.0         # after two samples, a candidate this many times slower than the best stops
+    cpu_sample_s: float = CPU_SAMPLE_S  # CPU: repetitions per sample sized to about this long
+    # A first call is "too slow" (skipped, not timed) only beyond the budget, ``dominance`` x the fastest first
+    # call, and this: first calls carry lazy initialisation, and a busy CPU makes small ones ~100 ms.
+    too_slow_s: float = 1.0
+    timer: Callable[[torch.device], Timer] | None = None  # makes the timer for a device (tests: fake clocks)
 
     @classmethod
     def from_env(cls) -> "TuneConfig":
@@ -48,8 +62,63 @@ class Decision:
         return f"{self.backend}: {self.reason}"
 
 
-class InvalidInputs(Exception):
-    """The reference itself rejects the inputs: F.sdpa will raise its own error for them."""
+def measure(call: Call, backends: list[Backend], config: TuneConfig | None = None, tuned_shape: str = "", *,
+            finish: Callable[[Tensor, str], Tensor] | None = None, timer: Timer | None = None,
+            pytorch_choice: str | None | object = _FROM_CALL) -> list[Measurement]:
+    """Check and time ``backends`` (all already eligible) on ``call``: one Measurement each, in their order.
+
+    - Correctness: each candidate's first call is compared with one reference shared by all (a part of the
+      call when the whole is large, see ``checks``). Wrong, non-finite, raising or out-of-memory candidates
+      are ``rejected`` with the reason in ``detail``; on CUDA the allocator cache is emptied after a failure.
+    - Budget: ``config.budget_s`` caps the whole of measure() -- reference, checks, warm-up, timing -- on the
+      timer's clock. After the deadline nothing new starts except the checked first call of a candidate not
+      yet checked (every candidate gets that one call: it is the evidence that it is right); a timing round
+      starts only if its estimated cost fits. So measure() returns by the budget plus at most about one call
+      (or one sample) per candidate. A candidate with no timing sample when the budget runs out keeps its
+      first (or warm-up) call as its one sample; so a call bigger than the budget gets 1-3 samples.
+    - A candidate whose first call took longer than the whole budget, ``config.too_slow_s`` and
+      ``config.dominance`` x the fastest first call is ``skipped`` ("too slow: ..."), not timed further.
+    - Timing stops early once the ranking is settled (see ``rounds``); a candidate clearly slower than the
+      leader after its first call and one or two samples stops being timed and keeps an ``ok`` row with them.
+    - ``finish(out, backend_name)`` is applied to each candidate's output inside the timed call (it is part
+      of what the user pays) and before the comparison; ``timer`` defaults to ``config.timer(device)``, else
+      the device's own (``timing``).
+    - ``pytorch_choice``: the backend PyTorch would pick (near-ties go to it); by default asked of PyTorch.
+    - Candidates whose workspace does not fit ``config.memory_fraction`` of free device memory: ``skipped``.
+    - Raises InvalidInputs when the reference rejects the inputs. KeyboardInterrupt (and any other
+      BaseException) propagates at once; no candidate is retried.
+    - The dispatcher never calls this with degenerate inputs (scale 0, empty tensors); empty inputs give
+      ``skipped`` rows all the same.
+    """
+    config = config or TuneConfig()
+    if timer is None:
+        dev = call.query.device
+        timer = config.timer(dev) if config.timer is not None else timer_for(dev, config.cpu_sample_s)
+    deadline = timer.now() + config.budget_s
+    rows: dict[str, Measurement] = {}
+    if any(t.numel() == 0 for t in (call.query, call.key, call.value)):
+        return [Measurement(b.name, "skipped", detail="empty input: nothing to check or time",
+                            tuned_shape=tuned_shape) for b in backends]
+    runnable = _fit_memory(call, backends, config, rows, tuned_shape)
+    q, k, v, xs, grad_out = _inputs(call)
+    check = Check(call, grad_out)
+    fns = {b.name: _timed_fn(b, call, (q, k, v), xs, grad_out, finish) for b in runnable}
+    first, errors = _check_all(fns, check, timer, rows, tuned_shape)
+    del check
+    _skip_too_slow(first, config, rows, tuned_shape)
+    fns = {n: fns[n] for n in first if n not in rows}
+    if pytorch_choice is _FROM_CALL:
+        try:
+            pytorch_choice = _pytorch_choice(call)
+        except Exception:  # only a tie-breaker: never a reason to fail the tuning
+            pytorch_choice = None
+    prefer = pytorch_choice if pytorch_choice in fns else None
+    res = run_rounds(fns, first, timer, deadline, config, lambda s: _leader(s, prefer), prefer, _describe)
+    _timed_rows(res, first, errors, call, rows, tuned_shape)
+    if call.query.is_cuda and res.failed:
+        torch.cuda.empty_cache()
+    log.debug("autosdpa: measured %s: %s after %s", tuned_shape, res.stopped, {n: len(s) for n, s in res.samples.items()})
+    return [rows[b.name] for b in backends if b.name in rows]
 
 
 def _free_bytes(device: torch.device) -> int | None:
@@ -59,105 +128,127 @@ def _free_bytes(device: torch.device) -> int | None:
     return None  # CPU: no reliable number; host memory is rarely the limit at tuning sizes
 
 
-def _is_oom(e: BaseException) -> bool:
-    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
-
-
-def measure(call: Call, backends: list[Backend], config: TuneConfig | None = None,
-            tuned_shape: str = "") -> list[Measurement]:
-    """Check and time ``backends`` (all already eligible) on ``call``; one Measurement each."""
-    config = config or TuneConfig()
-    device = call.query.device
-    results: dict[str, Measurement] = {}
-    free = _free_bytes(device)
+def _fit_memory(call: Call, backends: list[Backend], config: TuneConfig, rows: dict[str, Measurement],
+                tuned_shape: str) -> list[Backend]:
+    """The backends whose workspace fits; the others get a ``skipped`` row."""
+    free = _free_bytes(call.query.device)
     runnable = []
     for b in backends:
         need = b.workspace_bytes(call)
         if free is not None and need > config.memory_fraction * free:
-            results[b.name] = Measurement(b.name, "skipped", detail=f"needs ~{need / 2**30:.1f} GiB, "
-                                          f"{free / 2**30:.1f} GiB free", tuned_shape=tuned_shape)
+            rows[b.name] = Measurement(b.name, "skipped", detail=f"needs ~{need / 2**30:.1f} GiB, "
+                                       f"{free / 2**30:.1f} GiB free", tuned_shape=tuned_shape)
         else:
             runnable.append(b)
+    return runnable
 
-    train = call.needs_grad
+
+def _inputs(call: Call):
+    """(q, k, v detached; the inputs that need grad and one upstream gradient when training, else None)."""
     q, k, v = (t.detach() for t in (call.query, call.key, call.value))
-    if train:  # one upstream gradient (F.sdpa's output has q's shape with v's last dim) and one input set
-        g = torch.randn(*q.shape[:-1], v.shape[-1], generator=torch.Generator().manual_seed(0))
-        grad_out = g.to(device=device, dtype=q.dtype)
-        xs = tuple(t.clone().requires_grad_() for t in (q, k, v))
-    try:
-        if train:
-            rq, rk, rv = (t.detach().requires_grad_() for t in (q, k, v))
-            ref_call = dataclasses.replace(call, query=rq, key=rk, value=rv)
-            ref = reference_attention(ref_call)
-            ref_grads = torch.autograd.grad(ref, (rq, rk, rv), g.to(device=device, dtype=ref.dtype))
-        else:
-            with torch.no_grad():
-                ref = reference_attention(call)
-    except RuntimeError as e:
-        if _is_oom(e):
-            ref = None  # too big to check: time only, and say so
-            log.warning("autosdpa: reference too large to check %s; timing unchecked", tuned_shape)
-        else:
-            raise InvalidInputs(str(e)) from e
+    if not call.needs_grad:
+        return q, k, v, None, None
+    # F.sdpa's output has q's shape with v's last dim; autograd.grad returns gradients without accumulating.
+    g = torch.randn(*q.shape[:-1], v.shape[-1], generator=torch.Generator().manual_seed(0))
+    xs = tuple(t.clone().requires_grad_() for t in (q, k, v))
+    return q, k, v, xs, g.to(device=q.device, dtype=q.dtype)
 
-    tol = tolerance(call)
-    fns = {}
+
+def _timed_fn(b: Backend, call: Call, qkv, xs, grad_out, finish) -> Callable[[], tuple[Tensor, tuple]]:
+    """One call of ``b`` as the user pays it: run, finish (layout copy), and backward when training."""
+    name, run = b.name, b.run
+    rest = (call.attn_mask, call.dropout_p, call.is_causal, call.scale, call.enable_gqa)
+    if xs is not None:
+        def fn():
+            out = run(*xs, *rest)
+            if finish is not None:
+                out = finish(out, name)
+            return out, torch.autograd.grad(out, xs, grad_out)
+        return fn
+    q, k, v = qkv
+
+    def fn():
+        with torch.no_grad():
+            out = run(q, k, v, *rest)
+            return (out if finish is None else finish(out, name)), ()
+    return fn
+
+
+def _describe(e: Exception) -> str:
+    if is_oom(e):
+        return "out of memory"
+    first = str(e).splitlines()[0] if str(e) else ""
+    return f"{type(e).__name__}: {first}"[:500]
+
+
+def _check_all(fns, check: Check, timer: Timer, rows: dict[str, Measurement], tuned_shape: str
+               ) -> tuple[dict[str, float], dict[str, float | None]]:
+    """Run each candidate once and judge it: ({passed: seconds of that first call}, {passed: max error}).
+    Every candidate gets this call even past the budget: it is the evidence that it is right."""
+    first: dict[str, float] = {}
     errors: dict[str, float | None] = {}
-    for b in runnable:
-        if train:
-            def fn(b=b):  # autograd.grad returns the gradients without accumulating into xs
-                out = b.run(xs[0], xs[1], xs[2], call.attn_mask, call.dropout_p, call.is_causal, call.scale,
-                            call.enable_gqa)
-                return out, torch.autograd.grad(out, xs, grad_out)
-        else:
-            def fn(b=b):
-                with torch.no_grad():
-                    return b.run(q, k, v, call.attn_mask, call.dropout_p, call.is_causal, call.scale,
-                                 call.enable_gqa), ()
+    cuda = check.call.query.is_cuda
+    for name, fn in fns.items():
         try:
+            t0 = timer.now()
             out, grads = fn()
-            err = None
-            if ref is not None and call.dropout_p == 0:
-                err = max_error(out, ref)
-                for gr, rgr in zip(grads, ref_grads if train else ()):
-                    err = max(err, max_error(gr, rgr) / GRAD_FACTOR)
-                if not err <= tol:
-                    results[b.name] = Measurement(
-                        b.name, "rejected", max_error=None if math.isinf(err) else err, tuned_shape=tuned_shape,
-                        detail=f"wrong result: error {err:.3g} vs reference exceeds tolerance {tol:.3g}")
-                    continue
-            elif call.dropout_p and not bool(torch.isfinite(out).all()):
-                results[b.name] = Measurement(b.name, "rejected", detail="non-finite output",
-                                              tuned_shape=tuned_shape)
-                continue
-            errors[b.name] = err
-            fns[b.name] = fn
+            timer.sync()
+            seconds = timer.now() - t0
+            err, reason = check.judge(out, grads)
         except Exception as e:  # any failure only disqualifies this candidate
-            detail = "out of memory" if _is_oom(e) else f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            results[b.name] = Measurement(b.name, "rejected", detail=detail[:500], tuned_shape=tuned_shape)
-            if device.type == "cuda":
+            reason, err = _describe(e), None
+        out = grads = None  # a failed candidate's memory goes before the next one runs
+        if reason is not None:
+            rows[name] = Measurement(name, "rejected", max_error=err, detail=reason, tuned_shape=tuned_shape)
+            if cuda:
                 torch.cuda.empty_cache()
-    del ref
-    try:
-        samples = time_interleaved(fns, device, budget_s=config.budget_s, min_rounds=config.min_rounds,
-                                   max_rounds=config.max_rounds)
-    except Exception as e:  # one candidate failing mid-timing: time the rest without it
-        log.warning("autosdpa: timing failed (%s); retrying one by one", e)
-        samples = {}
-        for name, fn in fns.items():
-            try:
-                samples.update(time_interleaved({name: fn}, device, budget_s=config.budget_s / max(1, len(fns)),
-                                                min_rounds=config.min_rounds, max_rounds=config.max_rounds))
-            except Exception as e2:
-                results[name] = Measurement(name, "rejected", detail=f"failed while timing: {e2}"[:500],
-                                            tuned_shape=tuned_shape)
-    for name, s in samples.items():
+            continue
+        first[name], errors[name] = max(seconds, 1e-9), err
+    return first, errors
+
+
+def _skip_too_slow(first: dict[str, float], config: TuneConfig, rows: dict[str, Measurement], tuned_shape: str
+                   ) -> None:
+    """A first call longer than the whole budget and ``too_slow_s``, and over ``dominance`` x another
+    candidate's: not timed. On a GPU this is often a cold compile; a later process finds it cached."""
+    if not first:
+        return
+    fastest = min(first.values())
+    for name, s in first.items():
+        if s > max(config.budget_s, config.too_slow_s) and s > config.dominance * fastest:
+            rows[name] = Measurement(name, "skipped", tuned_shape=tuned_shape, detail=(
+                f"too slow: its first call took {_fmt(s)}, more than the whole tuning budget ({_fmt(config.budget_s)}) "
+                f"and {s / fastest:.1f}x the fastest candidate's first call; not timed"))
+
+
+def _leader(samples: dict[str, list[float]], prefer: str | None) -> str | None:
+    """choose()'s answer on the samples so far."""
+    meas = {}
+    for n, s in samples.items():
         med, spread = summarize(s)
-        results[name] = Measurement(name, "ok", med, spread, len(s), errors.get(name),
-                                    "" if errors.get(name) is not None or call.dropout_p == 0 else
-                                    "dropout: output not compared", tuned_shape)
-    return [results[b.name] for b in backends if b.name in results]
+        meas[n] = Measurement(n, "ok", max(med, 1e-9), spread, len(s))
+    return choose(meas, list(meas), prefer if prefer in meas else None)[0]
+
+
+def _timed_rows(res: Rounds, first: dict[str, float], errors: dict[str, float | None], call: Call,
+                rows: dict[str, Measurement], tuned_shape: str) -> None:
+    for name in first:
+        if name in rows:
+            continue
+        if name in res.failed:
+            rows[name] = Measurement(name, "rejected", detail=res.failed[name], tuned_shape=tuned_shape)
+            continue
+        notes = [res.notes[name]] if name in res.notes else []
+        samples = res.samples.get(name) or []
+        if not samples:  # the budget ran out first: its first (or faster warm-up) call is its one sample
+            samples = [res.est.get(name, first[name])]
+            notes.append("one sample: its first call (tuning budget spent)")
+        if call.dropout_p:
+            notes.append("dropout: output not compared")
+        med, spread = summarize(samples)
+        med = max(med, 1e-9)  # an ok row needs a positive time; a coarse or fake clock can read 0
+        rows[name] = Measurement(name, "ok", med, spread, len(samples), errors.get(name), "; ".join(notes),
+                                 tuned_shape)
 
 
 def choose(measurements: dict[str, Measurement], candidates: list[str], pytorch_choice: str | None

@@ -5,30 +5,10 @@ Shape spec (one problem, comma-separated ``field=value`` items and bare flags)::
 
     b=8,hq=32,hkv=8,lq=4096,lk=4096,d=128,dtype=bf16,causal,train
 
-=========  ==========================================================  ==================
-field      meaning                                                     default
-=========  ==========================================================  ==================
-b          batch (all leading dims folded)                             1
-hq         query heads (alias ``h``)                                   1
-hkv        key/value heads                                             hq
-lq         query length (alias ``l``)                                  required
-lk         key/value length                                            lq
-d          head dim of q and k                                         64
-dv         head dim of v                                               d
-dtype      fp16 | bf16 | fp32 | fp64 (aliases: half, float16, ...)     the command's default
-causal     bare flag = top-left causal (``is_causal=True``);           none
-           ``causal=br`` bottom-right (``causal_lower_right``);
-           ``causal=none|tl|br``
-mask       ``none`` or ``bool:PATTERN`` / ``float:PATTERN``, PATTERN   none
-           of B/H/Q/K with ``1`` for broadcast dims (``bool:B11K``)
-dropout    bare flag, or ``dropout=0.1`` (any value > 0 means dropout)  off
-gqa        pass ``enable_gqa=True``; automatic when hq != hkv          auto
-train      time forward + backward                                     off
-layout     bhld | blhd | strided | nd3 | nd5+                          bhld
-det        deterministic algorithms on                                 off
-=========  ==========================================================  ==================
-
-Bare flags also accept ``=0/1/true/false``. A full problem key (``fwd|bf16|B=8|...``) is accepted as a spec too.
+The fields are those of the problem key (``autosdpa.problem.FIELDS``, by their ``spec`` names), with the
+defaults and spellings of the spec language in ``FIELDS`` below (printed by ``autosdpa tune --help``, and in
+docs/cli.md). Bare flags also accept ``=0/1/true/false``. A full problem key (``fwd|bf16|B=8|...``) is
+accepted as a spec too.
 
 Workload file (TOML or JSON, the same structure)::
 
@@ -58,7 +38,6 @@ import hashlib
 import itertools
 import json
 import os
-import re
 from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable
@@ -71,7 +50,7 @@ except ModuleNotFoundError:  # Python 3.10
     except ModuleNotFoundError:  # pragma: no cover
         tomllib = None  # type: ignore[assignment]
 
-from .problem import DTYPES, LAYOUTS, Problem
+from .problem import DTYPES, FIELDS as KEY_FIELDS, LAYOUTS, Problem
 
 __all__ = ["WorkloadError", "WorkItem", "parse_shape", "problem_from_fields", "load_file", "list_presets",
            "load_preset", "load_recording", "shard", "parse_shard", "dedupe_canonical", "canonical", "apply_overrides", "normalize_dtype",
@@ -89,29 +68,33 @@ class WorkItem:
     origin: str = ""    # "--shape", "file.toml", "preset llama3-8b", "rec.jsonl:3"
 
 
-#: field -> (help, default description); the table printed by ``--help`` and docs/cli.md.
-FIELDS: dict[str, tuple[str, str]] = {
-    "b": ("batch (all leading dims folded)", "1"),
-    "hq": ("query heads (alias h)", "1"),
-    "hkv": ("key/value heads", "hq"),
-    "lq": ("query length (alias l)", "required"),
-    "lk": ("key/value length", "lq"),
-    "d": ("head dim of q and k", "64"),
-    "dv": ("head dim of v", "d"),
-    "dtype": ("fp16|bf16|fp32|fp64", "bf16 on CUDA, fp32 on CPU"),
-    "causal": ("flag: top-left causal; causal=br: bottom-right", "none"),
-    "mask": ("none | bool:PATTERN | float:PATTERN (e.g. bool:B11K)", "none"),
-    "dropout": ("flag or dropout=P (P>0 means dropout)", "off"),
-    "gqa": ("flag: enable_gqa=True", "auto (hq != hkv)"),
-    "train": ("flag: time forward + backward", "off"),
-    "layout": ("bhld|blhd|strided|nd3|nd5+", "bhld"),
-    "det": ("flag: deterministic algorithms", "off"),
+#: What a shape spec means where the key's own help would not say it: flags, spellings, aliases.
+_SPEC_HELP = {
+    "train": "flag: time forward + backward",
+    "dtype": "fp16|bf16|fp32|fp64 (aliases: half, float16, ...)",
+    "hq": "query heads (alias h)",
+    "lq": "query length (alias l)",
+    "causal": "flag: top-left causal; causal=br: bottom-right",
+    "mask": "none | bool:PATTERN | float:PATTERN (e.g. bool:B11K)",
+    "dropout": "flag or dropout=P (P>0 means dropout)",
+    "gqa": "flag: enable_gqa=True",
+    "deterministic": "flag: deterministic algorithms",
+    "tokens": "jagged layout only: total query tokens",
 }
+#: Defaults of the spec language (they differ from Problem's: lk follows lq, hkv follows hq, ...).
+_SPEC_DEFAULTS = {"train": "off", "dtype": "bf16 on CUDA, fp32 on CPU", "batch": "1", "hq": "1", "hkv": "hq",
+                  "lq": "required", "lk": "lq", "d": "64", "dv": "d", "causal": "none", "mask": "none",
+                  "dropout": "off", "gqa": "auto (hq != hkv)", "layout": "bhld", "deterministic": "off",
+                  "tokens": "-"}
+#: spec name -> (help, default): one row per field of the problem key, in the key's order.
+FIELDS: dict[str, tuple[str, str]] = {f.spec: (_SPEC_HELP.get(f.attr, f.help), _SPEC_DEFAULTS[f.attr])
+                                      for f in KEY_FIELDS}
+_ATTR = {f.spec: f.attr for f in KEY_FIELDS}  # spec name -> Problem attribute
 _ALIASES = {"batch": "b", "h": "hq", "heads": "hq", "l": "lq", "seq": "lq", "kv_heads": "hkv",
             "head_dim": "d", "drop": "dropout", "deterministic": "det", "bwd": "train", "enable_gqa": "gqa",
             "is_causal": "causal"}
-_INT_FIELDS = ("b", "hq", "hkv", "lq", "lk", "d", "dv")
-_BOOL_FIELDS = ("gqa", "train", "det")
+_INT_FIELDS = tuple(f.spec for f in KEY_FIELDS if type(getattr(Problem, f.attr)) is int)
+_BOOL_FIELDS = tuple(f.spec for f in KEY_FIELDS if type(getattr(Problem, f.attr)) is bool and f.attr != "dropout")
 _DTYPE_ALIASES = {"fp16": "fp16", "float16": "fp16", "half": "fp16", "f16": "fp16",
                   "bf16": "bf16", "bfloat16": "bf16",
                   "fp32": "fp32", "float32": "fp32", "float": "fp32", "f32": "fp32",
@@ -158,6 +141,20 @@ def _as_int(name: str, value: Any) -> int:
     return n
 
 
+def _valid_mask(mask: str) -> bool:
+    """Whether ``mask`` is a mask kind the problem key accepts (Problem's own rule, not a copy of it)."""
+    try:
+        Problem(mask=mask)
+    except ValueError:
+        return False
+    return True
+
+
+def spec_help() -> str:
+    """Every shape-spec field: ``name: help, default D`` joined by ``; ``."""
+    return "; ".join(f"{name}: {help_}, default {default}" for name, (help_, default) in FIELDS.items())
+
+
 def problem_from_fields(fields: dict[str, Any], *, default_dtype: str = "fp32", where: str = "") -> Problem:
     """Spec fields (already split; values may be str, int, bool) -> Problem. Raises WorkloadError."""
     pre = f"{where}: " if where else ""
@@ -185,7 +182,7 @@ def problem_from_fields(fields: dict[str, Any], *, default_dtype: str = "fp32", 
         mask = str(norm.get("mask", "none")).strip()
         if mask.lower() == "none":
             mask = "none"
-        elif not re.fullmatch(r"(bool|float):[B1][H1][Q1][K1]", mask):
+        elif not _valid_mask(mask):
             raise WorkloadError(f"mask={mask!r}: expected none, bool:PATTERN or float:PATTERN where PATTERN is "
                                 "B/1, H/1, Q/1, K/1 in that order, 1 = broadcast (e.g. bool:B11K)")
         drop_v = norm.get("dropout", False)
@@ -213,7 +210,7 @@ def problem_from_fields(fields: dict[str, Any], *, default_dtype: str = "fp32", 
         return Problem(dtype=dtype, batch=ints.get("b", 1), hq=hq, hkv=hkv, lq=ints["lq"],
                        lk=ints.get("lk", ints["lq"]), d=d, dv=ints.get("dv", d), causal=causal_s, mask=mask,
                        dropout=dropout, gqa=gqa, train=flags.get("train", False), layout=layout,
-                       deterministic=flags.get("det", False))
+                       deterministic=flags.get("det", False), tokens=ints.get("tokens", 0))
     except WorkloadError as e:
         raise WorkloadError(f"{pre}{e}") from None
     except ValueError as e:  # Problem's own validation

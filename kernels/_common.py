@@ -48,16 +48,16 @@ def head_dim_reason(d: int, what: str = "head dim") -> str | None:
     return None
 
 
-def device_reason(t: torch.Tensor) -> str | None:
-    if t.device.type == "cuda":
+def device_reason(t: torch.Tensor, describe: bool = False) -> str | None:
+    if t.device.type == "cuda" or (describe and t.device.type == "meta"):
         return None
     if interpreting() and t.device.type == "cpu":
         return None
     return (f"device {t.device.type} is not supported (needs CUDA, or CPU under TRITON_INTERPRET=1)")
 
 
-def common_reasons(query, key, value, attn_mask, dropout_p, causal, enable_gqa) -> list[str]:
-    """Checks shared by every kernel in this package."""
+def common_reasons(query, key, value, attn_mask, dropout_p, causal, enable_gqa, describe=False) -> list[str]:
+    """Checks shared by every kernel in this package (``describe``: meta tensors pass, for launch plans)."""
     reasons: list[str] = []
     if not triton_available():
         reasons.append("triton is not installed")
@@ -68,7 +68,7 @@ def common_reasons(query, key, value, attn_mask, dropout_p, causal, enable_gqa) 
         reasons.append("inputs must be 4-D (batch, heads, seq, dim); got "
                        f"{query.dim()}-D/{key.dim()}-D/{value.dim()}-D")
         return reasons
-    r = device_reason(query)
+    r = device_reason(query, describe)
     if r:
         reasons.append(r)
     if not (query.device == key.device == value.device):
@@ -103,6 +103,7 @@ def common_reasons(query, key, value, attn_mask, dropout_p, causal, enable_gqa) 
             reasons.append(f"query heads {Hq} not a multiple of key/value heads {Hkv}")
     if Lq == 0 or Lk == 0 or B == 0 or Hq == 0:
         reasons.append("empty input")
+    reasons += _row_stride_reasons(tensors + ((attn_mask,) if isinstance(attn_mask, torch.Tensor) else ()))
     if attn_mask is not None:
         if not isinstance(attn_mask, torch.Tensor):
             reasons.append(f"attn_mask of type {type(attn_mask).__name__} not supported (pass a tensor)")
@@ -123,6 +124,18 @@ def common_reasons(query, key, value, attn_mask, dropout_p, causal, enable_gqa) 
                     reasons.append(f"attn_mask shape {tuple(attn_mask.shape)} does not broadcast to "
                                    f"{(B, Hq, Lq, Lk)}")
     return reasons
+
+
+#: Offsets inside a tile are 32-bit (block starts and batch/head offsets are 64-bit): a tile spans at most
+#: MAX_TILE_ROWS rows, so a row stride below 2^31 / MAX_TILE_ROWS keeps them exact.
+MAX_TILE_ROWS = 128
+
+
+def _row_stride_reasons(tensors) -> list[str]:
+    limit = 2**31 // MAX_TILE_ROWS
+    big = [t.stride(-2) for t in tensors if t.dim() >= 2 and limit <= abs(t.stride(-2)) < 2**31]
+    big += [t.stride(-1) for t in tensors[3:] if t.dim() >= 1 and limit <= abs(t.stride(-1)) < 2**31]
+    return [f"row stride {big[0]} is too large for 32-bit offsets inside a tile (at most {limit - 1})"] if big else []
 
 
 def prepare_mask(attn_mask, B, H, Lq, Lk):
@@ -164,3 +177,4 @@ def dot_precision(dtype) -> str:
 
 def cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
+

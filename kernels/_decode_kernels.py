@@ -1,6 +1,6 @@
 """Triton kernels for split-KV decoding (imported lazily; needs triton).
 
-Stage 1: grid (num_splits, B * Hkv). One program owns one KV split of one KV head and *all* query rows of
+Stage 1: grid (num_splits * B * Hkv,), splits fastest. One program owns one KV split of one KV head and *all* query rows of
 that KV group (G query heads x Lq queries, packed into BLOCK_M rows), so each K/V tile is read once per group.
 It writes a partial, normalised output (fp32) and its log-sum-exp (log2 units, -inf when empty) per split.
 Stage 2: grid (B * Hq * Lq,). Combines the splits with log-sum-exp weights.
@@ -11,9 +11,9 @@ import triton
 import triton.language as tl
 
 from ._common import interpreting
-from ._flash_kernels import _apply_mask
+from ._flash_kernels import _apply_mask, autotuned
 
-NEG_INF = float("-inf")
+NEG_INF = tl.constexpr(float("-inf"))  # a plain global is rejected by @jit (only constexpr globals)
 
 
 @triton.jit
@@ -27,8 +27,10 @@ def decode_split_kernel(Q, K, V, Msk, PO, PLSE,
                         DV_PAD: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr,
                         PRECISION: tl.constexpr, UPCAST: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    split = tl.program_id(0)
-    off_bhk = tl.program_id(1).to(tl.int64)
+    # one flat grid axis, splits fastest (B * Hkv can pass the 65,535 limit of grid axes 1 and 2)
+    pid = tl.program_id(0)
+    split = pid % NUM_SPLITS
+    off_bhk = tl.cast(pid // NUM_SPLITS, tl.int64)
     off_b = off_bhk // HKV
     off_hk = off_bhk % HKV
 
@@ -56,19 +58,22 @@ def decode_split_kernel(Q, K, V, Msk, PO, PLSE,
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, DV_PAD], dtype=tl.float32)
     offs_n0 = tl.arange(0, BLOCK_N)
+    kt_off = offs_n0[None, :] * stride_kn + offs_d[:, None]
+    v_off = offs_n0[:, None] * stride_vn + offs_dv[None, :]
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
+        n64 = tl.cast(start_n, tl.int64)  # Lk * stride can pass 2^31
         col_ok = offs_n < hi
-        kt = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None],
+        kt = tl.load(k_base + n64 * stride_kn + kt_off,
                      mask=col_ok[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :],
+        v = tl.load(v_base + n64 * stride_vn + v_off,
                     mask=col_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
         if UPCAST:
             kt = kt.to(tl.float32)
             v = v.to(tl.float32)
         s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
         if MASK_KIND != 0:
-            mp = m_rows + offs_n[None, :] * stride_mn
+            mp = m_rows + n64 * stride_mn + offs_n0[None, :] * stride_mn
             mm = row_ok[:, None] & col_ok[None, :]
             s = _apply_mask(s, mp, mm, MASK_KIND)
         if CAUSAL:
@@ -116,30 +121,5 @@ def decode_combine_kernel(PO, PLSE, O, stride_ob, stride_oh, stride_om, HQ, Lq, 
              out.to(O.dtype.element_ty), mask=offs_dv < HEAD_DIM_V)
 
 
-def _prune(configs, named_args, **kwargs):
-    args = {**named_args, **kwargs}
-    d_pad, dv_pad = args["D_PAD"], args["DV_PAD"]
-    esize = args["Q"].element_size()
-    kept = []
-    for c in configs:
-        bn = c.kwargs["BLOCK_N"]
-        smem = c.num_stages * bn * (d_pad + dv_pad) * esize
-        if smem > 160 * 1024 or (max(d_pad, dv_pad) >= 512 and bn > 32):
-            continue
-        if bn > max(16, args["split_len"]):
-            continue
-        kept.append(c)
-    return kept or [min(configs, key=lambda c: (c.kwargs["BLOCK_N"], c.num_stages))]
-
-
-DECODE_CONFIGS = [(64, 4, 3), (64, 4, 4), (128, 4, 3), (128, 8, 3), (32, 4, 4), (64, 8, 2), (32, 4, 2), (16, 4, 1)]
-SPLIT_GRANULE = 128     # split lengths are multiples of this (>= every BLOCK_N)
-INTERPRET_BLOCK_N = 16
-
-if interpreting():
-    split_kernel = None
-else:
-    split_kernel = triton.autotune(
-        configs=[triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s) for bn, w, s in DECODE_CONFIGS],
-        key=["HEAD_DIM", "HEAD_DIM_V", "MASK_KIND", "CAUSAL", "BLOCK_M", "K_BUCKET", "NUM_SPLITS", "PRECISION"],
-        prune_configs_by={"early_config_prune": _prune}, cache_results=True)(decode_split_kernel)
+SPLIT_KEY = ["HEAD_DIM", "HEAD_DIM_V", "MASK_KIND", "CAUSAL", "BLOCK_M", "K_BUCKET", "NUM_SPLITS", "PRECISION"]
+AUTOTUNED = {} if interpreting() else {"split": autotuned(decode_split_kernel, "split", SPLIT_KEY)}

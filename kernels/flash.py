@@ -5,6 +5,9 @@ Public API (4-D inputs, (batch, heads, seq, dim)):
     attention(q, k, v, attn_mask=None, causal="none", scale=None, enable_gqa=False) -> Tensor
     not_supported_reasons(query, key, value, attn_mask=None, dropout_p=0.0, causal="none",
                           enable_gqa=False, needs_grad=False) -> list[str]
+    launches(q, k, v, attn_mask=None, causal="none", scale=None, enable_gqa=False, needs_grad=False)
+                                       -> list[Launch]   # what a call would launch, on meta tensors
+    ready(q, k, v, attn_mask=None, causal="none", enable_gqa=False, needs_grad=False) -> bool
 
 Importing this module does not import triton; the kernels are compiled on first use.
 """
@@ -15,8 +18,11 @@ import importlib
 import torch
 
 from . import _common as C
+from . import _configs
+from . import _launch as L
 
-__all__ = ["attention", "not_supported_reasons", "workspace_bytes"]
+__all__ = ["attention", "attention_with_lse", "not_supported_reasons", "workspace_bytes", "launches", "ready"]
+
 
 def _kernels():
     """The Triton kernel module, imported on first launch (importing it imports triton)."""
@@ -26,7 +32,11 @@ def _kernels():
 def not_supported_reasons(query, key, value, attn_mask=None, dropout_p=0.0, causal="none",
                           enable_gqa=False, needs_grad=False) -> list[str]:
     """Human-readable reasons why ``attention`` cannot run this call (empty list: eligible)."""
-    return C.common_reasons(query, key, value, attn_mask, dropout_p, causal, enable_gqa)
+    reasons = C.common_reasons(query, key, value, attn_mask, dropout_p, causal, enable_gqa)
+    if reasons or C.interpreting():
+        return reasons
+    kinds = ("fwd", "dkdv", "dq") if needs_grad else ("fwd",)
+    return _configs.config_reasons(kinds, query, key, value, attn_mask, L.smem_limit(query.device))
 
 
 def workspace_bytes(query, key, value, needs_grad=False) -> int:
@@ -40,85 +50,119 @@ def workspace_bytes(query, key, value, needs_grad=False) -> int:
     return n
 
 
-def _launch_meta(q, D, Dv, mask_kind, causal, Lq, Lk):
-    interp = C.interpreting()
-    upcast = interp and q.dtype == torch.bfloat16
-    precision = C.dot_precision(q.dtype)
+def _launch_meta(q, D, Dv, mask_kind, causal):
+    upcast = C.interpreting() and q.dtype == torch.bfloat16  # bf16 dots are wrong under the interpreter
     return dict(HEAD_DIM=D, HEAD_DIM_V=Dv, D_PAD=max(16, C.next_pow2(D)), DV_PAD=max(16, C.next_pow2(Dv)),
-                MASK_KIND=mask_kind, CAUSAL=causal != "none", PRECISION=precision, UPCAST=upcast)
+                MASK_KIND=mask_kind, CAUSAL=causal != "none", PRECISION=C.dot_precision(q.dtype), UPCAST=upcast)
 
 
 def _causal_off(causal, Lq, Lk):
     return (Lk - Lq) if causal == "bottom_right" else 0
 
 
-def _forward(q, k, v, mask, mask_kind, mstr, causal, sm_scale, G):
-    K = _kernels()
+def _strides(t, n=3):
+    return t.stride()[:n]
+
+
+def _fwd_launch(q, k, v, mask, mask_kind, mstr, causal, sm_scale, G, o, lse) -> L.Launch:
     B, Hq, Lq, D = q.shape
     Lk, Dv = k.shape[2], v.shape[3]
-    o = torch.empty((B, Hq, Lq, Dv), device=q.device, dtype=q.dtype)
-    lse = torch.empty((B, Hq, Lq), device=q.device, dtype=torch.float32)
-    meta = _launch_meta(q, D, Dv, mask_kind, causal, Lq, Lk)
-    m_arg = mask if mask is not None else q  # dummy pointer when there is no mask
-    args = (q, k, v, m_arg, o, lse,
-            q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
-            *mstr,
-            o.stride(0), o.stride(1), o.stride(2),
-            Hq, G, Lq, Lk, _causal_off(causal, Lq, Lk), sm_scale * C.LOG2E,
-            C.length_bucket(Lq), C.length_bucket(Lk))
-    if K.fwd is None:  # interpreter: fixed config
-        cfg = K.INTERPRET_FWD
-        grid = (triton_cdiv(Lq, cfg["BLOCK_M"]), B * Hq)
-        K.attn_fwd_kernel[grid](*args, **meta, **cfg)
-    else:
-        grid = lambda META: (triton_cdiv(Lq, META["BLOCK_M"]), B * Hq)  # noqa: E731
-        K.fwd[grid](*args, **meta)
+    names = ("stride_qb", "stride_qh", "stride_qm", "stride_kb", "stride_kh", "stride_kn",
+             "stride_vb", "stride_vh", "stride_vn", "stride_mb", "stride_mh", "stride_mm", "stride_mn",
+             "stride_ob", "stride_oh", "stride_om")
+    strides = (*_strides(q), *_strides(k), *_strides(v), *mstr, *_strides(o))
+    args = dict(Q=q, K=k, V=v, Msk=mask if mask is not None else q, O=o, LSE=lse, **dict(zip(names, strides)),
+                H=Hq, G=G, Lq=Lq, Lk=Lk, causal_off=_causal_off(causal, Lq, Lk), qk_scale=sm_scale * C.LOG2E,
+                Q_BUCKET=C.length_bucket(Lq), K_BUCKET=C.length_bucket(Lk))
+    return L.Launch("attn_fwd_kernel", "fwd", args, _launch_meta(q, D, Dv, mask_kind, causal), Lq, "BLOCK_M",
+                    B * Hq, tune_key=("Q_BUCKET", "K_BUCKET"))
+
+
+def _bwd_launches(do, q, k, v, o, lse, mask, mask_kind, mstr, causal, sm_scale, G, delta, dq, dk, dv):
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    meta = _launch_meta(q, D, Dv, mask_kind, causal)
+    dv_pad = meta["DV_PAD"]
+    # o and dO rows in fp32 registers: fewer rows and more warps for wide heads (no spills up to Dv=512)
+    pre = L.Launch("bwd_preprocess_kernel", None,
+                   dict(O=o, DO=do, Delta=delta, stride_ob=o.stride(0), stride_oh=o.stride(1),
+                        stride_om=o.stride(2), stride_db=do.stride(0), stride_dh=do.stride(1),
+                        stride_dm=do.stride(2), H=Hq, Lq=Lq),
+                   dict(HEAD_DIM_V=Dv, DV_PAD=dv_pad, BLOCK_M=max(16, min(PRE_BLOCK_M, 8192 // dv_pad))), Lq,
+                   "BLOCK_M", B * Hq, fixed=_configs.Cfg(None, None, 8 if dv_pad >= 256 else 4, 1))
+    ins = dict(Q=q, K=k, V=v, Msk=mask if mask is not None else q, DO=do, LSE=lse, Delta=delta)
+    common = dict(zip(("stride_qb", "stride_qh", "stride_qm", "stride_kb", "stride_kh", "stride_kn",
+                       "stride_vb", "stride_vh", "stride_vn", "stride_mb", "stride_mh", "stride_mm", "stride_mn",
+                       "stride_dob", "stride_doh", "stride_dom"),
+                      (*_strides(q), *_strides(k), *_strides(v), *mstr, *_strides(do))))
+    tail = dict(Lq=Lq, Lk=Lk, causal_off=_causal_off(causal, Lq, Lk), qk_scale=sm_scale * C.LOG2E,
+                sm_scale=sm_scale, Q_BUCKET=C.length_bucket(Lq), K_BUCKET=C.length_bucket(Lk))
+    keys = ("Q_BUCKET", "K_BUCKET")
+    dkdv_args = dict(**ins, DK=dk, DV=dv, **common,
+                     **dict(zip(("stride_dkb", "stride_dkh", "stride_dkn"), _strides(dk))),
+                     **dict(zip(("stride_dvb", "stride_dvh", "stride_dvn"), _strides(dv))), H=Hq, HKV=Hkv, G=G,
+                     **tail)
+    dq_args = dict(**ins, DQ=dq, **common, **dict(zip(("stride_dqb", "stride_dqh", "stride_dqm"), _strides(dq))),
+                   H=Hq, G=G, **tail)
+    return [pre,
+            L.Launch("attn_bwd_dkdv_kernel", "dkdv", dkdv_args, meta, Lk, "BLOCK_N", B * Hkv, tune_key=keys),
+            L.Launch("attn_bwd_dq_kernel", "dq", dq_args, meta, Lq, "BLOCK_M", B * Hq, tune_key=keys)]
+
+
+PRE_BLOCK_M = 64  # rows per program of the backward preprocess (fewer for Dv > 128)
+
+
+def _empty(shape, like, dtype=None):
+    return torch.empty(shape, device=like.device, dtype=dtype or like.dtype)
+
+
+def _forward(q, k, v, mask, mask_kind, mstr, causal, sm_scale, G):
+    B, Hq, Lq, _ = q.shape
+    o = _empty((B, Hq, Lq, v.shape[3]), q)
+    lse = _empty((B, Hq, Lq), q, torch.float32)
+    L.run(_fwd_launch(q, k, v, mask, mask_kind, mstr, causal, sm_scale, G, o, lse), _kernels())
     return o, lse
 
 
 def _backward(do, q, k, v, o, lse, mask, mask_kind, mstr, causal, sm_scale, G):
     K = _kernels()
-    B, Hq, Lq, D = q.shape
-    Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
     do = C.last_dim_contiguous(do)
-    meta = _launch_meta(q, D, Dv, mask_kind, causal, Lq, Lk)
-    delta = torch.empty((B, Hq, Lq), device=q.device, dtype=torch.float32)
-    PRE_M = 64
-    K.bwd_preprocess_kernel[(triton_cdiv(Lq, PRE_M), B * Hq)](
-        o, do, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2),
-        Hq, Lq, HEAD_DIM_V=Dv, DV_PAD=meta["DV_PAD"], BLOCK_M=PRE_M)
-    dq = torch.empty((B, Hq, Lq, D), device=q.device, dtype=q.dtype)
-    dk = torch.empty((B, Hkv, Lk, D), device=q.device, dtype=k.dtype)
-    dv = torch.empty((B, Hkv, Lk, Dv), device=q.device, dtype=v.dtype)
-    m_arg = mask if mask is not None else q
-    off = _causal_off(causal, Lq, Lk)
-    qk_scale = sm_scale * C.LOG2E
-    qb, kb = C.length_bucket(Lq), C.length_bucket(Lk)
-    common_in = (q.stride(0), q.stride(1), q.stride(2),
-                 k.stride(0), k.stride(1), k.stride(2),
-                 v.stride(0), v.stride(1), v.stride(2),
-                 *mstr,
-                 do.stride(0), do.stride(1), do.stride(2))
-    dkdv_args = (q, k, v, m_arg, do, lse, delta, dk, dv, *common_in,
-                 dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
-                 Hq, Hkv, G, Lq, Lk, off, qk_scale, sm_scale, qb, kb)
-    dq_args = (q, k, v, m_arg, do, lse, delta, dq, *common_in,
-               dq.stride(0), dq.stride(1), dq.stride(2),
-               Hq, G, Lq, Lk, off, qk_scale, sm_scale, qb, kb)
-    if K.bwd_dkdv is None:
-        cfg = K.INTERPRET_BWD
-        K.attn_bwd_dkdv_kernel[(triton_cdiv(Lk, cfg["BLOCK_N"]), B * Hkv)](*dkdv_args, **meta, **cfg)
-        K.attn_bwd_dq_kernel[(triton_cdiv(Lq, cfg["BLOCK_M"]), B * Hq)](*dq_args, **meta, **cfg)
-    else:
-        K.bwd_dkdv[lambda M: (triton_cdiv(Lk, M["BLOCK_N"]), B * Hkv)](*dkdv_args, **meta)
-        K.bwd_dq[lambda M: (triton_cdiv(Lq, M["BLOCK_M"]), B * Hq)](*dq_args, **meta)
+    delta = _empty(lse.shape, lse)
+    dq, dk, dv = _empty(q.shape, q), _empty(k.shape, k), _empty(v.shape, v)
+    for launch in _bwd_launches(do, q, k, v, o, lse, mask, mask_kind, mstr, causal, sm_scale, G, delta, dq, dk, dv):
+        L.run(launch, K)
     return dq, dk, dv
 
 
-def triton_cdiv(a: int, b: int) -> int:
-    return (a + b - 1) // b
+def launches(q, k, v, attn_mask=None, causal="none", scale=None, enable_gqa=False, needs_grad=False):
+    """The launches one call makes (forward, then preprocess, dK/dV and dQ when ``needs_grad``), described
+    without running anything: outputs and workspaces are meta tensors, so any size works. Raises
+    ``ValueError`` for an unsupported call or a grid CUDA cannot launch (checked by ``Launch.grid``)."""
+    q, k, v, mask, kind, mstr, sm_scale, G = _prepare(q, k, v, attn_mask, causal, scale, enable_gqa,
+                                                      describe=True)
+    B, Hq, Lq, _ = q.shape
+    meta = torch.device("meta")
+    o = torch.empty((B, Hq, Lq, v.shape[3]), device=meta, dtype=q.dtype)
+    lse = torch.empty((B, Hq, Lq), device=meta, dtype=torch.float32)
+    out = [_fwd_launch(q, k, v, mask, kind, mstr, causal, sm_scale, G, o, lse)]
+    if needs_grad:
+        do = torch.empty_like(o)
+        grads = [torch.empty(t.shape, device=meta, dtype=t.dtype) for t in (q, k, v)]
+        out += _bwd_launches(do, q, k, v, o, lse, mask, kind, mstr, causal, sm_scale, G, torch.empty_like(lse),
+                             *grads)
+    return out
+
+
+def ready(q, k, v, attn_mask=None, causal="none", enable_gqa=False, needs_grad=False) -> bool:
+    """True when every kernel this call launches was already compiled and autotuned for its key in this
+    process, so launching now neither compiles nor benchmarks (safe during CUDA-graph capture). Always True
+    under the interpreter; False on any doubt. The backward assumes a contiguous output gradient."""
+    if C.interpreting():
+        return True
+    try:
+        return all(x.launched() for x in launches(q, k, v, attn_mask, causal, None, enable_gqa, needs_grad))
+    except Exception:  # noqa: BLE001 - an unknown answer is "not ready": the caller falls back
+        return False
 
 
 class _FlashAttnFn(torch.autograd.Function):
@@ -139,10 +183,11 @@ class _FlashAttnFn(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None, None
 
 
-def _prepare(q, k, v, attn_mask, causal, scale, enable_gqa):
+def _prepare(q, k, v, attn_mask, causal, scale, enable_gqa, describe=False):
+    """Checked, kernel-ready inputs; ``describe``: meta tensors are fine (nothing will run)."""
     if causal not in C.CAUSAL_KINDS:
         raise ValueError(f"causal must be one of {C.CAUSAL_KINDS}, got {causal!r}")
-    reasons = C.common_reasons(q, k, v, attn_mask, 0.0, causal, enable_gqa)
+    reasons = C.common_reasons(q, k, v, attn_mask, 0.0, causal, enable_gqa, describe=describe)
     if reasons:
         raise ValueError("autosdpa_kernels: unsupported call: " + "; ".join(reasons))
     q, k, v = (C.last_dim_contiguous(t) for t in (q, k, v))

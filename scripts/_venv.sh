@@ -7,3 +7,9 @@ VENV=${AUTOSDPA_VENV:-.venv}
 python -c "import torch" 2>/dev/null || pip install -q torch==2.13.0
 pip install -q -e ".${1:+[$1]}"
 export OPENBLAS_NUM_THREADS=1
+# The device image's Triton (3.6) beside the venv's, for the sm_90a compile check in
+# tests/test_compile_kernels.py. Test set-up only ("dev"), so the quickstart stays fast.
+if [ "${1:-}" = dev ] && [ ! -d .triton36/triton ]; then
+  pip install -q --no-deps --target .triton36 triton==3.6.0 \
+    || echo "note: could not install triton 3.6.0 into .triton36; the compile check skips Triton 3.6"
+fi

@@ -136,6 +136,15 @@ class _TritonBackend(Backend):
         out = self._kmod().attention(q, k, v, attn_mask=mask, causal=causal, scale=scale, enable_gqa=enable_gqa)
         return out.squeeze(1) if squeeze else out
 
+    def ready(self, call: Call) -> bool:
+        """True when running this call now would neither compile nor autotune a kernel (it ran with the same
+        key in this process), so it is safe during CUDA-graph capture; False when unsure."""
+        kmod = self._kmod()
+        if kmod is None or self.not_supported_reasons(call):
+            return False
+        q, k, v, mask, _ = _to_4d(call.query, call.key, call.value, call.dense_mask)
+        return bool(kmod.ready(q, k, v, mask, call.causal, call.enable_gqa, call.needs_grad))
+
     def workspace_bytes(self, call: Call) -> int:
         kmod = self._kmod()
         q, k, v, _, _ = _to_4d(call.query, call.key, call.value, None)

@@ -4,24 +4,27 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import re
 import sys
 
 import click
 from rich.console import Console
 
+from ..text import fmt_seconds
 from ..workload import WorkItem, WorkloadError
 
 #: stdout (results) and stderr (progress, notes): with --json only JSON goes to stdout.
 out = Console(soft_wrap=False)
 err = Console(stderr=True)
 
-SHAPE_HELP = ("One problem as comma-separated fields, e.g. "
-              "'b=8,hq=32,hkv=8,lq=4096,d=128,dtype=bf16,causal,train'. Fields: b (batch, 1), hq (heads, 1), "
-              "hkv (kv heads, =hq), lq (query length, required), lk (=lq), d (head dim, 64), dv (=d), "
-              "dtype (fp16|bf16|fp32|fp64; default bf16 on CUDA, fp32 on CPU), causal (flag; causal=br for "
-              "bottom-right), mask (none|bool:B11K|float:...), dropout (flag or =P), gqa (flag, auto if hq!=hkv), "
-              "train (flag: forward+backward), layout (bhld|blhd|strided|nd3|nd5+), det (flag). "
-              "A full problem key is accepted too. Repeatable.")
+def _shape_help() -> str:
+    from ..workload import spec_help
+
+    return ("One problem as comma-separated fields, e.g. 'b=8,hq=32,hkv=8,lq=4096,d=128,dtype=bf16,causal,train'. "
+            f"Fields: {spec_help()}. A full problem key is accepted too. Repeatable.")
+
+
+SHAPE_HELP = _shape_help()
 
 
 def workload_options(fn):
@@ -135,20 +138,89 @@ def resolve_device(spec: str | None, param_hint: str = "--device"):
     return dev
 
 
-def use_db(db: str | None) -> None:
-    """Point this process (and worker processes it spawns) at ``db``; then open it, or fail clearly."""
-    from .. import dispatch
-    from ..store import StoreError
+# -- the dispatcher and the database ----------------------------------------------------------------------
 
-    if db:
-        os.environ["AUTOSDPA_DB"] = db
-        dispatch.reset()
-    try:
-        store = dispatch.get_store()
-    except StoreError as e:  # pragma: no cover - get_store falls back itself
-        raise click.ClickException(str(e)) from None
-    if store.url == "sqlite://" and db:
-        raise click.ClickException(f"cannot use the database {db!r} (see the warning above)")
+def _dispatcher():
+    from ..dispatch import dispatcher
+
+    return dispatcher
+
+
+def cli_settings():
+    """The settings of this command: ``Settings.from_env()``, read once per command line (bad values warn once)."""
+    from ..config import Settings
+
+    ctx = click.get_current_context(silent=True)
+    if ctx is None:
+        return Settings.from_env()
+    meta = ctx.find_root().meta
+    if "autosdpa.settings" not in meta:
+        meta["autosdpa.settings"] = Settings.from_env()
+    return meta["autosdpa.settings"]
+
+
+def settings_for(db: str | None = None):
+    """This command's settings, with ``--db`` (when given) in place of ``AUTOSDPA_DB``."""
+    settings = cli_settings()
+    return dataclasses.replace(settings, db=db) if db else settings
+
+
+def use_db(db: str | None):
+    """Point this process's dispatcher at ``db`` (default: ``AUTOSDPA_DB``, else the user cache file) and
+    return its store; a database that cannot be used is an ``Error:`` with exit status 1, whichever way it
+    was named. Never writes ``os.environ``."""
+    from ..store import Store, StoreError
+
+    settings = settings_for(db)
+    try:  # open it once ourselves: the dispatcher would fall back to memory with a warning instead
+        Store(settings.db, timeout_s=settings.db_timeout_s).close()
+    except StoreError as e:
+        where = "--db" if db else ("AUTOSDPA_DB" if settings.db else "the user cache")
+        raise click.ClickException(f"cannot use the database ({where}): {e}") from None
+    d = _dispatcher()
+    d.configure(settings)
+    return d.store()
+
+
+def current_store():
+    """The store the dispatcher uses now."""
+    return _dispatcher().store()
+
+
+def configure_dispatcher(settings) -> None:
+    """Point this process's dispatcher at ``settings`` (a worker process: its parent's, passed explicitly, not
+    through os.environ)."""
+    _dispatcher().configure(settings)
+
+
+GPU_HELP = ("Only environments whose device name contains NAME (case-insensitive, e.g. H100), of a device "
+            "type (cuda, cpu), or with a fingerprint starting with NAME; cuda:N names this machine's GPU N.")
+
+
+def gpu_filter_option(fn):
+    """``--gpu NAME`` (a filter on stored environments), with ``--device`` kept as a deprecated alias."""
+    @functools.wraps(fn)
+    def wrapper(*args, gpu, device_alias, **kwargs):
+        if device_alias is not None:
+            err.print("[yellow]warning:[/] --device is deprecated here (it filters stored environments); "
+                      "use --gpu", markup=True)
+            gpu = gpu or device_alias
+        return fn(*args, gpu=resolve_gpu_filter(gpu), **kwargs)
+    wrapper = click.option("--device", "device_alias", default=None, hidden=True,
+                           help="Deprecated alias of --gpu.")(wrapper)
+    return click.option("--gpu", default=None, metavar="NAME", help=GPU_HELP)(wrapper)
+
+
+def resolve_gpu_filter(pattern: str | None) -> str | None:
+    """``cuda:N`` / ``N`` -> the name of this machine's GPU N (other filters unchanged)."""
+    if pattern is None or not re.fullmatch(r"\s*(cuda:)?\d+\s*", pattern):
+        return pattern
+    import torch
+
+    idx = int(pattern.strip().split(":")[-1])
+    if not torch.cuda.is_available() or idx >= torch.cuda.device_count():
+        raise click.BadParameter(f"{pattern!r}: this machine has no CUDA device {idx}", param_hint="--gpu")
+    return torch.cuda.get_device_name(idx)
 
 
 def tune_config(budget: float | None):
@@ -167,14 +239,7 @@ def deterministic(on: bool):
     return deterministic_mode(on)
 
 
-def fmt_s(s: float | None) -> str:
-    if s is None:
-        return "-"
-    if s < 1e-3:
-        return f"{s * 1e6:.1f} µs"
-    if s < 1:
-        return f"{s * 1e3:.3f} ms"
-    return f"{s:.3f} s"
+fmt_s = fmt_seconds  # one formatter for the library and the command line
 
 
 def fmt_x(x: float | None) -> str:
@@ -182,19 +247,25 @@ def fmt_x(x: float | None) -> str:
 
 
 def short_key(key: str) -> str:
-    """A compact problem key for tables: ``fwd bf16 B=8 H=32/8 L=4096/4096 D=128 causal``."""
-    parts = key.split("|")
-    if len(parts) != 15:
+    """A compact problem key for tables: ``fwd bf16 B=8 H=32/8 L=4096/4096 D=128 causal`` (the key itself if
+    it does not parse)."""
+    from ..problem import FIELDS, Problem
+
+    try:
+        p = Problem.parse(key)
+    except ValueError:
         return key
-    f = dict(p.split("=", 1) for p in parts if "=" in p)
-    s = f"{parts[0]} {parts[1]} B={f['B']} H={f['Hq']}/{f['Hkv']} L={f['Lq']}/{f['Lk']} D={f['D']}"
-    if f["Dv"] != f["D"]:
-        s += f" Dv={f['Dv']}"
-    extra = [parts[9]] if parts[9] != "nocausal" else []
-    extra += [f"mask={f['mask']}"] if f["mask"] != "none" else []
-    extra += ["dropout"] if f["drop"] == "1" else []
-    extra += [f"layout={f['layout']}"] if f["layout"] != "bhld" else []
-    extra += ["det"] if f["det"] == "1" else []
+    word = {f.attr: f.format(getattr(p, f.attr)) for f in FIELDS}  # each field as the key writes it
+    s = f"{word['train']} {p.dtype} B={p.batch} H={p.hq}/{p.hkv} L={p.lq}/{p.lk} D={p.d}"
+    if p.dv != p.d:
+        s += f" Dv={p.dv}"
+    default = Problem()
+    extra = [word["causal"]] if p.causal != default.causal else []
+    extra += [word["mask"]] if p.mask != default.mask else []
+    extra += ["dropout"] if p.dropout else []
+    extra += [word["layout"]] if p.layout != default.layout else []
+    extra += ["det"] if p.deterministic else []
+    extra += [word["tokens"]] if p.tokens != default.tokens else []
     return " ".join([s, *extra])
 
 

@@ -4,17 +4,12 @@ from __future__ import annotations
 import datetime as _dt
 import json
 
-import re
-
 import click
 
 from . import main
+from ._common import gpu_filter_option, settings_for
 
 _DB_HELP = "Database to use (file path or SQLAlchemy URL); default: AUTOSDPA_DB, else the user cache file."
-
-
-def _fail(e: Exception) -> None:
-    raise click.ClickException(str(e))
 
 
 def _report(prefix: str, report, *, as_json: bool = False, extra: dict | None = None) -> None:
@@ -37,9 +32,15 @@ def _time(value: str | None, param: str) -> float | None:
         raise click.BadParameter(str(e), param_hint=param) from None
 
 
+def _run(fn, *args, **kwargs):
+    """Call a sharing function; a database or file that cannot be used is ``Error: ...``, exit status 1."""
+    from ..store import StoreError
 
-def _printable(v):
-    return re.sub(r"[\x00-\x1f\x7f]", "?", v) if isinstance(v, str) else v
+    try:
+        return fn(*args, **kwargs)
+    except StoreError as e:
+        raise click.ClickException(str(e)) from None
+
 
 @main.group()
 def db() -> None:
@@ -52,21 +53,35 @@ def db() -> None:
     """
 
 
+def _env_line(e: dict) -> str:
+    from ..text import printable
+
+    e = {k: printable(v) for k, v in e.items()}  # fields of a file from elsewhere: no control characters
+    dev = e["device_name"] + (f" (sm {e['capability']})" if e["device_type"] == "cuda" else "")
+    versions = f"torch {e['torch']}" + (f" cuda {e['cuda']}" if e["cuda"] else "") + (
+        f" triton {e['triton']} kernels {e['kernels']}" if e["kernels"] else "")
+    line = (f"  {e['fingerprint']}  {e['device_type']:<4} {dev}  {versions}: {e['problems']} problems, "
+            f"{e['ok']} ok, {e['rejected']} rejected, {e['skipped']} skipped"
+            + (f", {e['unknown_backends']} of unknown backends" if e["unknown_backends"] else ""))
+    if e.get("invalid"):
+        line += f"  [invalid: {e['invalid']}]"
+    if e.get("differs"):
+        line += f"\n      {e['differs']}"
+    return line
+
+
 @db.command("info")
 @click.argument("target", metavar="FILE_OR_URL")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 def info_cmd(target: str, as_json: bool) -> None:
-    """Schema version, environments, row counts and rows that would be rejected. Never writes to FILE.
+    """Schema version, environments (and what differs between environments of one device), row counts and
+    rows that would be rejected. Never writes to FILE; a file name is a path, even with '?' or '#' in it.
 
     Example: autosdpa db info tuning_db/h100.sqlite
     """
     from ..sharing import info
-    from ..store import StoreError
 
-    try:
-        data = info(target)
-    except StoreError as e:
-        _fail(e)
+    data = _run(info, target, timeout_s=settings_for().db_timeout_s)
     if as_json:
         click.echo(json.dumps(data, indent=2, default=str))
         return
@@ -75,13 +90,8 @@ def info_cmd(target: str, as_json: bool) -> None:
                f"{data['counts'].get('decisions', 0)} decisions")
     if data.get("newest_measurement"):
         click.echo(f"newest measurement: {_dt.datetime.fromtimestamp(data['newest_measurement']):%Y-%m-%d %H:%M}")
-    for e in data["environments"]:  # fields of a file from elsewhere: no control characters to the terminal
-        e = {k: _printable(v) for k, v in e.items()}
-        dev = e["device_name"] + (f" (sm {e['capability']})" if e["device_type"] == "cuda" else "")
-        click.echo(f"  {e['fingerprint']}  {e['device_type']:<4} {dev}  torch {e['torch']}"
-                   + (f" cuda {e['cuda']}" if e["cuda"] else "") + f" kernels {e['kernels']}: "
-                   f"{e['problems']} problems, {e['ok']} ok, {e['rejected']} rejected, {e['skipped']} skipped"
-                   + (f", {e['unknown_backends']} of unknown backends" if e["unknown_backends"] else ""))
+    for e in data["environments"]:
+        click.echo(_env_line(e))
     click.echo(f"valid rows {data['valid_rows']}, rejected {data['rejected']}")
     for r, n in sorted(data["reasons"].items(), key=lambda kv: -kv[1]):
         click.echo(f"  rejected {n}: {r}")
@@ -90,27 +100,22 @@ def info_cmd(target: str, as_json: bool) -> None:
 @db.command("export")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="New SQLite file to write.")
 @click.option("--db", "source", default=None, help="Database to export from. " + _DB_HELP)
-@click.option("--device", "--gpu", "device", default=None,
-              help="Only environments whose device name contains this (case-insensitive), or of this device "
-                   "type (cuda, cpu), or with this fingerprint.")
+@gpu_filter_option
 @click.option("--since", default=None, help="Only rows measured since: YYYY-MM-DD[THH:MM] or an age like 30d.")
 @click.option("--ok-only", is_flag=True, help="Leave out rejected/skipped rows.")
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def export_cmd(output: str, source: str | None, device: str | None, since: str | None, ok_only: bool,
+def export_cmd(output: str, source: str | None, gpu: str | None, since: str | None, ok_only: bool,
                force: bool, as_json: bool) -> None:
     """Write your measurements (validated, optionally filtered) to a self-contained SQLite file to share.
 
     Example: autosdpa db export --gpu H100 --since 2025-01-01 -o h100.sqlite
     """
     from ..sharing import export
-    from ..store import StoreError
 
-    try:
-        report = export(source, output, device=device, since=_time(since, "--since"), include_failed=not ok_only,
-                        force=force)
-    except StoreError as e:
-        _fail(e)
+    settings = settings_for(source)
+    report = _run(export, settings.db, output, gpu=gpu, since=_time(since, "--since"), include_failed=not ok_only,
+                  force=force, timeout_s=settings.db_timeout_s)
     _report(f"exported to {output}", report, as_json=as_json)
 
 
@@ -128,14 +133,12 @@ def import_cmd(files: tuple[str, ...], target: str | None, allow_unknown_backend
     Example: autosdpa db import h100.sqlite --dry-run
     """
     from ..sharing import Report, import_file
-    from ..store import StoreError
 
+    settings = settings_for(target)
     total = Report()
     for f in files:
-        try:
-            r = import_file(f, target, allow_unknown_backends=allow_unknown_backends, dry_run=dry_run)
-        except StoreError as e:
-            _fail(e)
+        r = _run(import_file, f, settings.db, allow_unknown_backends=allow_unknown_backends, dry_run=dry_run,
+                 timeout_s=settings.db_timeout_s)
         total += r
         if not as_json:
             _report(f"{'would import' if dry_run else 'imported'} {f}", r)
@@ -159,12 +162,9 @@ def merge_cmd(files: tuple[str, ...], output: str, allow_unknown_backends: bool,
     Example: autosdpa db merge node1.sqlite node2.sqlite -o fleet.sqlite
     """
     from ..sharing import merge_files
-    from ..store import StoreError
 
-    try:
-        total, each = merge_files(list(files), output, force=force, allow_unknown_backends=allow_unknown_backends)
-    except StoreError as e:
-        _fail(e)
+    total, each = _run(merge_files, list(files), output, force=force, allow_unknown_backends=allow_unknown_backends,
+                       timeout_s=settings_for().db_timeout_s)
     if as_json:
         _report("", total, as_json=True, extra={"files": {n: r.as_dict() for n, r in each}})
         return
@@ -175,34 +175,33 @@ def merge_cmd(files: tuple[str, ...], output: str, allow_unknown_backends: bool,
 
 @db.command("prune")
 @click.option("--db", "target", default=None, help="Database to prune. " + _DB_HELP)
+@click.option("--stale", is_flag=True, help="Drop environments this machine can never match again: its own "
+              "devices with an older torch/CUDA/cuDNN, or kernels/Triton other than the installed ones.")
 @click.option("--other-torch", is_flag=True, help="Drop environments measured with another torch version.")
-@click.option("--old-kernels", is_flag=True, help="Drop environments measured with other autosdpa kernel versions.")
+@click.option("--old-kernels", is_flag=True, help="Drop environments of kernel sources other than the installed.")
 @click.option("--failed", is_flag=True, help="Drop rows that did not measure ok (rejected, skipped).")
 @click.option("--older-than", default=None, help="Drop rows measured before: YYYY-MM-DD or an age like 90d.")
 @click.option("--decisions", is_flag=True, help="Drop rank decisions (distributed runs re-agree on next use).")
-@click.option("--device", "--gpu", "device", default=None, help="Only environments matching this device filter.")
+@gpu_filter_option
 @click.option("--dry-run", is_flag=True, help="Report what would be removed; change nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def prune_cmd(target: str | None, other_torch: bool, old_kernels: bool, failed: bool, older_than: str | None,
-              decisions: bool, device: str | None, dry_run: bool, as_json: bool) -> None:
-    """Drop stale data. With no selection, drops environments of other torch versions and old kernels.
+def prune_cmd(target: str | None, stale: bool, other_torch: bool, old_kernels: bool, failed: bool,
+              older_than: str | None, decisions: bool, gpu: str | None, dry_run: bool, as_json: bool) -> None:
+    """Drop stale data. With no selection, drops the environments this machine can never match again (--stale).
 
-    Example: autosdpa db prune --other-torch --failed --older-than 180d --dry-run
+    Example: autosdpa db prune --stale --failed --older-than 180d --dry-run
     """
     from ..sharing import prune
-    from ..store import StoreError
 
     cutoff = _time(older_than, "--older-than")
-    if not (other_torch or old_kernels or failed or cutoff is not None or decisions):
-        other_torch = old_kernels = True
-    try:
-        report = prune(target, other_torch=other_torch, old_kernels=old_kernels, failed=failed, older_than=cutoff,
-                       decisions=decisions, device=device, dry_run=dry_run)
-    except StoreError as e:
-        _fail(e)
+    if not (stale or other_torch or old_kernels or failed or cutoff is not None or decisions):
+        stale = True
+    settings = settings_for(target)
+    report = _run(prune, settings.db, stale=stale, other_torch=other_torch, old_kernels=old_kernels, failed=failed,
+                  older_than=cutoff, decisions=decisions, gpu=gpu, dry_run=dry_run, timeout_s=settings.db_timeout_s)
     if as_json:
         _report("", report, as_json=True, extra={"dry_run": dry_run})
         return
-    click.echo(f"{'would remove' if dry_run else 'removed'} {report.removed} rows and "
-               f"{report.environments_removed} environments; kept {report.kept} rows "
-               f"(added 0, replaced 0, rejected 0)")
+    click.echo(report.prune_line(dry_run))
+    for line in report.dropped:
+        click.echo(f"  {'would drop' if dry_run else 'dropped'} {line}")

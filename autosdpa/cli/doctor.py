@@ -2,53 +2,58 @@
 from __future__ import annotations
 
 import click
-import torch
-from rich.console import Console
 from rich.table import Table
 
 from . import main
+from ._common import current_store, out, print_json, resolve_device
+
+
+def _database_report(store) -> dict:
+    from ..store import StoreError
+
+    def counts(s):
+        try:
+            return s.counts()
+        except StoreError as e:  # doctor reports trouble rather than dying of it
+            return {"error": str(e)}
+    return {"database": store.display_url, "counts": counts(store),
+            "shared": [{"database": s.display_url, "counts": counts(s)} for s in store.shared]}
 
 
 @main.command()
-@click.option("--device", default=None, help="Device to inspect (default: cuda if available, else cpu).")
-def doctor(device: str | None) -> None:
+@click.option("--device", default=None, help="Device to inspect: cpu, cuda or cuda:N (default: cuda if "
+              "available, else cpu).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output on stdout.")
+def doctor(device: str | None, as_json: bool) -> None:
     """Device, versions, backends available here (and why others are not), database and shared layers.
 
     Example: autosdpa doctor --device cpu
     """
-    from .. import dispatch
     from ..api import available_backends, unavailable_reasons
     from ..environment import environment
-    from ..store import StoreError
 
-    console = Console()
-    try:
-        dev = torch.device(device if device else ("cuda" if torch.cuda.is_available() else "cpu"))
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise click.BadParameter("CUDA is not available on this machine", param_hint="--device")
-    except RuntimeError as e:
-        raise click.BadParameter(str(e), param_hint="--device") from None
+    dev = resolve_device(device)
     fp, info = environment(dev)
+    kfp, kinfo = environment(dev, kernels=True)
+    why = unavailable_reasons(dev)
+    backends = [{"backend": n, "available": n not in why, "why_not": why.get(n, "")}
+                for n in available_backends(dev) + list(why)]
+    db = _database_report(current_store())
+    if as_json:
+        print_json({"device": str(dev), "environment": {"fingerprint": fp, **info},
+                    "kernels_environment": {"fingerprint": kfp, **kinfo}, "backends": backends, **db})
+        return
     t = Table(title="environment", show_header=False)
-    for k, v in {"fingerprint": fp, **info}.items():
+    for k, v in {"fingerprint (PyTorch's backends)": fp, "fingerprint (autosdpa's kernels)": kfp, **kinfo}.items():
         t.add_row(k, str(v))
-    console.print(t)
+    out.print(t)
     t = Table(title=f"backends on {dev}")
     t.add_column("backend")
     t.add_column("available")
     t.add_column("why not")
-    why = unavailable_reasons(dev)
-    for name in available_backends(dev) + list(why):
-        t.add_row(name, "no" if name in why else "yes", why.get(name, ""))
-    console.print(t)
-    store = dispatch.get_store()
-    try:
-        counts = store.counts()
-    except Exception as e:  # doctor reports trouble rather than dying of it
-        counts = {"error": str(e)}
-    console.print(f"database: {store.display_url}  {counts}")
-    for layer in store.shared:
-        try:
-            console.print(f"shared (read-only): {layer.display_url}  {layer.counts()}")
-        except StoreError as e:
-            console.print(f"shared (read-only): {layer.display_url}  unreadable: {e}")
+    for b in backends:
+        t.add_row(b["backend"], "yes" if b["available"] else "no", b["why_not"])
+    out.print(t)
+    out.print(f"database: {db['database']}  {db['counts']}", markup=False)
+    for layer in db["shared"]:
+        out.print(f"shared (read-only): {layer['database']}  {layer['counts']}", markup=False)

@@ -9,8 +9,32 @@ from rich.table import Table
 from rich.text import Text
 
 from . import main
-from ._common import (SHAPE_HELP, err, fmt_s, fmt_x, out, print_json, resolve_device, short_key, tune_config,
-                      use_db, deterministic)
+from ._common import (SHAPE_HELP, current_store, err, fmt_s, fmt_x, out, print_json, resolve_device, short_key,
+                      tune_config, use_db, deterministic)
+
+
+def _backend_states(elig: dict, unavailable: dict, meas: dict, d, no_tune: bool) -> list[dict]:
+    """One dict per backend: unavailable / not eligible / not measured / its status, with its numbers."""
+    torch_s = d.timings.get(d.pytorch_choice) if d.pytorch_choice else None
+    backends = []
+    for name, reasons in elig.items():
+        m = meas.get(name)
+        if name in unavailable:
+            state, why = "unavailable", unavailable[name]
+        elif reasons:
+            state, why = "not eligible", "; ".join(reasons)
+        elif m is None:
+            state, why = "not measured", "no measurement yet" if no_tune else ""
+        elif m.status != "ok":
+            state, why = m.status, m.detail
+        else:
+            state, why = "ok", m.detail
+        backends.append({"backend": name, "state": state, "why": why,
+                         "median_s": m.median_s if m else None, "spread_s": m.spread_s if m else None,
+                         "samples": m.samples if m else 0, "max_error": m.max_error if m else None,
+                         "vs_pytorch": (torch_s / m.median_s) if (m and m.ok and torch_s) else None,
+                         "chosen": name == d.backend, "pytorch_choice": name == d.pytorch_choice})
+    return backends
 
 
 @main.command()
@@ -35,7 +59,8 @@ def explain(spec, dtype, train, device, db, force, no_tune, budget, as_json) -> 
     """
     import autosdpa
 
-    from .. import api, dispatch, workload as W
+    from .. import api, workload as W
+    from ..eligibility import eligibility
     from ..environment import environment
     from ._common import default_dtype_for
 
@@ -55,29 +80,14 @@ def explain(spec, dtype, train, device, db, force, no_tune, budget, as_json) -> 
             d = autosdpa.explain(call.query, call.key, call.value, attn_mask=call.attn_mask,
                                  dropout_p=call.dropout_p, is_causal=call.is_causal, scale=call.scale,
                                  enable_gqa=call.enable_gqa)
-        elig = dispatch.eligibility(call)
+        elig = eligibility(call)
     unavailable = api.unavailable_reasons(dev)
     fp, info = environment(dev)
-    meas = dispatch.get_store().lookup(fp, d.problem) if d.problem else {}
-    torch_s = d.timings.get(d.pytorch_choice) if d.pytorch_choice else None
-    backends = []
-    for name, reasons in elig.items():
-        m = meas.get(name)
-        if name in unavailable:
-            state, why = "unavailable", unavailable[name]
-        elif reasons:
-            state, why = "not eligible", "; ".join(reasons)
-        elif m is None:
-            state, why = "not measured", "no measurement yet" if no_tune else ""
-        elif m.status != "ok":
-            state, why = m.status, m.detail
-        else:
-            state, why = "ok", m.detail
-        backends.append({"backend": name, "state": state, "why": why,
-                         "median_s": m.median_s if m else None, "spread_s": m.spread_s if m else None,
-                         "samples": m.samples if m else 0, "max_error": m.max_error if m else None,
-                         "vs_pytorch": (torch_s / m.median_s) if (m and m.ok and torch_s) else None,
-                         "chosen": name == d.backend, "pytorch_choice": name == d.pytorch_choice})
+    meas = {}
+    if d.problem:  # our kernels' rows live under the kernels' environment, PyTorch's under the torch one
+        store = current_store()
+        meas = {**store.lookup(environment(dev, kernels=True)[0], d.problem), **store.lookup(fp, d.problem)}
+    backends = _backend_states(elig, unavailable, meas, d, no_tune)
     if as_json:
         print_json({"problem": d.problem, "requested": p.key, "device": str(dev), "environment": {"fingerprint": fp, **info},
                     "choice": d.backend, "reason": d.reason, "source": d.source,

@@ -9,73 +9,74 @@ from rich.table import Table
 from rich.text import Text
 
 from . import main
-from ._common import err, fmt_s, out, print_json, short_key, shorten, use_db
+from ._common import err, fmt_s, gpu_filter_option, out, print_json, short_key, shorten, use_db
 
 
-def _match_device(env: dict, pattern: str) -> bool:
-    p = pattern.strip().lower()
-    if p in ("cpu", "cuda"):
-        return env["device_type"] == p
-    if p.startswith("cuda:") or p.isdigit():  # an index names a device on *this* machine: match its name
+def _wanted_backends(spec: str | None, seen: set[str]) -> set[str] | None:
+    """``--backend a,b`` -> names; a name neither registered nor in the data is a bad parameter (exit 2)."""
+    if not spec:
+        return None
+    from ..validation import known_backends
+
+    wanted = {b.strip() for b in spec.split(",") if b.strip()}
+    unknown = sorted(wanted - known_backends() - seen)
+    if unknown:
+        raise click.BadParameter(f"unknown backend {', '.join(map(repr, unknown))}; known: "
+                                 f"{', '.join(sorted(known_backends() | seen))}", param_hint="--backend")
+    return wanted
+
+
+def _collect(layers, gpu, key_glob, backends) -> list[tuple]:
+    """(layer name, env, key, measurement) of every valid row passing the filters, layer by layer."""
+    from ..sharing import env_matches
+    from ..store import StoreError
+    from ..validation import environment_error, measurement_error
+
+    rows, seen = [], set()
+    for layer_name, layer in layers:
+        env_fp, env_ok = None, False
         try:
-            import torch
-
-            idx = int(p.split(":")[-1])
-            if torch.cuda.is_available() and idx < torch.cuda.device_count():
-                p = torch.cuda.get_device_name(idx).lower()
-        except (ValueError, RuntimeError):
-            pass
-    return p in str(env["device_name"]).lower() or env["fingerprint"].startswith(p)
+            for env, key, m in layer.iter_rows():
+                if env["fingerprint"] != env_fp:  # rows come grouped by environment
+                    env_fp = env["fingerprint"]
+                    env_ok = environment_error(env) is None and env_matches(env, gpu)
+                # rows from elsewhere are data: what fails validation is not shown either
+                if not env_ok or measurement_error(m) is not None:
+                    continue
+                seen.add(m.backend)
+                if key_glob and not fnmatch.fnmatchcase(key, key_glob) and key_glob not in key:
+                    continue
+                rows.append((layer_name, env, key, m))
+        except StoreError as e:
+            raise click.ClickException(str(e)) from None
+    wanted = _wanted_backends(backends, seen)
+    return [r for r in rows if wanted is None or r[3].backend in wanted]
 
 
 @main.command()
 @click.option("--db", default=None, metavar="PATH|URL", help="Database to read (default: $AUTOSDPA_DB, else the "
               "user cache file).")
-@click.option("--device", default=None, help="Only this device: cpu, cuda, a name fragment (e.g. H100), or an "
-              "environment fingerprint prefix.")
+@gpu_filter_option
 @click.option("--key", "key_glob", default=None, metavar="GLOB",
               help="Only problem keys matching this glob, e.g. '*Hq=32*' or 'fwdbwd|*'.")
 @click.option("--backend", "backends", default=None, metavar="NAME[,NAME]", help="Only these backends.")
 @click.option("--shared", is_flag=True, help="Also list the read-only shared layers (shipped tuning_db/, "
               "$AUTOSDPA_SHARED_DBS).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable rows on stdout.")
-def show(db, device, key_glob, backends, shared, as_json) -> None:
+def show(db, gpu, key_glob, backends, shared, as_json) -> None:
     """List stored measurements: problem, backend, status, median, samples, error vs reference, device.
 
-    The fastest passing backend of each problem is starred.
+    The fastest passing backend of each problem is starred; environments of one device say what differs
+    between them (e.g. torch 2.12.0 → 2.13.0).
 
     \b
     Examples:
       autosdpa show
-      autosdpa show --device H100 --key '*Hq=32*' --backend flash,cudnn
+      autosdpa show --gpu H100 --key '*Hq=32*' --backend flash,cudnn
     """
-    from .. import dispatch
-    from ..store import StoreError, environment_problem
-
-    use_db(db)
-    store = dispatch.get_store()
-    layers = [("user", store)] + ([("shared", s) for s in store.shared] if shared else [])
-    wanted = {b.strip() for b in backends.split(",") if b.strip()} if backends else None
-    rows = []
-    for layer_name, layer in layers:
-        try:
-            got = layer.rows()
-        except StoreError as e:
-            raise click.ClickException(str(e)) from None
-        for env, key, m in got:
-            try:  # rows from elsewhere are data: what fails validation is not shown either
-                m.validate()
-            except ValueError:
-                continue
-            if environment_problem(env):
-                continue
-            if device and not _match_device(env, device):
-                continue
-            if key_glob and not fnmatch.fnmatchcase(key, key_glob) and key_glob not in key:
-                continue
-            if wanted and m.backend not in wanted:
-                continue
-            rows.append((layer_name if layer is store else layer.display_url, env, key, m))
+    store = use_db(db)
+    layers = [("user", store)] + ([(s.display_url, s) for s in store.shared] if shared else [])
+    rows = _collect(layers, gpu, key_glob, backends)
     best: dict[tuple, tuple[float, str]] = {}
     for layer, env, key, m in rows:
         if m.ok:
@@ -92,24 +93,24 @@ def show(db, device, key_glob, backends, shared, as_json) -> None:
         return
     if not rows:
         err.print(f"no measurements in {store.display_url}" + (" matching the filters" if
-                                                                (device or key_glob or backends) else ""))
+                                                                (gpu or key_glob or backends) else ""))
         return
+    out.print(_table(rows, best, store.display_url))
+    _print_environments(layers, {env["fingerprint"]: env for _l, env, _k, _m in rows})
+
+
+def _table(rows, best, title: str) -> Table:
     any_detail = any(m.detail for *_, m in rows)
-    t = Table(title=f"{store.display_url}: {len(rows)} measurement(s)")
+    t = Table(title=f"{title}: {len(rows)} measurement(s)")
     t.add_column("problem", overflow="fold", max_width=40)
-    t.add_column("backend")
-    t.add_column("status")
-    t.add_column("median", justify="right")
-    t.add_column("samples", justify="right")
-    t.add_column("error", justify="right")
-    t.add_column("env")
+    for name, justify in (("backend", "left"), ("status", "left"), ("median", "right"), ("samples", "right"),
+                          ("error", "right"), ("env", "left")):
+        t.add_column(name, justify=justify)
     if any_detail:
         t.add_column("detail", overflow="fold", max_width=40)
     prev = None
-    envs: dict[str, dict] = {}
     for layer, env, key, m in rows:
         g = (layer, env["fingerprint"], key)
-        envs[env["fingerprint"]] = env
         if prev is not None and g != prev:
             t.add_section()
         star = best.get(g, (0, None))[1] == m.backend
@@ -122,9 +123,26 @@ def show(db, device, key_glob, backends, shared, as_json) -> None:
             cells.append(Text(shorten(m.detail, 80)))
         t.add_row(*cells)
         prev = g
-    out.print(t)
-    for fp, env in envs.items():
-        out.print(Text(f"env {fp[:8]}: {env['device_name']} ({env['device_type']}"
-                       + (f" {env['capability']}" if env["capability"] else "")
-                       + f", torch {env['torch']}" + (f", CUDA {env['cuda']}" if env["cuda"] else "") + ")",
-                       style="dim"))
+    return t
+
+
+def _print_environments(layers, shown: dict[str, dict]) -> None:
+    """One line per environment shown, and what differs from an older environment of the same device."""
+    from ..sharing import env_differences
+    from ..store import StoreError
+
+    envs = {}
+    for _name, layer in layers:
+        try:
+            envs.update({e["fingerprint"]: e for e in layer.iter_environments()})
+        except StoreError:
+            continue
+    diffs = env_differences(e for fp, e in envs.items() if fp in shown)
+    for fp, env in shown.items():
+        line = (f"env {fp[:8]}: {env['device_name']} ({env['device_type']}"
+                + (f" {env['capability']}" if env["capability"] else "")
+                + f", torch {env['torch']}" + (f", CUDA {env['cuda']}" if env["cuda"] else "")
+                + (f", triton {env['triton']}, kernels {env['kernels']}" if env["kernels"] else "") + ")")
+        if fp in diffs:
+            line += f"; {diffs[fp]}"
+        out.print(Text(line, style="dim"))

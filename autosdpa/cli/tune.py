@@ -12,8 +12,8 @@ from rich.table import Table
 from rich.text import Text
 
 from . import main
-from ._common import (err, fmt_s, fmt_x, gather, out, print_json, resolve_device, short_key, shorten, tune_config,
-                      use_db, workload_options)
+from ._common import (configure_dispatcher, current_store, err, fmt_s, fmt_x, gather, out, print_json, resolve_device,
+                      settings_for, short_key, shorten, tune_config, use_db, workload_options)
 
 
 def _list_presets(ctx, _param, value):
@@ -59,6 +59,8 @@ def tune_one(item, device, force: bool, config) -> dict:
 
 
 def results_table(rows: list[dict], unavailable: dict[str, str], title: str) -> Table:
+    from ..tuner import TIE_TOLERANCE
+
     t = Table(title=title, show_lines=False)
     t.add_column("problem", overflow="fold", max_width=44)
     t.add_column("winner")
@@ -74,7 +76,7 @@ def results_table(rows: list[dict], unavailable: dict[str, str], title: str) -> 
         rej = "\n".join(f"{b}: {shorten(why, 70)}" for b, why in r["rejected"].items() if b not in unavailable)
         torch_cell = f"{r['pytorch_choice']} {fmt_s(r['pytorch_s'])}" if r["pytorch_choice"] else "-"
         sp = r["speedup"]
-        sp_txt = fmt_x(sp) if sp is None else (f"[green]{fmt_x(sp)}[/]" if sp > 1.03 else fmt_x(sp))
+        sp_txt = fmt_x(sp) if sp is None else (f"[green]{fmt_x(sp)}[/]" if sp > 1 + TIE_TOLERANCE else fmt_x(sp))
         t.add_row(name, f"[bold]{r['winner']}[/]", fmt_s(r["winner_s"]), torch_cell, sp_txt, Text(rej))
     return t
 
@@ -176,7 +178,8 @@ def tune(workload, db, device, devices, force, budget, shard, dry_run, as_json) 
         with progress:
             task = progress.add_task("", total=len(items))
             if gpu_ids and len(gpu_ids) > 1:
-                _run_workers(items, [f"cuda:{g}" for g in gpu_ids], force, config, rows, progress, task)
+                _run_workers(items, [f"cuda:{g}" for g in gpu_ids], force, config, rows, progress, task,
+                             settings=settings_for(db))
             else:
                 for it in items:
                     progress.update(task, description=shorten(it.label or short_key(it.problem.key), 60))
@@ -201,9 +204,7 @@ def tune(workload, db, device, devices, force, budget, shard, dry_run, as_json) 
 
 
 def _db_display() -> str:
-    from .. import dispatch
-
-    return dispatch.get_store().display_url
+    return current_store().display_url
 
 
 def _print_plan(items, as_json: bool) -> None:
@@ -225,13 +226,14 @@ def _print_plan(items, as_json: bool) -> None:
 
 # -- several GPUs ---------------------------------------------------------------------------------------------
 
-def _worker(device: str, tasks, results, force: bool, config) -> None:
-    """One process per GPU: pull (index, item) from ``tasks`` until the sentinel, push result rows."""
+def _worker(device: str, tasks, results, force: bool, config, settings) -> None:
+    """One process per GPU: pull (index, item) from ``tasks`` until the sentinel, push result rows. The
+    parent's settings (its database) come as an argument: nobody writes ``os.environ``."""
     import signal
 
     import torch
 
-    from ._common import resolve_device  # noqa: F401  (imports the package in the child)
+    configure_dispatcher(settings)
 
     if device.startswith("cuda"):
         torch.cuda.set_device(torch.device(device))
@@ -248,8 +250,9 @@ def _worker(device: str, tasks, results, force: bool, config) -> None:
         results.put(("exit", device))
 
 
-def _run_workers(items, devices: list[str], force, config, rows, progress, task) -> None:
-    """Tune ``items`` with one spawned worker process per device, results in workload order into ``rows``."""
+def _run_workers(items, devices: list[str], force, config, rows, progress, task, *, settings) -> None:
+    """Tune ``items`` with one spawned worker process per device, results in workload order into ``rows``;
+    each worker uses ``settings`` (the parent's, with its --db)."""
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
@@ -258,7 +261,8 @@ def _run_workers(items, devices: list[str], force, config, rows, progress, task)
         tasks.put((i, it))
     for _ in devices:
         tasks.put(None)
-    procs = [ctx.Process(target=_worker, args=(d, tasks, results, force, config), daemon=True) for d in devices]
+    procs = [ctx.Process(target=_worker, args=(d, tasks, results, force, config, settings), daemon=True)
+             for d in devices]
     for p in procs:
         p.start()
     by_index: dict[int, dict] = {}

@@ -20,7 +20,7 @@ def cli_cmd() -> list[str]:
 
 def child_env(db: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("AUTOSDPA_")}
-    env.update(AUTOSDPA_DB=str(db), AUTOSDPA_BUDGET="0.02", OPENBLAS_NUM_THREADS="1", COLUMNS="200",
+    env.update(AUTOSDPA_DB=str(db), XDG_CACHE_HOME=str(db.parent / "xdg-cache"), AUTOSDPA_BUDGET="0.02", OPENBLAS_NUM_THREADS="1", COLUMNS="200",
                PYTHONUNBUFFERED="1", PYTHONWARNINGS="ignore")
     env.update(extra)
     return env

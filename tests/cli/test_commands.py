@@ -85,7 +85,7 @@ def test_tune_table_output(tuned):
 
 
 def test_show(tuned):
-    r = run_cli(["show", "--key", "*Hq=7*", "--backend", "math,flash", "--device", "cpu"], tuned["db"])
+    r = run_cli(["show", "--key", "*Hq=7*", "--backend", "math,flash", "--gpu", "cpu"], tuned["db"])
     assert r.returncode == 0, r.stderr
     assert "H=7/7 L=32/32 D=16 causal" in r.stdout and "★" in r.stdout and "Hq=5" not in r.stdout
     for col in ("problem", "backend", "status", "median", "samples", "error", "env"):
@@ -171,12 +171,21 @@ def test_worker_processes_split_a_workload(cli_db, monkeypatch):
     from autosdpa.cli.tune import _run_workers
     from autosdpa.tuner import TuneConfig
 
-    monkeypatch.setenv("AUTOSDPA_DB", str(cli_db))  # the spawned workers inherit it
+    import os
+
+    from autosdpa.config import Settings
+
+    monkeypatch.setenv("AUTOSDPA_DB", str(cli_db.parent / "not-this-one.sqlite"))  # workers must not read it
+    settings = Settings(db=str(cli_db), budget_s=0.02)
     items = [W.WorkItem(W.parse_shape(f"hq=2,lq={n},d=16"), f"L={n}") for n in (8, 12, 16, 32)]
     rows: list[dict] = []
+    before = dict(os.environ)
     with Progress(disable=True) as progress:
         task = progress.add_task("", total=len(items))
-        _run_workers(items, ["cpu", "cpu"], False, TuneConfig(budget_s=0.02), rows, progress, task)
+        _run_workers(items, ["cpu", "cpu"], False, TuneConfig(budget_s=0.02), rows, progress, task,
+                     settings=settings)
+    assert dict(os.environ) == before  # the database went to the workers as an argument
     assert [r["label"] for r in rows] == ["L=8", "L=12", "L=16", "L=32"]  # workload order, whoever ran it
     assert all(r["error"] is None and r["winner"] for r in rows)
     assert {r["problem"] for r in rows} <= set(db_keys(cli_db))
+    assert not (cli_db.parent / "not-this-one.sqlite").exists()

@@ -134,3 +134,20 @@ def test_overrides_dedupe_and_shards():
     for bad in ("4/4", "x", "1/0", "-1/2", "1"):
         with pytest.raises(W.WorkloadError):
             W.parse_shard(bad)
+
+
+def test_spec_fields_are_the_key_fields():
+    """One table: every field of the problem key is a shape-spec field, in the key's order, and back."""
+    from autosdpa.cli._common import SHAPE_HELP, short_key
+    from autosdpa.problem import FIELDS as KEY_FIELDS, Problem
+
+    assert list(W.FIELDS) == [f.spec for f in KEY_FIELDS]
+    for name in W.FIELDS:
+        assert f"{name}: " in SHAPE_HELP
+    p = W.parse_shape("b=3,hq=8,hkv=2,lq=40,lk=72,d=16,dv=32,dtype=bf16,mask=bool:B11K,dropout,layout=blhd,det,train")
+    assert Problem.parse(p.key) == p
+    assert short_key(p.key) == "fwdbwd bf16 B=3 H=8/2 L=40/72 D=16 Dv=32 mask=bool:B11K dropout layout=blhd det"
+    j = W.parse_shape("b=2,lq=64,d=16,layout=jagged,tokens=100")
+    assert j.tokens == 100 and Problem.parse(j.key) == j and "tok=100" in short_key(j.key)
+    with pytest.raises(W.WorkloadError, match="mask="):
+        W.parse_shape("lq=4,mask=bool:BHQ")

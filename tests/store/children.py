@@ -18,7 +18,7 @@ def tune(lengths: list[int]) -> None:
     with warnings.catch_warnings(record=True) as caught:
         import torch
 
-        torch.set_num_threads(1)  # the CPU fingerprint includes the thread count: one environment for all
+        torch.set_num_threads(1)
         import autosdpa
         from autosdpa import dispatch
 
@@ -29,6 +29,36 @@ def tune(lengths: list[int]) -> None:
         measured = dispatch.dispatcher.measured_problems()
     print(json.dumps({"store": store.display_url, "measured": measured,
                       "warnings": [str(w.message) for w in caught if "autosdpa" in str(w.message)]}), flush=True)
+
+
+def disk_full(limit: int) -> None:
+    """The disk fills up while tuning: files may not grow past ``limit`` bytes (RLIMIT_FSIZE; SIGXFSZ ignored,
+    so a write past it fails with EFBIG, which SQLite reports as a full disk). AUTOSDPA_DB is already tuned for
+    L=8; new problems are tuned with the limit on."""
+    import resource
+    import signal
+
+    warnings.simplefilter("always")
+    import torch
+    import torch.nn.functional as F
+
+    torch.set_num_threads(1)
+    import autosdpa
+
+    with warnings.catch_warnings(record=True) as caught:
+        q = torch.randn(1, 2, 8, 16)
+        autosdpa.sdpa(q, q, q)  # a known problem: read from the database (opens it, -wal/-shm included)
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        hard = resource.getrlimit(resource.RLIMIT_FSIZE)[1]
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+        right = True
+        for L in (32, 64, 128):
+            q = torch.randn(1, 2, L, 16)
+            right &= bool(torch.allclose(autosdpa.sdpa(q, q, q), F.scaled_dot_product_attention(q, q, q),
+                                         atol=1e-5, rtol=1e-4))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (hard, hard))
+    print(json.dumps({"right": right, "warnings": [str(w.message) for w in caught if "autosdpa" in str(w.message)]}),
+          flush=True)
 
 
 def save_loop(url: str) -> None:
@@ -93,6 +123,8 @@ if __name__ == "__main__":
     mode = sys.argv[1]
     if mode == "tune":
         tune([int(x) for x in sys.argv[2].split(",")])
+    elif mode == "disk_full":
+        disk_full(int(sys.argv[2]))
     elif mode == "save_loop":
         save_loop(sys.argv[2])
     elif mode == "distributed":

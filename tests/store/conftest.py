@@ -18,6 +18,7 @@ PG_SKIP = "AUTOSDPA_TEST_PG_URL is not set (.ci/run starts a PostgreSQL and sets
 def _isolated(tmp_path, monkeypatch):
     """Never touch the real user cache: every test (and child process) gets its own AUTOSDPA_DB."""
     monkeypatch.setenv("AUTOSDPA_DB", str(tmp_path / "user.sqlite"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))  # Store(None): never the real cache
     monkeypatch.delenv("AUTOSDPA_SHARED_DBS", raising=False)
     monkeypatch.setenv("OPENBLAS_NUM_THREADS", "1")
     yield

@@ -6,7 +6,7 @@ import time
 
 import sqlalchemy as sa
 
-from autosdpa.store import ENV_FIELDS, Measurement, fingerprint_of
+from autosdpa.records import ENV_FIELDS, Measurement, fingerprint_of
 
 KEY = "fwd|fp32|B=1|Hq=2|Hkv=2|Lq=8|Lk=8|D=16|Dv=16|nocausal|mask=none|drop=0|gqa=0|layout=bhld|det=0"
 KEY2 = "fwd|fp32|B=1|Hq=2|Hkv=2|Lq=16|Lk=16|D=16|Dv=16|nocausal|mask=none|drop=0|gqa=0|layout=bhld|det=0"
@@ -39,11 +39,11 @@ CREATE TABLE measurement (id INTEGER NOT NULL PRIMARY KEY, environment_id INTEGE
 """
 
 
-def build_v1(url: str, rows=(), version="1") -> None:
+def build_v1(url: str, rows=(), version="1", ddl: str = V1_DDL) -> None:
     """A database in schema version 1 (as autosdpa 0.1 wrote it), holding ``rows`` of (env, key, Measurement)."""
     engine = sa.create_engine(url)
     with engine.begin() as c:
-        for stmt in V1_DDL.split(";"):
+        for stmt in ddl.split(";"):
             if stmt.strip():
                 c.exec_driver_sql(stmt.replace("INTEGER NOT NULL PRIMARY KEY", "SERIAL PRIMARY KEY")
                                   if c.dialect.name == "postgresql" else stmt)

@@ -10,7 +10,8 @@ from click.testing import CliRunner
 
 from autosdpa.cli import main
 from autosdpa.sharing import SharingError, export, import_file, info, merge_files, parse_time, prefer, prune
-from autosdpa.store import Store, StoreError, fingerprint_of
+from autosdpa.records import fingerprint_of
+from autosdpa.store import Store, StoreError
 
 from .helpers import KEY, KEY2, build_v1, env, meas, raw_insert
 
@@ -48,7 +49,7 @@ def test_export_import_merge_roundtrip(tmp_path, any_db):
         (A100, KEY, [meas("flash", 2e-3, at=now - 100), meas("efficient", status="rejected", at=now - 100)]),
     ])
     out = tmp_path / "h100.sqlite"
-    r = export(str(src), str(out), device="h100")
+    r = export(str(src), str(out), gpu="h100")
     assert (r.added, r.rejected, r.environments_added) == (2, 0, 1)
     assert not any(p.name.endswith(("-wal", "-shm", "-journal")) for p in tmp_path.iterdir())
     con = sqlite3.connect(f"file:{out}?mode=ro", uri=True)  # any SQLite tool can read it, read-only
@@ -208,24 +209,61 @@ def test_unusable_files_refused(tmp_path, kind):
         assert p.read_bytes() == before
 
 
+#: This machine, as prune sees it: an H100 with torch 2.13.0, kernels "k2" and Triton 3.5.0 installed.
+MACHINE = [env("NVIDIA H100 80GB HBM3", kernels="k2")[1]]
+
+
 def test_prune(tmp_path, any_db):
     now = time.time()
+    h100 = env("NVIDIA H100 80GB HBM3", kernels="k2")
     s = Store(any_db)
-    s.save(*env("cpu0", torch_version="2.0.0"), KEY, [meas("math")])
+    s.save(*env("cpu0", torch_version="2.0.0", kernels="k2"), KEY, [meas("math")])
     s.save(*env("cpu1", kernels="0"), KEY, [meas("math")])
-    s.save(*H100, KEY, [meas("flash", at=now - 400 * 86400), meas("math"), meas("efficient", status="rejected")])
-    s.decide(*H100, KEY, "flash")
+    s.save(*h100, KEY, [meas("flash", at=now - 400 * 86400), meas("math"), meas("efficient", status="rejected")])
+    s.decide(*h100, KEY, "flash")
     s.close()
-    r = prune(any_db, other_torch=True, old_kernels=True, failed=True, dry_run=True)
+    r = prune(any_db, other_torch=True, old_kernels=True, failed=True, dry_run=True, machine=MACHINE)
     assert (r.removed, r.environments_removed, r.kept) == (3, 2, 2)
     assert len(_rows(any_db)) == 5
-    r = prune(any_db, other_torch=True)
+    r = prune(any_db, other_torch=True, machine=MACHINE)
     assert (r.removed, r.environments_removed, r.kept) == (1, 1, 4)
+    assert len(r.dropped) == 1 and "torch 2.0.0, installed 2.13.0" in r.dropped[0]
     r = prune(any_db, failed=True, older_than=parse_time("365d"), decisions=True)
     assert (r.removed, r.environments_removed, r.kept) == (2, 0, 2)
     s = Store(any_db)
     assert s.counts() == {"environments": 2, "measurements": 2, "decisions": 0}
     s.close()
+
+
+def test_prune_stale_drops_only_what_this_machine_can_never_match(any_db):
+    h100 = "NVIDIA H100 80GB HBM3"
+    torch_now = env(h100, kernels="", triton="")                # PyTorch's backends, today: kept
+    kernels_now = env(h100, kernels="k2")                         # our kernels, today: kept
+    cases = {
+        "older torch": (env(h100, torch_version="2.12.0", kernels="", triton=""), "torch 2.12.0 older than"),
+        "older cuda": (env(h100, cuda="12.1", kernels="", triton=""), "cuda 12.1 older than"),
+        "older cudnn": (env(h100, cudnn="90100", kernels="", triton=""), "cudnn 90100 older than"),
+        "old kernels": (env(h100, kernels="k1"), "kernels k1, installed k2"),
+        "other triton": (env(h100, kernels="k2", triton="3.4.0"), "triton 3.4.0, installed 3.5.0"),
+    }
+    keep = {"newer torch": env(h100, torch_version="2.14.0", kernels="", triton=""),  # may be installed later
+            "other device": env("NVIDIA A100-SXM4-80GB", torch_version="2.0.0"),     # another machine's rows
+            "now": torch_now, "kernels now": kernels_now}
+    s = Store(any_db)
+    for e, _ in cases.values():
+        s.save(*e, KEY, [meas("math")])
+    for e in keep.values():
+        s.save(*e, KEY, [meas("math"), meas("flash")])
+    s.close()
+    r = prune(any_db, stale=True, dry_run=True, machine=MACHINE)
+    assert (r.removed, r.environments_removed) == (len(cases), len(cases)) and len(_rows(any_db)) == 13
+    r = prune(any_db, stale=True, machine=MACHINE)
+    assert (r.removed, r.environments_removed, r.kept) == (5, 5, 8)
+    said = "\n".join(r.dropped)
+    for (e, words) in cases.values():
+        assert f"{e[0][:8]} {h100} " in said and words in said, words
+    left = {fp for fp, _k, _b in _rows(any_db)}
+    assert left == {e[0] for e in keep.values()}
 
 
 # -- the command line -------------------------------------------------------------------------------------------
@@ -243,7 +281,7 @@ def test_cli_help_has_example(cmd):
 def test_cli_workflow(tmp_path, monkeypatch):
     user = tmp_path / "user.sqlite"
     monkeypatch.setenv("AUTOSDPA_DB", str(user))
-    s = Store(None)
+    s = Store(str(user))
     s.save(*H100, KEY, [meas("flash"), meas("math")])
     s.save(*A100, KEY, [meas("flash")])
     s.close()

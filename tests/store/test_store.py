@@ -8,6 +8,7 @@ import pytest
 import sqlalchemy as sa
 
 from autosdpa.store import SCHEMA_VERSION, Store, StoreError
+from autosdpa.validation import check_measurement, measurement_error
 
 from .helpers import KEY, KEY2, build_v1, env, meas, raw_insert
 
@@ -131,16 +132,21 @@ def test_unusable_shared_layer_skipped_with_warning(tmp_path):
     user.close()
 
 
-def test_measurement_validate():
-    meas("math").validate()
-    for bad in (dict(median_s=float("nan")), dict(median_s=float("inf")), dict(median_s=-1.0), dict(samples=-1),
-                dict(status="winner"), dict(backend="x'; DROP TABLE measurement;--"), dict(detail="x" * 5000),
-                dict(measured_at=1e12), dict(samples=10**12), dict(median_s="fast")):
+def test_measurement_validation():
+    assert measurement_error(meas("math")) is None
+    for bad, words in ((dict(median_s=float("nan")), "median_s"), (dict(median_s=float("inf")), "median_s"),
+                       (dict(median_s=-1.0), "median_s"), (dict(samples=-1), "samples"),
+                       (dict(status="winner"), "unknown status"),
+                       (dict(backend="x'; DROP TABLE measurement;--"), "malformed backend name"),
+                       (dict(detail="x" * 5000), "detail"), (dict(measured_at=1e12), "measured_at"),
+                       (dict(samples=10**12), "samples"), (dict(median_s="fast"), "median_s"),
+                       (dict(tuned_shape="\x1b[2J"), "tuned_shape")):
         m = meas("math")
         for k, v in bad.items():
             setattr(m, k, v)
-        with pytest.raises(ValueError):
-            m.validate()
+        assert words in measurement_error(m)
+        with pytest.raises(ValueError, match=words):
+            check_measurement(m)
 
 
 def test_rows_stay_with_their_environment_after_another_process_prunes_it(any_db):
@@ -160,3 +166,12 @@ def test_rows_stay_with_their_environment_after_another_process_prunes_it(any_db
     assert set(Store(any_db).lookup(fp_a, KEY2)) == {"math"}
     s.close()
     other.close()
+
+
+def test_measurement_fields_are_the_dataclass_order():
+    """The store builds Measurements positionally from MEASUREMENT_FIELDS (fast streaming): same order."""
+    import dataclasses
+
+    from autosdpa.records import MEASUREMENT_FIELDS, Measurement
+
+    assert MEASUREMENT_FIELDS == tuple(f.name for f in dataclasses.fields(Measurement))

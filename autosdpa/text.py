@@ -1,0 +1,46 @@
+"""Small formatting and reporting helpers shared by the library and the command line (no torch)."""
+from __future__ import annotations
+
+import re
+import threading
+import warnings
+
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def fmt_seconds(s: float | None) -> str:
+    """``12.3 µs``, ``4.560 ms``, ``1.234 s``; ``-`` for None."""
+    if s is None:
+        return "-"
+    if s < 1e-3:
+        return f"{s * 1e6:.1f} µs"
+    if s < 1:
+        return f"{s * 1e3:.3f} ms"
+    return f"{s:.3f} s"
+
+
+def printable(value):
+    """A string from elsewhere, safe for a terminal: control characters become ``?``. Non-strings unchanged."""
+    return _CONTROL_RE.sub("?", value) if isinstance(value, str) else value
+
+
+class WarnOnce:
+    """One warning per kind for the life of this object (thread-safe); ``reset()`` forgets what was said."""
+
+    def __init__(self, category: type[Warning] = RuntimeWarning):
+        self.category = category
+        self._said: set[str] = set()
+        self._lock = threading.Lock()
+
+    def __call__(self, kind: str, message: str, *, stacklevel: int = 3) -> bool:
+        """Warn ``message`` unless a warning of ``kind`` was given already; whether it warned."""
+        with self._lock:
+            if kind in self._said:
+                return False
+            self._said.add(kind)
+        warnings.warn(message, self.category, stacklevel=stacklevel)
+        return True
+
+    def reset(self) -> None:
+        with self._lock:
+            self._said.clear()

@@ -1,0 +1,112 @@
+"""Kernel launches described as data, then run: one code path for running, the compile check and ``ready()``.
+
+A ``Launch`` holds everything a kernel launch needs except the tile config: kernel name, runtime arguments
+(by name, in the kernel's order), constexpr arguments and the grid rule. ``flash.launches()`` and
+``decode.launches()`` build them for a call (on meta tensors too: nothing is allocated or launched), so tests
+can check grids at sizes that could never be allocated and ``scripts/compile_kernels.py`` compiles exactly
+what would be launched. No triton import here: ``run()`` gets the kernel module from its caller.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import torch
+
+from . import _configs
+from . import _common as C
+
+MAX_GRID_X = 2**31 - 1  # CUDA's limit on grid axis 0 (axes 1 and 2 allow only 65,535)
+
+#: keys (``Launch.key()``) of the launches this process has run: compiled, and autotuned for their key.
+_LAUNCHED: set = set()
+
+
+def flat_grid(n_blocks: int, batch: int) -> tuple[int]:
+    """One flat grid axis of ``n_blocks * batch`` programs, blocks fastest (programs running together then
+    share K/V in L2). A grid that cannot be launched raises here instead of failing on the device."""
+    n = int(n_blocks) * int(batch)
+    if n > MAX_GRID_X:
+        raise ValueError(f"launch needs {n} programs ({n_blocks} blocks x {batch}); CUDA allows {MAX_GRID_X} "
+                         f"on its only unbounded grid axis")
+    return (max(1, n),)
+
+
+def spec_key(args: dict, exact: tuple = ()) -> tuple:
+    """What Triton specialises a compiled kernel on, conservatively: tensor dtype and 16-byte alignment, and
+    for each int whether it is 1, a multiple of 16 and 32-bit; ints named in ``exact`` (autotune keys) by
+    value. Two launches with equal keys reuse one compiled (and autotuned) kernel."""
+    out = []
+    for name, a in args.items():
+        if isinstance(a, torch.Tensor):
+            out.append((a.dtype, a.data_ptr() % 16 == 0))
+        elif isinstance(a, bool) or name in exact:
+            out.append(a)
+        elif isinstance(a, int):
+            out.append((a == 1, a % 16 == 0, -2**31 <= a < 2**31))
+        else:
+            out.append(type(a))
+    return tuple(out)
+
+
+@dataclasses.dataclass
+class Launch:
+    kernel: str                 # name of the @triton.jit function in the kernel module
+    tune: str | None            # config table kind (``_configs.KINDS``); None: ``fixed`` config
+    args: dict                  # runtime arguments by name, in the kernel's order
+    meta: dict                  # constexpr arguments, tuned tile sizes excluded
+    length: int                 # extent cut into blocks of size ``cfg[block]`` (or a block count if block="")
+    block: str                  # "BLOCK_M", "BLOCK_N" or "" (``length`` is already a block count)
+    batch: int                  # programs per block
+    tune_key: tuple = ()        # int arguments the autotuner keys on
+    fixed: _configs.Cfg | None = None
+
+    def grid(self, kwargs: dict) -> tuple[int]:
+        """The grid for a config's tile sizes (``kwargs``; a fixed kernel's are in ``meta``)."""
+        n = C.cdiv(self.length, {**self.meta, **kwargs}[self.block]) if self.block else self.length
+        return flat_grid(n, self.batch)
+
+    def candidates(self, smem_limit: int = _configs.H100_SMEM_PER_BLOCK, mode: str | None = None):
+        """Configs worth trying for this launch (the fixed one for untuned kernels)."""
+        if self.tune is None:
+            return [self.fixed]
+        return _configs.candidates_for(self.tune, {**self.args, **self.meta}, smem_limit, mode)
+
+    def key(self) -> tuple:
+        return (self.kernel, tuple(self.meta.items()), spec_key(self.args, self.tune_key))
+
+    def launched(self) -> bool:
+        """Whether this process already ran a launch with this key (so running it now compiles nothing)."""
+        return self.key() in _LAUNCHED
+
+
+@functools.lru_cache(maxsize=None)
+def smem_limit(device: torch.device) -> int:
+    """Dynamic shared memory one block may use on this device (the H100/H200 figure off CUDA)."""
+    if device.type != "cuda":
+        return _configs.H100_SMEM_PER_BLOCK
+    props = torch.cuda.get_device_properties(device)
+    return int(getattr(props, "shared_memory_per_block_optin", _configs.H100_SMEM_PER_BLOCK))
+
+
+def run(launch: Launch, kmod) -> None:
+    """Launch on the current stream: the interpreter's fixed tile, a single candidate directly, or the
+    autotuned kernel (``kmod.AUTOTUNED[kind]``) when there is a choice."""
+    fn = getattr(kmod, launch.kernel)
+    args = tuple(launch.args.values())
+    if launch.tune is not None and C.interpreting():
+        cands = [_configs.INTERPRET[launch.tune]]
+    elif launch.tune is not None:
+        dev = next(a.device for a in launch.args.values() if isinstance(a, torch.Tensor))
+        cands = launch.candidates(smem_limit(dev))
+        if not cands:
+            raise RuntimeError(f"{launch.kernel}: no tile config fits this device's shared memory")
+    else:
+        cands = [launch.fixed]
+    if len(cands) == 1:
+        c = cands[0]
+        kw = c.kwargs()
+        fn[launch.grid(kw)](*args, **launch.meta, **kw, num_warps=c.num_warps, num_stages=c.num_stages)
+    else:
+        kmod.AUTOTUNED[launch.tune][launch.grid](*args, **launch.meta)
+    _LAUNCHED.add(launch.key())

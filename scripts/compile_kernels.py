@@ -1,0 +1,423 @@
+#!/usr/bin/env python
+"""Compile every Triton kernel of autosdpa for Hopper (sm_90a) on a machine without a GPU.
+
+    python scripts/compile_kernels.py [--quick] [--jobs N] [--json PATH --md PATH] [--filter REGEX]
+
+For each case (kernel family, dtype, head dim, mask kind, causal) it builds the launches a real call would
+make (``flash.launches`` / ``decode.launches`` on meta tensors: nothing is allocated), asks the config pruner
+which configs it keeps (H100 shared-memory limit), and compiles each with ``triton.compile`` for
+``GPUTarget("cuda", 90, 32)``, specialised exactly as Triton's launcher would. It reads registers, spills and
+stack from ptxas's report, shared memory from the kernel's metadata, and whether the dots became wgmma from
+the PTX. No GPU driver is touched: the script installs a driver that raises if anything asks for one.
+
+``--quick`` (run by the test suite): one config per kernel at bf16 D=128, plus one masked, one fp32 and one
+64-bit-offset variant. Exit status 1 when a kernel fails to compile (or, with ``--no-spills``, spills).
+The full run writes ``benchmarks/kernels_compile_sm90.{json,md}``, keeping other Triton versions' records.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as _dt
+import io
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DTYPES = ("fp16", "bf16", "fp32", "fp32-tf32")   # fp32: exact (ieee) dots, torch's default; fp32-tf32: TF32
+TARGET = ("cuda", 90, 32)
+
+
+def _setup_env(cache_dir: str | None) -> None:
+    """Before triton is imported: compile (never interpret), start from an empty cache so every kernel is
+    really compiled and ptxas reports on it."""
+    os.environ.pop("TRITON_INTERPRET", None)
+    os.environ["TRITON_CACHE_DIR"] = cache_dir or tempfile.mkdtemp(prefix="autosdpa-compile-")
+    os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
+    os.environ.setdefault("AUTOSDPA_KERNEL_CONFIGS", "all")
+    warnings.filterwarnings("ignore", message=".*TRITON_DEFAULT_FP_FUSION.*")
+
+
+class _NoDriver:
+    """Stands in for Triton's GPU driver: compiling for a given target must never need one."""
+
+    def __getattr__(self, name):
+        raise RuntimeError(f"compile-only run used the GPU driver (driver.active.{name})")
+
+
+def _forbid_driver() -> None:
+    from triton.runtime.driver import driver
+    driver.set_active(_NoDriver())
+
+
+def _import_kernels():
+    """This checkout's ``kernels/`` as ``autosdpa_kernels`` (not whichever copy is installed)."""
+    import importlib.util
+    pkg = os.path.join(ROOT, "kernels")
+    spec = importlib.util.spec_from_file_location("autosdpa_kernels", os.path.join(pkg, "__init__.py"),
+                                                  submodule_search_locations=[pkg])
+    ak = importlib.util.module_from_spec(spec)
+    sys.modules["autosdpa_kernels"] = ak
+    spec.loader.exec_module(ak)
+    return ak
+
+
+# ------------------------------------------------------------------------------------------------
+# cases
+# ------------------------------------------------------------------------------------------------
+def _case(family, dtype, D, mask="none", causal="none", **kw):
+    c = dict(family=family, dtype=dtype, D=D, Dv=kw.pop("Dv", D), mask=mask, causal=causal, B=2, Hq=8, Hkv=8,
+             Lq=2048 if family != "decode" else 1, Lk=2048 if family != "decode" else 8192, layout="bhld")
+    c.update(kw)
+    return c
+
+
+def case_name(c) -> str:
+    s = f"{c['family']} {c['dtype']} D={c['D']}" + (f" Dv={c['Dv']}" if c["Dv"] != c["D"] else "")
+    s += f" mask={c['mask']} causal={c['causal']}"
+    if c["Hq"] != c["Hkv"]:
+        s += f" G={c['Hq'] // c['Hkv']}"
+    if c["family"] == "decode":
+        s += f" Lq={c['Lq']}"
+    if c.get("tag"):
+        s += f" [{c['tag']}]"
+    return s
+
+
+def full_cases() -> list[dict]:
+    """Every dtype x head dim (64, 128: the <=128 class; 256; 512) x {plain, causal, bool mask, float mask}
+    for the forward and backward kernels, and {plain, bool mask, 128 packed rows} for decode. fp16 only at
+    D=128: it compiles to the same code as bf16 but for the element type (halves the run on two cores)."""
+    cases = []
+    for dtype in DTYPES:
+        for D in (64, 128, 256, 512):
+            if dtype == "fp16" and D != 128:
+                continue
+            for mask, causal in (("none", "none"), ("none", "bottom_right"), ("bool", "none"), ("float", "none")):
+                for fam in ("fwd", "bwd"):
+                    cases.append(_case(fam, dtype, D, mask, causal))
+            # 16 packed query rows (GQA 4, one query), and 128 (GQA 8, 16 queries: speculative decoding)
+            for mask, causal, Lq, Hkv in (("none", "none", 1, 8), ("bool", "none", 1, 8),
+                                          ("none", "bottom_right", 16, 4)):
+                cases.append(_case("decode", dtype, D, mask, causal, Hq=32, Hkv=Hkv, Lq=Lq))
+    cases.append(_case("fwd", "bf16", 80, Dv=48, tag="padded head dims"))
+    cases.append(_case("bwd", "fp16", 128, "none", "top_left", Hq=32, Hkv=8, tag="GQA"))
+    return cases + huge_cases()
+
+
+def huge_cases() -> list[dict]:
+    """Sizes whose offsets pass 2^31 elements (i64 strides, int64 block offsets)."""
+    return [_case("fwd", "bf16", 128, B=1, Hq=32, Hkv=32, Lq=1 << 20, Lk=1 << 20, layout="blhd",
+                  tag="1M tokens, BLHD: strides > 2^31"),
+            _case("fwd", "bf16", 128, "bool", B=1, Hq=1, Hkv=1, Lq=1 << 16, Lk=1 << 16, tag="mask L*L = 2^32")]
+
+
+def quick_cases() -> list[dict]:
+    return [_case("fwd", "bf16", 128, causal="bottom_right"), _case("bwd", "bf16", 128),
+            _case("decode", "bf16", 128, Hq=32, Hkv=8), _case("fwd", "bf16", 128, "bool", Hq=32, Hkv=8),
+            _case("fwd", "fp32", 128), huge_cases()[0]]
+
+
+def build_launches(c, ak):
+    """The launches a call of this case makes, with the matching TF32 switch."""
+    import torch
+    dt = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(c["dtype"], torch.float32)
+    meta = torch.device("meta")
+
+    def mk(H, L, D):
+        if c["layout"] == "blhd":
+            return torch.empty(c["B"], L, H, D, device=meta, dtype=dt).transpose(1, 2)
+        return torch.empty(c["B"], H, L, D, device=meta, dtype=dt)
+
+    q, k, v = mk(c["Hq"], c["Lq"], c["D"]), mk(c["Hkv"], c["Lk"], c["D"]), mk(c["Hkv"], c["Lk"], c["Dv"])
+    mask = None
+    if c["mask"] == "bool":
+        mask = torch.empty(c["B"] if c["B"] > 1 else 1, 1, c["Lq"], c["Lk"], device=meta, dtype=torch.bool)
+    elif c["mask"] == "float":
+        mask = torch.empty(1, c["Hq"], c["Lq"], c["Lk"], device=meta, dtype=dt)
+    gqa = c["Hq"] != c["Hkv"]
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = c["dtype"] == "fp32-tf32"
+    try:
+        if c["family"] == "decode":
+            return ak.decode.launches(q, k, v, mask, c["causal"], None, gqa)
+        out = ak.flash.launches(q, k, v, mask, c["causal"], None, gqa, needs_grad=c["family"] == "bwd")
+        return out if c["family"] == "fwd" else out[1:]
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
+# ------------------------------------------------------------------------------------------------
+# compiling one launch with one config
+# ------------------------------------------------------------------------------------------------
+SHORT = {"attn_fwd_kernel": "fwd", "bwd_preprocess_kernel": "bwd_preprocess", "attn_bwd_dkdv_kernel": "bwd_dkdv",
+         "attn_bwd_dq_kernel": "bwd_dq", "decode_split_kernel": "decode_split",
+         "decode_combine_kernel": "decode_combine"}
+
+
+def _ptxas_report(log: str) -> dict:
+    """Registers, spills and stack from ptxas -v output (Triton prints it with TRITON_DUMP_PTXAS_LOG=1)."""
+    out = {}
+    m = re.search(r"Used (\d+) registers", log)
+    if m:
+        out["registers"] = int(m.group(1))
+    m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    if m:
+        out.update(stack_bytes=int(m.group(1)), spill_bytes=int(m.group(2)), spill_load_bytes=int(m.group(3)))
+    return out
+
+
+def _cuobjdump_report(cubin: bytes) -> dict:
+    """Fallback when the ptxas report is missing: ``cuobjdump -res-usage`` (REG, STACK, LOCAL)."""
+    import triton
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, timeout=60).stdout
+    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", text)
+    if not m:
+        return {}
+    return dict(registers=int(m.group(1)), stack_bytes=int(m.group(2)), spill_bytes=int(m.group(3)))
+
+
+def compile_one(fn, launch, cfg) -> dict:
+    """Compile ``fn`` for sm_90a with this launch's arguments and config, as Triton's launcher would."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    target = GPUTarget(*TARGET)
+    backend = make_backend(target)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    kw = {**launch.meta, **cfg.kwargs(), "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+    bound, spec, opts = binder(*launch.args.values(), **kw)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kw, bound, spec, opts)
+    t0 = time.perf_counter()
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log):
+        kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target,
+                                options=options.__dict__)
+    rec = dict(compile_s=round(time.perf_counter() - t0, 2), shared_bytes=int(kernel.metadata.shared))
+    rec.update(_ptxas_report(log.getvalue()) or _cuobjdump_report(kernel.asm["cubin"]))
+    ptx = kernel.asm.get("ptx", "")
+    rec["wgmma"] = "wgmma.mma_async" in ptx
+    rec["mma"] = "wgmma" if rec["wgmma"] else ("mma.sync" if "mma.sync" in ptx else "fma")
+    rec["i64_args"] = sorted(k for k, v in signature.items() if v == "i64")
+    return rec
+
+
+def configs_for(launch, explore: bool):
+    """The configs to compile: what the pruner keeps (H100 limit), or with ``explore`` every config of the
+    exploration list that fits (used to choose the tables)."""
+    from autosdpa_kernels import _configs
+    if launch.tune is None or not explore:
+        return launch.candidates(_configs.H100_SMEM_PER_BLOCK, mode="all")
+    a = {**launch.args, **launch.meta}
+    return [c for c in _configs.EXPLORE[launch.tune] if _configs.candidates_for(launch.tune, a, table=[c])]
+
+
+def run_case(c, ak, K, explore=False, one=False) -> list[dict]:
+    """Compile every (launch, kept config) of a case; one record each (never raises)."""
+    import triton
+    base = dict(case=case_name(c), dtype=c["dtype"], D=c["D"], Dv=c["Dv"], mask=c["mask"], causal=c["causal"],
+                triton=triton.__version__)
+    try:
+        launches = build_launches(c, ak)
+    except Exception as exc:  # noqa: BLE001
+        return [dict(base, kernel=c["family"], config="-", ok=False, error=f"launch plan: {exc!r}"[:400])]
+    out = []
+    for launch in launches:
+        cfgs = configs_for(launch, explore)
+        if not cfgs:
+            out.append(dict(base, kernel=SHORT[launch.kernel], config="-", ok=False,
+                            error="no config fits (the pruner keeps none)"))
+        for cfg in cfgs[:1] if one else cfgs:
+            out.append(_compile_record(base, launch, cfg, K[launch.kernel]))
+    return out
+
+
+def _compile_record(base, launch, cfg, fn) -> dict:
+    from autosdpa_kernels import _configs
+    rec = dict(base, kernel=SHORT[launch.kernel], config=cfg.label())
+    if launch.tune is not None:
+        a = {**launch.args, **launch.meta}
+        esize = 4 if a.get("UPCAST") else a["Q"].element_size()
+        rec["smem_model"] = _configs.smem_bytes(launch.tune, cfg, a["D_PAD"], a["DV_PAD"], esize,
+                                                a["Msk"].element_size() if a["MASK_KIND"] else 0,
+                                                a.get("BLOCK_M"))
+    try:
+        rec["grid"] = list(launch.grid(cfg.kwargs()))
+        rec.update(compile_one(fn, launch, cfg))
+        rec["ok"] = True
+    except Exception as exc:  # noqa: BLE001 - a failure is the finding
+        msg = str(exc).strip().splitlines()
+        rec.update(ok=False, error=f"{type(exc).__name__}: {' | '.join(msg[-3:])}"[:600])
+    return rec
+
+
+# ------------------------------------------------------------------------------------------------
+# driver: workers, outputs
+# ------------------------------------------------------------------------------------------------
+_STATE = {}
+
+
+def _worker_init(cache_dir):
+    _setup_env(cache_dir)
+    import triton  # noqa: F401
+    _forbid_driver()
+    ak = _import_kernels()
+    import importlib
+    fk = importlib.import_module("autosdpa_kernels._flash_kernels")
+    dk = importlib.import_module("autosdpa_kernels._decode_kernels")
+    _STATE.update(ak=ak, K={name: getattr(m, name) for m in (fk, dk) for name in SHORT if hasattr(m, name)})
+
+
+def _work(job):
+    c, explore, one = job
+    return run_case(c, _STATE["ak"], _STATE["K"], explore, one)
+
+
+def compile_all(cases, jobs, explore, one, cache_dir, progress=print) -> list[dict]:
+    records = []
+    work = [(c, explore, one) for c in cases]
+    if jobs <= 1:
+        _worker_init(cache_dir)
+        results = map(_work, work)
+    else:
+        import concurrent.futures as cf
+        import multiprocessing as mp
+        pool = cf.ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"), initializer=_worker_init,
+                                      initargs=(cache_dir,))
+        results = pool.map(_work, work)
+    for c, recs in zip(cases, results):
+        records += recs
+        for r in recs:
+            progress(_row(r))
+    return records
+
+
+def _row(r) -> str:
+    if not r["ok"]:
+        return f"FAIL {r['case']:58s} {r['kernel']:15s} {r['config']:16s} {r.get('error', '')}"
+    return (f"ok   {r['case']:58s} {r['kernel']:15s} {r['config']:16s} regs {r.get('registers', '?'):>3} "
+            f"spill {r.get('spill_bytes', '?'):>5} smem {r['shared_bytes']:>6} "
+            f"{'wgmma' if r['wgmma'] else r['mma']:8s} {r['compile_s']:6.1f}s")
+
+
+def environment() -> dict:
+    import torch
+    import triton
+    return dict(triton=triton.__version__, torch=torch.__version__, python=platform.python_version(),
+                target=f"{TARGET[0]} sm_{TARGET[1]}a (warp {TARGET[2]})", machine=platform.node(),
+                platform=platform.platform(), cpus=os.cpu_count(),
+                date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+
+
+def summarize(records) -> list[dict]:
+    """Per (triton, kernel, dtype): configs ok/failed, register range, worst spill, largest smem, wgmma."""
+    groups = {}
+    for r in records:
+        groups.setdefault((r["triton"], r["kernel"], r["dtype"]), []).append(r)
+    out = []
+    for (ver, kernel, dtype), rs in sorted(groups.items()):
+        ok = [r for r in rs if r["ok"]]
+        regs = [r["registers"] for r in ok if "registers" in r]
+        out.append(dict(triton=ver, kernel=kernel, dtype=dtype, ok=len(ok), failed=len(rs) - len(ok),
+                        registers=f"{min(regs)}-{max(regs)}" if regs else "-",
+                        max_spill=max((r.get("spill_bytes", 0) for r in ok), default=0),
+                        spilling=sum(1 for r in ok if r.get("spill_bytes", 0) > 0),
+                        max_shared=max((r["shared_bytes"] for r in ok), default=0),
+                        wgmma="yes" if ok and all(r["wgmma"] for r in ok)
+                        else ("some" if any(r["wgmma"] for r in ok) else "no"),
+                        compile_s=round(sum(r["compile_s"] for r in ok), 1),
+                        max_compile_s=max((r["compile_s"] for r in ok), default=0)))
+    return out
+
+
+def markdown(doc) -> str:
+    lines = ["# Triton kernels compiled for Hopper (sm_90a) without a GPU", "",
+             "Made by `scripts/compile_kernels.py` (see `kernels/README.md`). Every config the pruner keeps, per "
+             "kernel, dtype, head dim, mask kind and causal variant; registers and spills from ptxas, shared "
+             "memory from the compiled kernel, wgmma from the PTX. fp32 = exact (ieee) dots (torch's default); "
+             "fp32-tf32 = with `allow_tf32`.", ""]
+    for ver, meta in sorted(doc["runs"].items()):
+        lines.append(f"- triton {ver}: {meta['date']}, torch {meta['torch']}, Python {meta['python']}, "
+                     f"{meta['machine']} ({meta['cpus']} CPUs), {meta['wall_s']:.0f} s wall, "
+                     f"{meta['jobs']} jobs, args `{' '.join(meta['argv'])}`")
+    lines += ["", "## Summary", "", "| triton | kernel | dtype | ok | failed | registers | spilling configs "
+              "| max spill B | max smem B | wgmma | compile s (sum / max) |", "|" + "---|" * 11]
+    for s in summarize(doc["records"]):
+        lines.append(f"| {s['triton']} | {s['kernel']} | {s['dtype']} | {s['ok']} | {s['failed']} | "
+                     f"{s['registers']} | {s['spilling']} | {s['max_spill']} | {s['max_shared']} | {s['wgmma']} | "
+                     f"{s['compile_s']} / {s['max_compile_s']} |")
+    bad = [r for r in doc["records"] if not r["ok"] or r.get("spill_bytes", 0) > 0]
+    lines += ["", "## Failures and spills", ""] + [f"- {_row(r)}" for r in bad] or ["- none"]
+    lines += ["", "## Every compile", "", "| triton | case | kernel | config | regs | spill B | smem B "
+              "(model) | mma | s |", "|" + "---|" * 9]
+    for r in doc["records"]:
+        if r["ok"]:
+            lines.append(f"| {r['triton']} | {r['case']} | {r['kernel']} | {r['config']} | "
+                         f"{r.get('registers', '?')} | {r.get('spill_bytes', '?')} | {r['shared_bytes']} "
+                         f"({r.get('smem_model', '-')}) | {r['mma']} | {r['compile_s']} |")
+    return "\n".join(lines) + "\n"
+
+
+def write(records, meta, json_path, md_path, update: bool) -> None:
+    doc = {"runs": {}, "records": []}
+    if update and json_path and os.path.exists(json_path):
+        with open(json_path) as f:
+            doc = json.load(f)
+    ver = meta["triton"]
+    doc["runs"][ver] = meta
+    doc["records"] = [r for r in doc["records"] if r["triton"] != ver] + records
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(doc, f, indent=1)
+    if md_path:
+        with open(md_path, "w") as f:
+            f.write(markdown(doc))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="one config per kernel at bf16 D=128 (+ masked, fp32)")
+    ap.add_argument("--explore", action="store_true", help="compile the exploration configs (table choice)")
+    ap.add_argument("--jobs", type=int, default=1, help="compiler processes")
+    ap.add_argument("--filter", default=None, help="regex on case names")
+    ap.add_argument("--json", default=None, help="JSON output (full run: benchmarks/kernels_compile_sm90.json)")
+    ap.add_argument("--md", default=None, help="markdown output (full run: benchmarks/kernels_compile_sm90.md)")
+    ap.add_argument("--no-update", action="store_true", help="replace the JSON instead of keeping the records "
+                    "of other Triton versions")
+    ap.add_argument("--no-spills", action="store_true", help="exit 1 when a compiled config spills")
+    ap.add_argument("--cache-dir", default=None, help="Triton cache to fill (default: a fresh temporary one)")
+    args = ap.parse_args(argv)
+    if not (args.quick or args.explore or args.filter):
+        args.json = args.json or os.path.join(ROOT, "benchmarks", "kernels_compile_sm90.json")
+        args.md = args.md or os.path.join(ROOT, "benchmarks", "kernels_compile_sm90.md")
+    cases = quick_cases() if args.quick else full_cases()
+    if args.filter:
+        cases = [c for c in cases if re.search(args.filter, case_name(c))]
+    t0 = time.perf_counter()
+    records = compile_all(cases, args.jobs, args.explore, args.quick, args.cache_dir,
+                          progress=lambda line: print(line, flush=True))
+    meta = dict(environment(), wall_s=round(time.perf_counter() - t0, 1), jobs=args.jobs,
+                argv=sys.argv[1:] if argv is None else list(argv))
+    write(records, meta, args.json, args.md, update=not args.no_update)
+    failed = [r for r in records if not r["ok"]]
+    spilled = [r for r in records if r["ok"] and r.get("spill_bytes", 0) > 0]
+    print(f"\n{len(records) - len(failed)} compiled, {len(failed)} failed, {len(spilled)} spilling; "
+          f"triton {meta['triton']}, {meta['wall_s']:.0f} s")
+    return 1 if failed or (args.no_spills and spilled) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
