@@ -146,7 +146,13 @@ def _markdown(doc: dict) -> str:
               help="Directory for bench.json, bench.md and bench.png.")
 @click.option("--no-plot", is_flag=True, help="Do not draw bench.png.")
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON document on stdout instead of the table.")
-def bench(workload, device, db, budget, seconds, out_dir, no_plot, as_json) -> None:
+@click.option("--sweep", "sweep", is_flag=True,
+              help="Run the built-in sweep (LLM prefill/decode, encoders, diffusion, training) instead of a "
+                   "workload: default vs every backend alone vs autosdpa, on a fresh database; writes "
+                   "OUT/sweep_<device>.{json,md,png}. Same as scripts/bench_sweep.py.")
+@click.option("--quick", is_flag=True, help="With --sweep: a subset of the problems, shorter timing.")
+@click.option("--dry", is_flag=True, help="With --sweep: tiny sizes and few rounds (checks that it runs).")
+def bench(workload, device, db, budget, seconds, out_dir, no_plot, as_json, sweep, quick, dry) -> None:
     """Benchmark a sweep: autosdpa vs PyTorch's default vs the best single backend, in one run.
 
     Each problem is tuned first if needed; then the three are timed side by side (interleaved rounds,
@@ -157,17 +163,23 @@ def bench(workload, device, db, budget, seconds, out_dir, no_plot, as_json) -> N
     Examples:
       autosdpa bench --preset llama3-8b --out benchmarks/h100-llama3
       autosdpa bench --shape hq=8,lq=1024,d=64 --shape hq=8,lq=4096,d=64,causal --device cpu
+      autosdpa bench --sweep --device cuda --quick --out benchmarks   # the built-in sweep
     """
     import torch
-    import torch.nn.functional as F
-
-    import autosdpa
 
     from .. import api
     from ..environment import environment
-    from ..timing import summarize, time_interleaved
 
     dev = resolve_device(device)
+    if sweep:
+        if any(workload[k] for k in ("shapes", "files", "presets", "recordings")):
+            raise click.UsageError("--sweep runs its own problem table: drop --shape/--file/--preset/--from")
+        src = click.get_current_context().get_parameter_source("seconds")
+        run_sweep_command(dev, db=db, budget=budget, seconds=None if src.name == "DEFAULT" else seconds,
+                          out_dir=out_dir, no_plot=no_plot, as_json=as_json, quick=quick, dry=dry)
+        return
+    if quick or dry:
+        raise click.UsageError("--quick and --dry go with --sweep")
     items = gather(workload, dev)
     use_db(db)
     config = tune_config(budget)
@@ -186,33 +198,9 @@ def bench(workload, device, db, budget, seconds, out_dir, no_plot, as_json) -> N
         single = pick_single_backend(tuned)
         progress.reset(task, total=len(items), phase="timing")
         for r in tuned:
-            it, d = r["item"], r["decision"]
-            progress.update(task, description=shorten(it.label or short_key(it.problem.key), 60))
-            with deterministic(it.problem.deterministic):
-                call = it.problem.make_call(dev)
-                single_here = single if single in r["timings"] else None
-                fns = {"pytorch": _make_fn(F.scaled_dot_product_attention, call, it.problem.train),
-                       "autosdpa": _make_fn(autosdpa.scaled_dot_product_attention, call, it.problem.train)}
-                if single_here:
-                    fns["single"] = _make_fn(_backend_fn(single_here), call, it.problem.train)
-                samples = time_interleaved(fns, dev, budget_s=seconds, min_rounds=5, max_rounds=1000)
-            med = {k: summarize(v)[0] for k, v in samples.items()}
-            spread = {k: summarize(v)[1] for k, v in samples.items()}
-            single_s = med.get("single", med["pytorch"])
-            results.append({
-                "problem": d.problem or it.problem.key, "label": it.label, "train": it.problem.train,
-                "pytorch_choice": d.pytorch_choice, "pytorch_s": med["pytorch"], "pytorch_spread_s": spread["pytorch"],
-                "autosdpa_backend": d.backend, "autosdpa_s": med["autosdpa"], "autosdpa_spread_s": spread["autosdpa"],
-                "autosdpa_speedup": med["pytorch"] / med["autosdpa"],
-                "single_backend": single_here or f"{d.pytorch_choice} (fallback: {single} cannot run this)",
-                "single_s": single_s, "single_spread_s": spread.get("single", spread["pytorch"]),
-                "single_speedup": med["pytorch"] / single_s,
-                "rounds": len(samples["pytorch"]), "tflops_autosdpa": it.problem.flops / med["autosdpa"] / 1e12,
-            })
+            progress.update(task, description=shorten(r["item"].label or short_key(r["item"].problem.key), 60))
+            results.append(_time_one(r, single, dev, seconds))
             progress.advance(task)
-            del call, fns
-            if dev.type == "cuda":
-                torch.cuda.empty_cache()
     summary = {"autosdpa_speedup_geomean": _geomean([r["autosdpa_speedup"] for r in results]),
                "single_speedup_geomean": _geomean([r["single_speedup"] for r in results]),
                "autosdpa_vs_single_geomean": _geomean([r["single_s"] / r["autosdpa_s"] for r in results]),
@@ -236,22 +224,109 @@ def bench(workload, device, db, budget, seconds, out_dir, no_plot, as_json) -> N
     if as_json:
         print_json(doc)
     else:
-        t = Table(title=f"autosdpa bench on {info['device_name']} ({dev}); best single backend: {single}")
-        t.add_column("problem", overflow="fold", max_width=50)
-        t.add_column("PyTorch default", justify="right")
-        t.add_column("autosdpa", justify="right")
-        t.add_column("speedup", justify="right")
-        t.add_column("best single", justify="right")
-        t.add_column("speedup", justify="right")
-        for r in results:
-            t.add_row(r["label"] or short_key(r["problem"]), f"{r['pytorch_choice']} {fmt_s(r['pytorch_s'])}",
-                      f"{r['autosdpa_backend']} {fmt_s(r['autosdpa_s'])}", fmt_x(r["autosdpa_speedup"]),
-                      f"{shorten(r['single_backend'], 24)} {fmt_s(r['single_s'])}", fmt_x(r["single_speedup"]))
-        t.add_section()
-        t.add_row("[bold]geometric mean[/]", "", "", f"[bold]{fmt_x(summary['autosdpa_speedup_geomean'])}[/]", "",
-                  f"[bold]{fmt_x(summary['single_speedup_geomean'])}[/]")
-        out.print(t)
+        _print_table(results, summary, single, f"{info['device_name']} ({dev})")
     err.print(f"wrote {outp / 'bench.json'}, {outp / 'bench.md'}"
               + ("" if note else f", {outp / 'bench.png'}"))
     if note:
         err.print(note, style="yellow", markup=False)
+
+
+def run_sweep_command(dev, *, db, budget, seconds, out_dir, no_plot, as_json, quick, dry) -> None:
+    """``autosdpa bench --sweep``: ``autosdpa.sweep.run_sweep`` with a progress bar, a table and the targets."""
+    from .. import sweep as S
+    from .. import sweep_report
+
+    if db and os.path.exists(db):
+        raise click.BadParameter(f"{db} exists: the sweep measures first-sight tuning on a new database",
+                                 param_hint="--db")
+    n = len(S.problem_table(dev, quick=quick))
+    columns = (TextColumn("[bold]sweep[/]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("{task.description}"))
+    with Progress(*columns, console=err) as progress:
+        task = progress.add_task("", total=n + 1)
+
+        def step(i, _n, name):
+            progress.update(task, completed=i, description=shorten(name, 60))
+        doc = S.run_sweep(dev, quick=quick, dry=dry, seconds=seconds, budget_s=budget, db=db, progress=step)
+        progress.update(task, completed=n + 1)
+    try:
+        paths, note = sweep_report.write_outputs(doc, out_dir, f"sweep_{dev.type}", plot=not no_plot)
+    except OSError as e:
+        raise click.ClickException(f"cannot write results to {out_dir}: {e}") from None
+    if as_json:
+        print_json(doc)
+    else:
+        t = Table(title=f"autosdpa sweep on {doc['machine']['device_name']} ({dev}); time ratios, below 1 is faster")
+        for col in ("problem", "default", "autosdpa", "autosdpa/default", "autosdpa/oracle", "first sight"):
+            t.add_column(col, justify="left" if col == "problem" else "right", overflow="fold")
+        for r in doc["results"]:
+            reg = " [red]regression[/]" if r["regression"] else ""
+            orc = r["autosdpa_vs_oracle"]
+            t.add_row(r["name"], f"{r['pytorch_choice']} {fmt_s(r['timings_s']['default']['median'])}",
+                      f"{r['autosdpa_backend']} {fmt_s(r['timings_s']['autosdpa']['median'])}",
+                      f"{r['autosdpa_vs_default']['median']:.3f}{reg}",
+                      f"{orc['median']:.3f} ({r['oracle']})" if orc else "-", fmt_s(r["first_sight_s"]))
+        s = doc["summary"]
+        t.add_section()
+        t.add_row("[bold]geometric mean[/]", "", "", f"[bold]{s['autosdpa_vs_default_geomean']:.3f}[/]",
+                  f"{s['autosdpa_vs_oracle_geomean'] or 0:.3f}", "")
+        out.print(t)
+        for line in sweep_report.target_lines(doc):
+            out.print(line, markup=False, highlight=False)
+    err.print("wrote " + ", ".join(map(str, paths)))
+    if note:
+        err.print(note, style="yellow", markup=False)
+
+
+def _time_one(r: dict, single: str | None, dev, seconds: float) -> dict:
+    """One tuned problem timed side by side: PyTorch's default, autosdpa, the sweep's single backend."""
+    import torch
+    import torch.nn.functional as F
+
+    import autosdpa
+
+    from ..timing import summarize, time_interleaved
+
+    it, d = r["item"], r["decision"]
+    with deterministic(it.problem.deterministic):
+        call = it.problem.make_call(dev)
+        single_here = single if single in r["timings"] else None
+        fns = {"pytorch": _make_fn(F.scaled_dot_product_attention, call, it.problem.train),
+               "autosdpa": _make_fn(autosdpa.scaled_dot_product_attention, call, it.problem.train)}
+        if single_here:
+            fns["single"] = _make_fn(_backend_fn(single_here), call, it.problem.train)
+        samples = time_interleaved(fns, dev, budget_s=seconds, min_rounds=5, max_rounds=1000)
+    med = {k: summarize(v)[0] for k, v in samples.items()}
+    spread = {k: summarize(v)[1] for k, v in samples.items()}
+    single_s = med.get("single", med["pytorch"])
+    del call, fns
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    return {
+        "problem": d.problem or it.problem.key, "label": it.label, "train": it.problem.train,
+        "pytorch_choice": d.pytorch_choice, "pytorch_s": med["pytorch"], "pytorch_spread_s": spread["pytorch"],
+        "autosdpa_backend": d.backend, "autosdpa_s": med["autosdpa"], "autosdpa_spread_s": spread["autosdpa"],
+        "autosdpa_speedup": med["pytorch"] / med["autosdpa"],
+        "single_backend": single_here or f"{d.pytorch_choice} (fallback: {single} cannot run this)",
+        "single_s": single_s, "single_spread_s": spread.get("single", spread["pytorch"]),
+        "single_speedup": med["pytorch"] / single_s,
+        "rounds": len(samples["pytorch"]), "tflops_autosdpa": it.problem.flops / med["autosdpa"] / 1e12,
+    }
+
+
+def _print_table(results: list[dict], summary: dict, single: str | None, where: str) -> None:
+    t = Table(title=f"autosdpa bench on {where}; best single backend: {single}")
+    t.add_column("problem", overflow="fold", max_width=50)
+    t.add_column("PyTorch default", justify="right")
+    t.add_column("autosdpa", justify="right")
+    t.add_column("speedup", justify="right")
+    t.add_column("best single", justify="right")
+    t.add_column("speedup", justify="right")
+    for r in results:
+        t.add_row(r["label"] or short_key(r["problem"]), f"{r['pytorch_choice']} {fmt_s(r['pytorch_s'])}",
+                  f"{r['autosdpa_backend']} {fmt_s(r['autosdpa_s'])}", fmt_x(r["autosdpa_speedup"]),
+                  f"{shorten(r['single_backend'], 24)} {fmt_s(r['single_s'])}", fmt_x(r["single_speedup"]))
+    t.add_section()
+    t.add_row("[bold]geometric mean[/]", "", "", f"[bold]{fmt_x(summary['autosdpa_speedup_geomean'])}[/]", "",
+              f"[bold]{fmt_x(summary['single_speedup_geomean'])}[/]")
+    out.print(t)
