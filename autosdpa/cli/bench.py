@@ -12,7 +12,7 @@ import click
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from . import main
+from ._group import main
 from ._common import (err, fmt_s, fmt_x, gather, out, print_json, resolve_device, short_key, shorten, tune_config,
                       use_db, workload_options, deterministic)
 

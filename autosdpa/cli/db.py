@@ -6,7 +6,7 @@ import json
 
 import click
 
-from . import main
+from ._group import main
 from ._common import gpu_filter_option, settings_for
 
 _DB_HELP = "Database to use (file path or SQLAlchemy URL); default: AUTOSDPA_DB, else the user cache file."

@@ -4,7 +4,7 @@ from __future__ import annotations
 import click
 from rich.table import Table
 
-from . import main
+from ._group import main
 from ._common import current_store, out, print_json, resolve_device
 
 

@@ -8,7 +8,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from . import main
+from ._group import main
 from ._common import (SHAPE_HELP, current_store, err, fmt_s, fmt_x, out, print_json, resolve_device, short_key,
                       tune_config, use_db, deterministic)
 

@@ -5,7 +5,7 @@ import click
 from rich.table import Table
 from rich.text import Text
 
-from . import main
+from ._group import main
 from ._common import out, print_json, short_key
 
 

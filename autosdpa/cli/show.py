@@ -8,7 +8,7 @@ import click
 from rich.table import Table
 from rich.text import Text
 
-from . import main
+from ._group import main
 from ._common import err, fmt_s, gpu_filter_option, out, print_json, short_key, shorten, use_db
 
 

@@ -11,7 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from . import main
+from ._group import main
 from ._common import (configure_dispatcher, current_store, err, fmt_s, fmt_x, gather, out, print_json, resolve_device,
                       settings_for, short_key, shorten, tune_config, use_db, workload_options)
 
