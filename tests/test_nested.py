@@ -14,8 +14,10 @@ from autosdpa.reference import TOLERANCE
 
 NJT = ["njt_pytorch", "njt_padded", "njt_split"]
 COMPOSED = ["njt_padded", "njt_split"]
-# (query lengths, key lengths): ragged self-attention, equal lengths, cross-attention with other lengths
-LENGTHS = {"ragged": ([5, 12, 3], None), "uniform": ([4, 4], None), "cross": ([5, 1, 7], [3, 9, 7])}
+# (query lengths, key lengths): ragged self-attention, equal lengths, cross-attention with other lengths,
+# ragged queries over keys of one length (no padding mask needed, even causal)
+LENGTHS = {"ragged": ([5, 12, 3], None), "uniform": ([4, 4], None), "cross": ([5, 1, 7], [3, 9, 7]),
+           "even_keys": ([5, 1, 7], [6, 6, 6])}
 
 # PyTorch's CPU NJT path converts to the older nested layout internally, which warns that it is a prototype.
 pytestmark = pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors is in prototype stage")
