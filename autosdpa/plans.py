@@ -66,6 +66,8 @@ class Plan:
 
     def _order(self, call):
         """The dim order PyTorch's own pick gives its output (None: the backend's own output already has it)."""
+        if call.query.is_nested:  # the njt_* backends build F.sdpa's NJT structure themselves
+            return None
         if not hasattr(torch_backends, "output_order"):  # TODO(merge wt-torchops): remove
             return None
         pick = torch_backends.pytorch_choice(call) or "math"

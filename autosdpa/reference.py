@@ -29,6 +29,9 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def reference_attention(call: Call, *, chunk_bytes: int = 256 << 20, dtype: torch.dtype | None = None) -> torch.Tensor:
     """softmax(q k^T * scale + mask) v in ``dtype`` (default: float64 for fp32/64 inputs, else float32)."""
+    if call.query.is_nested:  # per sequence, through this function
+        from .nested import reference
+        return reference(call, chunk_bytes=chunk_bytes, dtype=dtype)
     q, k, v = call.query, call.key, call.value
     dt = dtype or compute_dtype(q.dtype)
     q, k, v = q.to(dt), k.to(dt), v.to(dt)
@@ -69,6 +72,9 @@ def reference_attention(call: Call, *, chunk_bytes: int = 256 << 20, dtype: torc
 
 def max_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     """Normalised max error over the positions where the reference is finite; inf if ``out`` is not."""
+    if out.is_nested or ref.is_nested:  # NestedTensors: their structure, then their tokens, through this function
+        from .nested import max_error as nested_max_error
+        return nested_max_error(out, ref)
     if out.shape != ref.shape:
         return math.inf
     o, r = out.detach().to(ref.dtype), ref.detach()

@@ -9,6 +9,7 @@ import os
 
 import torch
 
+from . import nested
 from .backends.base import Backend, Call
 from .reference import GRAD_FACTOR, max_error, reference_attention, tolerance
 from .store import Measurement
@@ -82,7 +83,8 @@ def measure(call: Call, backends: list[Backend], config: TuneConfig | None = Non
     train = call.needs_grad
     q, k, v = (t.detach() for t in (call.query, call.key, call.value))
     if train:  # one upstream gradient (F.sdpa's output has q's shape with v's last dim) and one input set
-        g = torch.randn(*q.shape[:-1], v.shape[-1], generator=torch.Generator().manual_seed(0))
+        g = nested.random_output(call) if q.is_nested else torch.randn(
+            *q.shape[:-1], v.shape[-1], generator=torch.Generator().manual_seed(0))
         grad_out = g.to(device=device, dtype=q.dtype)
         xs = tuple(t.clone().requires_grad_() for t in (q, k, v))
     try:
