@@ -6,6 +6,7 @@ import math
 import torch
 from torch.nn.attention.bias import CausalBias
 
+from . import nested
 from .backends.base import Call
 from .problem import DTYPE_NAMES
 
@@ -20,6 +21,8 @@ def needs_grad(query, key, value) -> bool:
 def make_call(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
               grad: bool | None = None) -> Call | None:
     """A Call for inputs autosdpa handles; None sends the call straight to F.sdpa (which may reject it)."""
+    if nested.any_jagged(query, key, value):
+        return nested.make_call(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, grad)
     for t in (query, key, value):
         if type(t) not in _PLAIN or t.is_nested or t.layout != torch.strided or t.dim() < 3:
             return None
@@ -41,6 +44,8 @@ def make_call(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
 def degenerate_reason(call: Call) -> str | None:
     """Why this call must not decide for its problem: PyTorch's backends may legitimately disagree on it (an
     empty tensor, a zero or non-finite scale), so measuring it would poison the key for normal calls."""
+    if nested.is_jagged_call(call):
+        return nested.degenerate_reason(call)
     if any(n == 0 for t in (call.query, call.key, call.value) for n in t.shape):
         return "empty input"
     if call.scale is not None and (call.scale == 0 or not math.isfinite(call.scale)):
@@ -52,6 +57,8 @@ def degenerate_reason(call: Call) -> str | None:
 
 def invalid_reason(call: Call) -> str | None:
     """Shape errors PyTorch rejects (or, for k/v lengths on the CPU flash kernel, should reject)."""
+    if nested.is_jagged_call(call):
+        return None  # nested.make_call passes jagged calls with shape errors to F.sdpa itself
     q, k, v = call.query, call.key, call.value
     if k.shape[-2] != v.shape[-2]:
         return f"key length {k.shape[-2]} != value length {v.shape[-2]}"

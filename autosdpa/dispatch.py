@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch.nn.attention.bias import CausalBias
 
 from . import backends as _backends
-from . import compiled, consensus
+from . import compiled, consensus, nested
 from .backends.base import Backend, Call
 from .backends.torch_backends import FLAG_GETTERS as _FLAG_GETTERS, pytorch_choice, torch_flags
 from .backends.torch_layout import output_order, restride
@@ -250,7 +250,8 @@ class Dispatcher:
         if _tracing():  # torch.jit.trace: record PyTorch's own op, decide nothing
             return None
         try:
-            bk = _bucket_key(fk, q, m, self.settings.bucket_threshold)
+            thr = self.settings.bucket_threshold
+            bk = nested.bucket_key(fk, q, k, v, thr) if nested.is_jagged(q) else _bucket_key(fk, q, m, thr)
         except Exception:  # odd inputs: decided (or passed to PyTorch) the long way
             bk = None
         if bk is not None and bk in _bucket_plans:
@@ -325,7 +326,7 @@ class Dispatcher:
         if policy.passthrough:
             return Decision("pytorch", policy.reason, source="passthrough"), None, True
         problem = Problem.from_call(call, self.settings.bucket_threshold)
-        torch_pick = pytorch_choice(call)
+        torch_pick = nested.pytorch_choice(call) if nested.is_jagged_call(call) else pytorch_choice(call)
         allowed, timed, elig = self._candidates(call, policy)
         rejected = reasons_text(elig)
         eligible = [b for b in allowed if not elig[b.name]]

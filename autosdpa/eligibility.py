@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from . import backends as _backends
+from . import backends as _backends, nested
 from .backends.base import Backend, Call
 
 
@@ -23,7 +23,7 @@ def eligibility(call: Call, backends: list[Backend] | None = None) -> dict[str, 
     mask_grad = m is not None and m.requires_grad and torch.is_grad_enabled()
     for b in backends if backends is not None else _backends.all_backends():
         try:
-            reasons = list(b.not_supported_reasons(call))
+            reasons = nested.layout_reasons(call, b) or list(b.not_supported_reasons(call))
         except Exception as e:  # a broken check only rules its backend out
             reasons = [f"eligibility check failed: {type(e).__name__}: {e}"]
         if not reasons:

@@ -67,6 +67,8 @@ class Plan:
 
     def _order(self, call):
         """The dim order PyTorch's own pick gives its output (None: the backend's own output already has it)."""
+        if call.query.is_nested:  # the njt_* backends build F.sdpa's NJT structure themselves
+            return None
         pick = torch_backends.pytorch_choice(call)
         if pick is None:  # F.sdpa would raise or run nothing here: the backend's own layout
             return None

@@ -202,6 +202,9 @@ class Problem:
     @classmethod
     def from_call(cls, call: Call, threshold: int | None = 16) -> "Problem":
         q, k, v = call.query, call.key, call.value
+        if q.is_nested:
+            from .nested import problem_from_call
+            return problem_from_call(call, threshold)
         if q.dim() < 3:
             raise ValueError("attention inputs need at least 3 dimensions")
         if q.dim() == 3:
@@ -222,6 +225,9 @@ class Problem:
 
     def make_call(self, device="cpu", seed: int = 0) -> Call:
         """Synthetic inputs of this problem's (bucketed) shape, for offline tuning."""
+        if self.layout == "jagged":
+            from .nested import synthetic_call
+            return synthetic_call(self, device, seed)
         dev = torch.device(device)
         g = torch.Generator(device="cpu").manual_seed(seed)
         dt = DTYPES[self.dtype]

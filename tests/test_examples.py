@@ -93,4 +93,9 @@ def test_nested_tensor_batch(tmp_path):
     assert "output is nested: True" in out
     assert _number("max |autosdpa - F.sdpa|:", out) <= 1e-5
     assert _number("max |autosdpa - per-sequence dense attention|:", out) <= 1e-5
-    _chose(out)
+    assert "|layout=jagged|" in out
+    assert _chose(out) in ("njt_pytorch", "njt_padded", "njt_split")
+    assert _number("causal max |autosdpa - per-sequence dense causal attention|:", out) <= 1e-5
+    causal = re.search(r"^autosdpa chose for causal: (\w+) \(", out, re.M)
+    assert causal and causal.group(1) in ("njt_padded", "njt_split")  # PyTorch's NJT path: no causal on CPU
+    assert "F.sdpa with is_causal=True on this device: RuntimeError" in out

@@ -9,10 +9,12 @@ Causal is top-left aligned per sequence, as dense ``is_causal``.
 from __future__ import annotations
 
 import logging
+import threading
 import warnings
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend
 
 from .base import Backend, Call, register
 
@@ -25,6 +27,7 @@ except ImportError:  # pragma: no cover - another PyTorch layout of its internal
 
 _sdpa = F.scaled_dot_product_attention  # the original: this module loads before autosdpa.patch() can run
 _PYTORCH_LOG = "torch.nested._internal.sdpa"  # where PyTorch's NJT backend selection says why not
+_LOG_LOCK = threading.Lock()  # one capture of that logger at a time
 
 
 def is_jagged(t) -> bool:
@@ -94,18 +97,19 @@ def _pytorch_selection(call: Call) -> tuple[bool, list[str]]:
         ok = call.query.is_cuda or not call.is_causal
         return ok, [] if ok else ["PyTorch's NestedTensor attention on the CPU does not take is_causal=True"]
     logger, handler = logging.getLogger(_PYTORCH_LOG), _Capture()
-    prev = logger.propagate
-    logger.addHandler(handler)
-    logger.propagate = False  # its reasons become ours instead of log warnings
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            choice = _select_sdp_backend(call.query, call.key, call.value, None, call.dropout_p,
-                                         call.is_causal, call.enable_gqa)
-    finally:
-        logger.removeHandler(handler)
-        logger.propagate = prev
-    if choice != torch.nn.attention.SDPBackend.ERROR:
+    with _LOG_LOCK:
+        prev = logger.propagate
+        logger.addHandler(handler)
+        logger.propagate = False  # its reasons become ours instead of log warnings
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                choice = _select_sdp_backend(call.query, call.key, call.value, None, call.dropout_p,
+                                             call.is_causal, call.enable_gqa)
+        finally:
+            logger.removeHandler(handler)
+            logger.propagate = prev
+    if choice != SDPBackend.ERROR:
         return True, []
     lines = [str(w.message).split(" (Triggered internally")[0] for w in caught] + handler.lines
     return False, [s.strip() for s in lines if s.strip() and not s.strip().endswith("because:")]
@@ -145,7 +149,7 @@ def _padded(nt: torch.Tensor, rows: torch.Tensor, longest: int) -> torch.Tensor:
     return dense.view(nt.shape[0], longest, *vals.shape[1:]).transpose(1, 2)
 
 
-def _padding_mask(query, key, lq: int, lk: int, causal: bool) -> torch.Tensor:
+def _padding_mask(key, lq: int, lk: int, causal: bool) -> torch.Tensor:
     """(B, 1, 1 or Lq, Lk) bool: the keys of each sequence (and, if causal, those at or before the query)."""
     klen = key.offsets().diff()
     j = torch.arange(lk, device=klen.device)
@@ -168,8 +172,8 @@ class NJTPadded(NJTBackend):
         k_rows = q_rows if key.offsets() is query.offsets() else _pad_rows(key, lk)
         q, k, v = _padded(query, q_rows, lq), _padded(key, k_rows, lk), _padded(value, k_rows, lk)
         mask = None
-        if q_lo != lq or k_lo != lk:  # ragged: mask the padding; equal lengths need no mask at all
-            mask, is_causal = _padding_mask(query, key, lq, lk, is_causal), False
+        if k_lo != lk:  # ragged keys: mask their padding. Padded query rows are dropped, and top-left causal
+            mask, is_causal = _padding_mask(key, lq, lk, is_causal), False  # does not depend on query lengths
         out = _sdpa(q, k, v, mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)  # (B, H, Lq, Ev)
         heads, ev = out.shape[1], out.shape[3]
         return like_query(out.transpose(1, 2).reshape(-1, heads, ev).index_select(0, q_rows), query)
