@@ -73,7 +73,9 @@ class Plan:
         if pick is None:  # F.sdpa would raise or run nothing here: the backend's own layout
             return None
         want = output_order(call, pick)
-        return None if want == output_order(call, self.backend.name) else want
+        if self.backend.torch_backend is not None and want == output_order(call, self.backend.name):
+            return None
+        return want  # restride() returns the output itself when it already has this order
 
     def _ready(self, q, k, v, m, dp, ic, sc, gqa) -> bool:
         """During CUDA-graph capture nothing may compile or autotune: only a kernel already built runs."""
