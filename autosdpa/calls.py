@@ -21,6 +21,12 @@ def needs_grad(query, key, value) -> bool:
 def make_call(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
               grad: bool | None = None) -> Call | None:
     """A Call for inputs autosdpa handles; None sends the call straight to F.sdpa (which may reject it)."""
+    if (not isinstance(is_causal, bool) or not isinstance(enable_gqa, bool)
+            or not isinstance(dropout_p, (float, int)) or isinstance(dropout_p, bool)
+            or not (scale is None or isinstance(scale, (float, int)) and not isinstance(scale, bool))
+            or not isinstance(query, torch.Tensor)
+            or query.device.type not in ("cpu", "cuda") or query.dtype not in DTYPE_NAMES):
+        return None
     if nested.any_jagged(query, key, value):
         return nested.make_call(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, grad)
     for t in (query, key, value):
@@ -30,12 +36,6 @@ def make_call(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
     if not (query.dim() == key.dim() == value.dim() and query.shape[:lead] == key.shape[:lead] == value.shape[:lead]):
         return None  # broadcast batch dims: PyTorch's math backend takes them; the key does not describe them
     if attn_mask is not None and not (type(attn_mask) in _PLAIN or type(attn_mask) is CausalBias):
-        return None
-    if (not isinstance(is_causal, bool) or not isinstance(enable_gqa, bool)
-            or not isinstance(dropout_p, (float, int)) or isinstance(dropout_p, bool)
-            or not (scale is None or isinstance(scale, (float, int)) and not isinstance(scale, bool))):
-        return None
-    if query.device.type not in ("cpu", "cuda") or query.dtype not in DTYPE_NAMES:
         return None
     grad = needs_grad(query, key, value) if grad is None else grad
     return Call(query, key, value, attn_mask, float(dropout_p), is_causal, scale, enable_gqa, bool(grad))

@@ -56,15 +56,10 @@ def _structure_ok(q, k, v, enable_gqa: bool) -> bool:
 
 def make_call(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
               grad: bool | None = None) -> Call | None:
-    """The Call for jagged NJT inputs (same fields as ``calls.make_call``); None sends the call to F.sdpa,
-    which runs or rejects it itself (masks, NJTs ragged elsewhere or with holes, mismatched shapes)."""
+    """The Call for jagged NJT inputs (``calls.make_call`` has checked the plain arguments); None sends the
+    call to F.sdpa, which runs or rejects it itself (masks, NJTs ragged elsewhere or with holes, mismatched
+    shapes)."""
     if attn_mask is not None or not _structure_ok(query, key, value, enable_gqa):
-        return None
-    if (not isinstance(is_causal, bool) or not isinstance(enable_gqa, bool)
-            or not isinstance(dropout_p, (float, int)) or isinstance(dropout_p, bool)
-            or not (scale is None or isinstance(scale, (float, int)) and not isinstance(scale, bool))):
-        return None
-    if query.device.type not in ("cpu", "cuda") or query.dtype not in DTYPE_NAMES:
         return None
     if grad is None:
         grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)

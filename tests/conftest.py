@@ -15,6 +15,17 @@ if not torch.cuda.is_available():
 
 
 @pytest.fixture(autouse=True)
+def _all_pytorch_backends_on():
+    """Every test starts with all of PyTorch's sdp flags on (and restores what it found), so a test that
+    leaves them changed cannot colour the next one's eligibility."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH,
+                      SDPBackend.CUDNN_ATTENTION]):
+        yield
+
+
+@pytest.fixture(autouse=True)
 def _fresh_autosdpa(tmp_path, monkeypatch):
     """Every test gets its own database file and a dispatcher with empty in-memory caches."""
     import autosdpa

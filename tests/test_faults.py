@@ -168,9 +168,9 @@ def test_sdpa_lets_ctrl_c_through_and_keeps_working(registered):
 
 @pytest.mark.parametrize("fault", [
     "nan", "wrong",
-    pytest.param("raises", marks=pytest.mark.xfail(strict=False, reason="needs dispatcher persistence")),
-    pytest.param("oom", marks=pytest.mark.xfail(strict=False, reason="needs dispatcher persistence")),
-    pytest.param("too_slow", marks=pytest.mark.xfail(strict=False, reason="needs dispatcher persistence")),
+    "raises",
+    "oom",
+    "too_slow",
 ])
 def test_a_rejection_is_not_retried_by_the_next_process(registered, fault):
     fn = {"raises": _raise, "nan": _nan, "wrong": _wrong, "oom": _Oom(1 << 20), "too_slow": _sleepy}[fault]

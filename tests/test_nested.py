@@ -23,15 +23,6 @@ LENGTHS = {"ragged": ([5, 12, 3], None), "uniform": ([4, 4], None), "cross": ([5
 pytestmark = pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors is in prototype stage")
 
 
-@pytest.fixture(autouse=True)
-def _all_pytorch_backends_on():
-    """njt_pytorch is eligible where F.sdpa has a backend under PyTorch's sdp flags: start from all flags on,
-    whatever an earlier test left behind."""
-    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH,
-                      SDPBackend.CUDNN_ATTENTION]):
-        yield
-
-
 def _leaf(lengths, heads, dim, dtype=torch.float32, seed=0, grad=False):
     """A leaf (B, ragged L, H, E) NJT, as projections of a token batch give."""
     g = torch.Generator().manual_seed(seed)

@@ -14,15 +14,6 @@ NJT = {"njt_pytorch", "njt_padded", "njt_split"}
 pytestmark = pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors is in prototype stage")
 
 
-@pytest.fixture(autouse=True)
-def _all_pytorch_backends_on():
-    """njt_pytorch is eligible where F.sdpa has a backend under PyTorch's sdp flags: start from all flags on,
-    whatever an earlier test left behind."""
-    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH,
-                      SDPBackend.CUDNN_ATTENTION]):
-        yield
-
-
 def _qkv(lengths, heads=2, dim=8, grad=False, seed=0):
     """(B, H, ragged L, E) q, k, v over leaves (returned too) of (B, ragged L, H, E); k and v share offsets."""
     g = torch.Generator().manual_seed(seed)
