@@ -104,25 +104,27 @@ def common_reasons(query, key, value, attn_mask, dropout_p, causal, enable_gqa, 
     if Lq == 0 or Lk == 0 or B == 0 or Hq == 0:
         reasons.append("empty input")
     reasons += _row_stride_reasons(tensors + ((attn_mask,) if isinstance(attn_mask, torch.Tensor) else ()))
-    if attn_mask is not None:
-        if not isinstance(attn_mask, torch.Tensor):
-            reasons.append(f"attn_mask of type {type(attn_mask).__name__} not supported (pass a tensor)")
-        else:
-            if attn_mask.dtype != torch.bool and attn_mask.dtype not in SUPPORTED_DTYPES:
-                reasons.append(f"mask dtype {attn_mask.dtype} not supported (bool, float16, bfloat16 or float32)")
-            if attn_mask.device != query.device:
-                reasons.append("attn_mask is on another device")
-            if attn_mask.dim() > 4:
-                reasons.append(f"attn_mask has {attn_mask.dim()} dims (at most 4)")
-            else:
-                try:
-                    torch.broadcast_shapes(attn_mask.shape, (B, Hq, Lq, Lk))
-                    ok = tuple(torch.broadcast_shapes(attn_mask.shape, (B, Hq, Lq, Lk))) == (B, Hq, Lq, Lk)
-                except RuntimeError:
-                    ok = False
-                if not ok:
-                    reasons.append(f"attn_mask shape {tuple(attn_mask.shape)} does not broadcast to "
-                                   f"{(B, Hq, Lq, Lk)}")
+    return reasons + _mask_reasons(attn_mask, query.device, (B, Hq, Lq, Lk))
+
+
+def _mask_reasons(attn_mask, device, full) -> list[str]:
+    if attn_mask is None:
+        return []
+    if not isinstance(attn_mask, torch.Tensor):
+        return [f"attn_mask of type {type(attn_mask).__name__} not supported (pass a tensor)"]
+    reasons = []
+    if attn_mask.dtype != torch.bool and attn_mask.dtype not in SUPPORTED_DTYPES:
+        reasons.append(f"mask dtype {attn_mask.dtype} not supported (bool, float16, bfloat16 or float32)")
+    if attn_mask.device != device:
+        reasons.append("attn_mask is on another device")
+    if attn_mask.dim() > 4:
+        return reasons + [f"attn_mask has {attn_mask.dim()} dims (at most 4)"]
+    try:
+        ok = tuple(torch.broadcast_shapes(attn_mask.shape, full)) == full
+    except RuntimeError:
+        ok = False
+    if not ok:
+        reasons.append(f"attn_mask shape {tuple(attn_mask.shape)} does not broadcast to {full}")
     return reasons
 
 

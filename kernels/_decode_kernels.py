@@ -1,8 +1,8 @@
 """Triton kernels for split-KV decoding (imported lazily; needs triton).
 
-Stage 1: grid (num_splits * B * Hkv,), splits fastest. One program owns one KV split of one KV head and *all* query rows of
-that KV group (G query heads x Lq queries, packed into BLOCK_M rows), so each K/V tile is read once per group.
-It writes a partial, normalised output (fp32) and its log-sum-exp (log2 units, -inf when empty) per split.
+Stage 1: grid (num_splits * B * Hkv,), splits fastest. One program owns one KV split of one KV head and *all*
+query rows of that KV group (G query heads x Lq queries, packed into BLOCK_M rows), so each K/V tile is read once
+per group. It writes a partial, normalised output (fp32) and its log-sum-exp (log2 units, -inf when empty) per split.
 Stage 2: grid (B * Hq * Lq,). Combines the splits with log-sum-exp weights.
 """
 from __future__ import annotations

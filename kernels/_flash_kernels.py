@@ -15,7 +15,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from . import _configs, _launch
+from . import configs as KC
+from . import launch as KL
 from ._common import interpreting
 
 NEG_INF = tl.constexpr(float("-inf"))  # a plain global is rejected by @jit (only constexpr globals)
@@ -430,17 +431,17 @@ def attn_bwd_dq_kernel(Q, K, V, Msk, DO, LSE, Delta, DQ,
 TUNE_KEY = ["HEAD_DIM", "HEAD_DIM_V", "MASK_KIND", "CAUSAL", "Q_BUCKET", "K_BUCKET", "PRECISION"]
 
 
-def _to_triton(c: _configs.Cfg) -> triton.Config:
+def _to_triton(c: KC.Cfg) -> triton.Config:
     return triton.Config(c.kwargs(), num_warps=c.num_warps, num_stages=c.num_stages)
 
 
 def _pruner(kind: str):
-    """Keep, in table order, the configs ``_configs.candidates_for`` keeps for this key."""
+    """Keep, in table order, the configs ``KC.candidates_for`` keeps for this key."""
 
     def prune(configs, named_args, **kwargs):
         a = {**named_args, **kwargs}
-        want = _configs.candidates_for(kind, a, _launch.smem_limit(a["Q"].device))
-        have = {_configs.Cfg(c.kwargs.get("BLOCK_M"), c.kwargs["BLOCK_N"], c.num_warps, c.num_stages): c
+        want = KC.candidates_for(kind, a, KL.smem_limit(a["Q"].device))
+        have = {KC.Cfg(c.kwargs.get("BLOCK_M"), c.kwargs["BLOCK_N"], c.num_warps, c.num_stages): c
                 for c in configs}
         return [have[w] for w in want if w in have] or list(configs[:1])
 
@@ -448,7 +449,7 @@ def _pruner(kind: str):
 
 
 def autotuned(kernel, kind: str, key: list):
-    return triton.autotune(configs=[_to_triton(c) for c in _configs.all_configs(kind)], key=key,
+    return triton.autotune(configs=[_to_triton(c) for c in KC.all_configs(kind)], key=key,
                            cache_results=True, prune_configs_by={"early_config_prune": _pruner(kind)})(kernel)
 
 

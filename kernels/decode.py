@@ -18,10 +18,11 @@ import importlib
 import torch
 
 from . import _common as C
-from . import _configs
-from . import _launch as L
+from . import configs as CF
+from . import launch as L
 
-__all__ = ["attention", "not_supported_reasons", "workspace_bytes", "launches", "ready", "MAX_LQ", "MAX_ROWS"]
+__all__ = ["attention", "not_supported_reasons", "workspace_bytes", "launches", "ready", "split_plan", "MAX_LQ",
+           "MAX_ROWS"]
 
 MAX_LQ = 16          # queries per call
 MAX_ROWS = 128       # (query heads per KV head) * Lq packed into one program
@@ -49,7 +50,7 @@ def not_supported_reasons(query, key, value, attn_mask=None, dropout_p=0.0, caus
     reasons += _shape_reasons(query, key)
     if reasons or C.interpreting():
         return reasons
-    return _configs.config_reasons(("split",), query, key, value, attn_mask, L.smem_limit(query.device))
+    return CF.config_reasons(("split",), query, key, value, attn_mask, L.smem_limit(query.device))
 
 
 def _shape_reasons(query, key) -> list[str]:
@@ -70,7 +71,7 @@ def _sm_count(device: torch.device) -> int:
 
 
 def _granule() -> int:
-    return _configs.INTERPRET["split"].block_n if C.interpreting() else SPLIT_GRANULE
+    return CF.INTERPRET["split"].block_n if C.interpreting() else SPLIT_GRANULE
 
 
 def _num_splits(sms: int, B: int, Hkv: int, Lk: int, granule: int) -> int:
@@ -78,8 +79,9 @@ def _num_splits(sms: int, B: int, Hkv: int, Lk: int, granule: int) -> int:
     return max(1, min(C.cdiv(2 * sms, B * Hkv), C.cdiv(Lk, granule), MAX_AUTO_SPLITS))
 
 
-def _split_plan(device, B, Hkv, Lk, num_splits):
-    """(splits, split_len): split lengths are multiples of the granule, so no split is empty."""
+def split_plan(device, B, Hkv, Lk, num_splits=None):
+    """(splits, split_len) a call on ``device`` uses: ~2 waves of programs unless ``num_splits`` is given;
+    split lengths are multiples of the granule, so no split is empty."""
     granule = _granule()
     if num_splits is None:
         num_splits = _num_splits(_sm_count(device), B, Hkv, Lk, granule)
@@ -92,7 +94,7 @@ def workspace_bytes(query, key, value, num_splits=None) -> int:
     """fp32 partial outputs and log-sum-exps, for the number of splits the call would use."""
     B, Hq, Lq, _ = query.shape
     Hkv, Lk, Dv = key.shape[1], key.shape[2], value.shape[3]
-    splits, _ = _split_plan(query.device, B, Hkv, Lk, num_splits)
+    splits, _ = split_plan(query.device, B, Hkv, Lk, num_splits)
     return B * Hq * Lq * splits * (max(16, C.next_pow2(Dv)) + 1) * 4
 
 
@@ -115,7 +117,7 @@ def _launches(q, k, v, mask, kind, mstr, causal, sm_scale, num_splits, alloc):
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
     G = Hq // Hkv
     D_PAD, DV_PAD = max(16, C.next_pow2(D)), max(16, C.next_pow2(Dv))
-    splits, split_len = _split_plan(q.device, B, Hkv, Lk, num_splits)
+    splits, split_len = split_plan(q.device, B, Hkv, Lk, num_splits)
     po = alloc((B, Hq, Lq, splits, DV_PAD), torch.float32)
     plse = alloc((B, Hq, Lq, splits), torch.float32)
     o = alloc((B, Hq, Lq, Dv), q.dtype)
@@ -132,7 +134,7 @@ def _launches(q, k, v, mask, kind, mstr, causal, sm_scale, num_splits, alloc):
     combine = L.Launch("decode_combine_kernel", None,
                        dict(zip(COMBINE_ARGS, (po, plse, o, *o.stride()[:3], Hq, Lq, splits))),
                        dict(HEAD_DIM_V=Dv, DV_PAD=DV_PAD, S_PAD=s_pad), B * Hq * Lq, "", 1,
-                       fixed=_configs.Cfg(None, None, 8 if s_pad * DV_PAD >= 16384 else 4, 1))
+                       fixed=CF.Cfg(None, None, 8 if s_pad * DV_PAD >= 16384 else 4, 1))
     return split, combine, o
 
 

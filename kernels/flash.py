@@ -18,8 +18,8 @@ import importlib
 import torch
 
 from . import _common as C
-from . import _configs
-from . import _launch as L
+from . import configs as CF
+from . import launch as L
 
 __all__ = ["attention", "attention_with_lse", "not_supported_reasons", "workspace_bytes", "launches", "ready"]
 
@@ -36,7 +36,7 @@ def not_supported_reasons(query, key, value, attn_mask=None, dropout_p=0.0, caus
     if reasons or C.interpreting():
         return reasons
     kinds = ("fwd", "dkdv", "dq") if needs_grad else ("fwd",)
-    return _configs.config_reasons(kinds, query, key, value, attn_mask, L.smem_limit(query.device))
+    return CF.config_reasons(kinds, query, key, value, attn_mask, L.smem_limit(query.device))
 
 
 def workspace_bytes(query, key, value, needs_grad=False) -> int:
@@ -99,7 +99,7 @@ def _bwd_launches(do, q, k, v, o, lse, mask, mask_kind, mstr, causal, sm_scale, 
     pre = L.Launch("bwd_preprocess_kernel", None,
                    dict(zip(PRE_ARGS, (o, do, delta, *_strides(o), *_strides(do), Hq, Lq))),
                    dict(HEAD_DIM_V=Dv, DV_PAD=dv_pad, BLOCK_M=max(16, min(PRE_BLOCK_M, 8192 // dv_pad))), Lq,
-                   "BLOCK_M", B * Hq, fixed=_configs.Cfg(None, None, 8 if dv_pad >= 256 else 4, 1))
+                   "BLOCK_M", B * Hq, fixed=CF.Cfg(None, None, 8 if dv_pad >= 256 else 4, 1))
     ins = (q, k, v, mask if mask is not None else q, do, lse, delta)
     strides = (*_strides(q), *_strides(k), *_strides(v), *mstr, *_strides(do))
     tail = (Lq, Lk, _causal_off(causal, Lq, Lk), sm_scale * C.LOG2E, sm_scale, C.length_bucket(Lq),

@@ -35,7 +35,7 @@ DTYPES = ("fp16", "bf16", "fp32", "fp32-tf32")   # fp32: exact (ieee) dots, torc
 TARGET = ("cuda", 90, 32)
 
 
-def _setup_env(cache_dir: str | None) -> None:
+def setup_env(cache_dir: str | None) -> None:
     """Before triton is imported: compile (never interpret), start from an empty cache so every kernel is
     really compiled and ptxas reports on it."""
     os.environ.pop("TRITON_INTERPRET", None)
@@ -52,7 +52,7 @@ class _NoDriver:
         raise RuntimeError(f"compile-only run used the GPU driver (driver.active.{name})")
 
 
-def _forbid_driver() -> None:
+def forbid_driver() -> None:
     from triton.runtime.driver import driver
     driver.set_active(_NoDriver())
 
@@ -218,11 +218,11 @@ def compile_one(fn, launch, cfg) -> dict:
 def configs_for(launch, explore: bool):
     """The configs to compile: what the pruner keeps (H100 limit), or with ``explore`` every config of the
     exploration list that fits (used to choose the tables)."""
-    from autosdpa_kernels import _configs
+    from autosdpa_kernels import configs as CF
     if launch.tune is None or not explore:
-        return launch.candidates(_configs.H100_SMEM_PER_BLOCK, mode="all")
+        return launch.candidates(CF.H100_SMEM_PER_BLOCK, mode="all")
     a = {**launch.args, **launch.meta}
-    return [c for c in _configs.EXPLORE[launch.tune] if _configs.candidates_for(launch.tune, a, table=[c])]
+    return [c for c in CF.EXPLORE[launch.tune] if CF.candidates_for(launch.tune, a, table=[c])]
 
 
 def run_case(c, ak, K, explore=False, one=False) -> list[dict]:
@@ -246,12 +246,12 @@ def run_case(c, ak, K, explore=False, one=False) -> list[dict]:
 
 
 def _compile_record(base, launch, cfg, fn) -> dict:
-    from autosdpa_kernels import _configs
+    from autosdpa_kernels import configs as CF
     rec = dict(base, kernel=SHORT[launch.kernel], config=cfg.label())
     if launch.tune is not None:
         a = {**launch.args, **launch.meta}
         esize = 4 if a.get("UPCAST") else a["Q"].element_size()
-        rec["smem_model"] = _configs.smem_bytes(launch.tune, cfg, a["D_PAD"], a["DV_PAD"], esize,
+        rec["smem_model"] = CF.smem_bytes(launch.tune, cfg, a["D_PAD"], a["DV_PAD"], esize,
                                                 a["Msk"].element_size() if a["MASK_KIND"] else 0,
                                                 a.get("BLOCK_M"))
     try:
@@ -271,9 +271,9 @@ _STATE = {}
 
 
 def _worker_init(cache_dir):
-    _setup_env(cache_dir)
+    setup_env(cache_dir)
     import triton  # noqa: F401
-    _forbid_driver()
+    forbid_driver()
     ak = _import_kernels()
     import importlib
     fk = importlib.import_module("autosdpa_kernels._flash_kernels")

@@ -102,8 +102,8 @@ def test_kernels_compile_for_sm90_with_triton_3_6(runs):
 
 def test_compile_only_never_touches_the_gpu_driver():
     """The script's stand-in driver raises, so a quick run that passes compiled without a driver."""
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); import compile_kernels as ck; ck._setup_env(None); "
-            "ck._forbid_driver(); from triton.runtime.driver import driver\n"
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import compile_kernels as ck; ck.setup_env(None); "
+            "ck.forbid_driver(); from triton.runtime.driver import driver\n"
             "try:\n    driver.active.get_current_target()\nexcept RuntimeError as e:\n    print('refused:', e)")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     res = subprocess.run([sys.executable, "-c", code, os.path.dirname(SCRIPT)], capture_output=True, text=True,

@@ -11,7 +11,9 @@ import pytest
 import torch
 
 pytest.importorskip("triton")
-from autosdpa_kernels import _common, _configs, _launch, decode, flash  # noqa: E402
+from autosdpa_kernels import _common, decode, flash
+from autosdpa_kernels import configs as kconfigs
+from autosdpa_kernels import launch as klaunch  # noqa: E402
 
 pytestmark = [pytest.mark.triton]
 MAX_X = 2**31 - 1
@@ -63,7 +65,7 @@ def test_strides_past_2_31_are_passed_as_64_bit():
     q = meta(1, 1 << 20, 32, 128).transpose(1, 2)
     (fwd,) = flash.launches(q, q, q)
     assert fwd.args["stride_qb"] == 1 << 32 and fwd.args["stride_qm"] == 32 * 128
-    key = dict(zip(fwd.args, _launch.spec_key(fwd.args)))
+    key = dict(zip(fwd.args, klaunch.spec_key(fwd.args)))
     assert key["stride_qb"] == (False, True, False)   # not 1, multiple of 16, not 32-bit
     assert fwd.grid({"BLOCK_M": 128}) == ((1 << 20) // 128 * 32,)
 
@@ -73,7 +75,11 @@ def test_decode_workspace_follows_the_split_rule():
     split, _ = decode.launches(q, k, k, enable_gqa=True)
     ws = split.args["PO"].numel() * 4 + split.args["PLSE"].numel() * 4
     assert decode.workspace_bytes(q, k, k) == ws
-    assert split.args["NUM_SPLITS"] == decode._num_splits(decode.META_SMS, 2, 8, 8192, decode._granule())
+    # 132 SMs (H100/H200): about two waves of 16 (batch, kv head) pairs -> 17 splits of 482 keys, rounded up to
+    # 128-key granules (16 under the interpreter): 16 splits of 512 (17 of 496)
+    want = (17, 496) if _common.interpreting() else (16, 512)
+    assert (split.args["NUM_SPLITS"], split.args["split_len"]) == want
+    assert decode.split_plan(torch.device("meta"), 2, 8, 8192) == (split.args["NUM_SPLITS"], split.args["split_len"])
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -133,30 +139,30 @@ def test_offsets_past_2_31_elements_are_64_bit():
 # ------------------------------------------------------------------------------------------------------------
 # the config pruner
 def test_tables_hold_at_most_three_configs_and_the_switch_keeps_one(monkeypatch):
-    for kind, tables in _configs.TABLES.items():
+    for kind, tables in kconfigs.TABLES.items():
         for key, table in tables.items():
-            assert 0 < len(table) <= _configs.MAX_PER_KEY, (kind, key)
+            assert 0 < len(table) <= kconfigs.MAX_PER_KEY, (kind, key)
     args = dict(d_pad=128, dv_pad=128, esize=2, precision="tf32", lq_bucket=4096, lk_bucket=4096)
-    assert len(_configs.candidates("fwd", **args)) > 1
-    monkeypatch.setenv(_configs.CONFIGS_ENV, "one")
-    assert _configs.candidates("fwd", **args) == _configs.TABLES["fwd"][("s", "16")][:1]
+    assert len(kconfigs.candidates("fwd", **args)) > 1
+    monkeypatch.setenv(kconfigs.CONFIGS_ENV, "one")
+    assert kconfigs.candidates("fwd", **args) == kconfigs.TABLES["fwd"][("s", "16")][:1]
 
 
 def test_pruner_counts_the_mask_tile_and_the_device_limit():
     args = dict(d_pad=128, dv_pad=128, esize=2, precision="tf32", lq_bucket=4096, lk_bucket=4096)
-    plain = _configs.candidates("fwd", **args)
+    plain = kconfigs.candidates("fwd", **args)
     for c in plain:
-        assert _configs.smem_bytes("fwd", c, 128, 128, 2, 4) > _configs.smem_bytes("fwd", c, 128, 128, 2, 1) \
-            > _configs.smem_bytes("fwd", c, 128, 128, 2, 0)
-    limit = max(_configs.smem_bytes("fwd", c, 128, 128, 2, 0) for c in plain) - 1
-    fewer = _configs.candidates("fwd", **args, smem_limit=limit)
-    assert len(fewer) < len(plain) and all(_configs.smem_bytes("fwd", c, 128, 128, 2) <= limit for c in fewer)
-    assert _configs.candidates("fwd", **args, smem_limit=1024) == []
+        assert kconfigs.smem_bytes("fwd", c, 128, 128, 2, 4) > kconfigs.smem_bytes("fwd", c, 128, 128, 2, 1) \
+            > kconfigs.smem_bytes("fwd", c, 128, 128, 2, 0)
+    limit = max(kconfigs.smem_bytes("fwd", c, 128, 128, 2, 0) for c in plain) - 1
+    fewer = kconfigs.candidates("fwd", **args, smem_limit=limit)
+    assert len(fewer) < len(plain) and all(kconfigs.smem_bytes("fwd", c, 128, 128, 2) <= limit for c in fewer)
+    assert kconfigs.candidates("fwd", **args, smem_limit=1024) == []
 
 
 def test_small_problems_get_the_smallest_tile():
-    got = _configs.candidates("fwd", d_pad=64, dv_pad=64, esize=2, precision="tf32", lq_bucket=16, lk_bucket=16)
-    table = _configs.TABLES["fwd"][("s", "16")]
+    got = kconfigs.candidates("fwd", d_pad=64, dv_pad=64, esize=2, precision="tf32", lq_bucket=16, lk_bucket=16)
+    table = kconfigs.TABLES["fwd"][("s", "16")]
     assert got == [min(table, key=lambda c: (c.block_m * c.block_n, c.num_stages))]
 
 
@@ -178,7 +184,7 @@ class _FakeKernels:
 
     def __init__(self):
         self.calls = []
-        self.AUTOTUNED = {k: _FakeKernel(self.calls, "autotuned " + k) for k in _configs.KINDS}
+        self.AUTOTUNED = {k: _FakeKernel(self.calls, "autotuned " + k) for k in kconfigs.KINDS}
 
     def __getattr__(self, name):
         return _FakeKernel(self.calls, name)
@@ -186,12 +192,12 @@ class _FakeKernels:
 
 def test_ready_after_the_same_key_ran(monkeypatch):
     monkeypatch.setattr(_common, "interpreting", lambda: False)
-    monkeypatch.setattr(_launch, "_LAUNCHED", set())
+    klaunch.forget()
     q, kv = meta(2, 8, 2048, 128), meta(2, 2, 2048, 128)
     assert not flash.ready(q, kv, kv, causal="top_left", enable_gqa=True)
     fake = _FakeKernels()
     for launch in flash.launches(q, kv, kv, causal="top_left", enable_gqa=True):
-        _launch.run(launch, fake)
+        klaunch.run(launch, fake)
     assert [c[0] for c in fake.calls] == ["autotuned fwd"]          # a choice of configs: the autotuner
     assert flash.ready(q, kv, kv, causal="top_left", enable_gqa=True)
     assert flash.ready(meta(2, 8, 1900, 128), meta(2, 2, 1900, 128), meta(2, 2, 1900, 128), causal="top_left",
@@ -203,16 +209,16 @@ def test_ready_after_the_same_key_ran(monkeypatch):
 
 def test_ready_decode_and_the_one_config_switch(monkeypatch):
     monkeypatch.setattr(_common, "interpreting", lambda: False)
-    monkeypatch.setattr(_launch, "_LAUNCHED", set())
-    monkeypatch.setenv(_configs.CONFIGS_ENV, "one")
+    klaunch.forget()
+    monkeypatch.setenv(kconfigs.CONFIGS_ENV, "one")
     q, kv = meta(4, 32, 1, 128), meta(4, 8, 8192, 128)
     assert not decode.ready(q, kv, kv, enable_gqa=True)
     fake = _FakeKernels()
     for launch in decode.launches(q, kv, kv, enable_gqa=True):
-        _launch.run(launch, fake)
+        klaunch.run(launch, fake)
     names = [c[0] for c in fake.calls]
     assert names == ["decode_split_kernel", "decode_combine_kernel"]   # one config: launched directly
-    assert fake.calls[0][2]["BLOCK_N"] == _configs.TABLES["split"][("s", "16")][0].block_n
+    assert fake.calls[0][2]["BLOCK_N"] == kconfigs.TABLES["split"][("s", "16")][0].block_n
     assert decode.ready(q, kv, kv, enable_gqa=True)
     assert not decode.ready(q, kv, kv, enable_gqa=True, needs_grad=True)
 

@@ -13,13 +13,18 @@ import functools
 
 import torch
 
-from . import _configs
+from . import configs as CF
 from . import _common as C
 
 MAX_GRID_X = 2**31 - 1  # CUDA's limit on grid axis 0 (axes 1 and 2 allow only 65,535)
 
 #: keys (``Launch.key()``) of the launches this process has run: compiled, and autotuned for their key.
 _LAUNCHED: set = set()
+
+
+def forget() -> None:
+    """Forget every recorded launch: ``ready()`` is False again until each key runs anew (tests)."""
+    _LAUNCHED.clear()
 
 
 def flat_grid(n_blocks: int, batch: int) -> tuple[int]:
@@ -55,25 +60,25 @@ def spec_key(args: dict, exact: tuple = ()) -> tuple:
 @dataclasses.dataclass
 class Launch:
     kernel: str                 # name of the @triton.jit function in the kernel module
-    tune: str | None            # config table kind (``_configs.KINDS``); None: ``fixed`` config
+    tune: str | None            # config table kind (``configs.KINDS``); None: ``fixed`` config
     args: dict                  # runtime arguments by name, in the kernel's order
     meta: dict                  # constexpr arguments, tuned tile sizes excluded
     length: int                 # extent cut into blocks of size ``cfg[block]`` (or a block count if block="")
     block: str                  # "BLOCK_M", "BLOCK_N" or "" (``length`` is already a block count)
     batch: int                  # programs per block
     tune_key: tuple = ()        # int arguments the autotuner keys on
-    fixed: _configs.Cfg | None = None
+    fixed: CF.Cfg | None = None
 
     def grid(self, kwargs: dict) -> tuple[int]:
         """The grid for a config's tile sizes (``kwargs``; a fixed kernel's are in ``meta``)."""
         n = C.cdiv(self.length, {**self.meta, **kwargs}[self.block]) if self.block else self.length
         return flat_grid(n, self.batch)
 
-    def candidates(self, smem_limit: int = _configs.H100_SMEM_PER_BLOCK, mode: str | None = None):
+    def candidates(self, smem_limit: int = CF.H100_SMEM_PER_BLOCK, mode: str | None = None):
         """Configs worth trying for this launch (the fixed one for untuned kernels)."""
         if self.tune is None:
             return [self.fixed]
-        return _configs.candidates_for(self.tune, {**self.args, **self.meta}, smem_limit, mode)
+        return CF.candidates_for(self.tune, {**self.args, **self.meta}, smem_limit, mode)
 
     def key(self) -> tuple:
         return (self.kernel, tuple(self.meta.items()), spec_key(self.args, self.tune_key))
@@ -87,9 +92,9 @@ class Launch:
 def smem_limit(device: torch.device) -> int:
     """Dynamic shared memory one block may use on this device (the H100/H200 figure off CUDA)."""
     if device.type != "cuda":
-        return _configs.H100_SMEM_PER_BLOCK
+        return CF.H100_SMEM_PER_BLOCK
     props = torch.cuda.get_device_properties(device)
-    return int(getattr(props, "shared_memory_per_block_optin", _configs.H100_SMEM_PER_BLOCK))
+    return int(getattr(props, "shared_memory_per_block_optin", CF.H100_SMEM_PER_BLOCK))
 
 
 def run(launch: Launch, kmod) -> None:
@@ -98,7 +103,7 @@ def run(launch: Launch, kmod) -> None:
     fn = getattr(kmod, launch.kernel)
     args = tuple(launch.args.values())
     if launch.tune is not None and C.interpreting():
-        cands = [_configs.INTERPRET[launch.tune]]
+        cands = [CF.INTERPRET[launch.tune]]
     elif launch.tune is not None:
         dev = next(a.device for a in launch.args.values() if isinstance(a, torch.Tensor))
         cands = launch.candidates(smem_limit(dev))

@@ -167,7 +167,8 @@ def _candidates(kind, d_pad, dv_pad, esize, mask_esize, lq_bucket, lk_bucket, bl
     kept = [c for c in table
             if smem_bytes(kind, c, d_pad, dv_pad, esize, mask_esize, block_m) <= smem_limit]
     # tiles larger than the (bucketed) problem only waste work; keep the smallest such tile
-    small = [c for c in kept if (c.block_m is None or c.block_m <= max(16, lq_bucket)) and c.block_n <= max(16, lk_bucket)]
+    small = [c for c in kept
+             if (c.block_m is None or c.block_m <= max(16, lq_bucket)) and c.block_n <= max(16, lk_bucket)]
     if not small and kept:
         small = [min(kept, key=lambda c: ((c.block_m or 1) * c.block_n, c.num_stages))]
     kept = small[:MAX_PER_KEY]
