@@ -193,7 +193,10 @@ def case_ctrl_c(tmp: Path, i: int, after_s: float = 1.0) -> dict:
     load0 = os.getloadavg()
     cmd = [sys.executable, "-m", "autosdpa.cli", "tune", "--preset", "vit-b16", "--db", str(db)]
     t_start = time.perf_counter()
-    p = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A shell starting this script in the background (`&`) leaves SIGINT ignored, and children inherit that:
+    # the command must start with the default disposition, as it does from a terminal.
+    p = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     while not db.exists() and p.poll() is None and time.perf_counter() - t_start < 60:
         time.sleep(0.01)
     started = time.perf_counter()
@@ -270,7 +273,8 @@ def details(runs: dict) -> list[str]:
     if "a" in runs:
         e, w = [r["empty"] for r in runs["a"]], [r["warm_new_process"] for r in runs["a"]]
         out.append(f"(a) plain {_med([x['plain_s'] for x in e]):.3f} s vs autosdpa {_med([x['autosdpa_s'] for x in e]):.3f} s "
-                   f"on an empty database ({_med([x['problems_decided'] for x in e]):.0f} problems decided); warm, new "
+                   f"on an empty database ({_med([x['problems_decided'] for x in e]):.0f} problems decided; plain "
+                   f"{_med([x['plain_s'] / x['steps'] for x in e]) * 1e6:.0f} µs per step); warm, new "
                    f"process: plain {_med([x['plain_s'] for x in w]):.3f} s vs autosdpa {_med([x['autosdpa_s'] for x in w]):.3f} s")
     if "b" in runs:
         b = runs["b"]

@@ -61,6 +61,7 @@ def test_dry_quick_sweep_measures_every_contender(tmp_path, monkeypatch):
         ratio = r["autosdpa_vs_default"]
         assert ratio["p25"] <= ratio["median"] <= ratio["p75"] and ratio["noise"] >= 0
         assert r["regression"] == (ratio["median"] > 1 + ratio["noise"])
+        assert r["autosdpa_vs_default_of_minima"] == timed["autosdpa"]["min"] / timed["default"]["min"]
         assert r["first_sight_s"] > 0 and r["autosdpa_source"] != "default"  # decided from a measurement
         assert all(e is not None and e < 1e-3 for e in r["max_error"].values())
     assert [r["train"] for r in doc["results"]].count(True) == 1
