@@ -54,12 +54,15 @@ class Plan:
         return out if order is None else restride(out, order)
 
     def _check(self, sig, q, k, v, m, dp, ic, sc, gqa):
-        call = make_call(q, k, v, m, dp, ic, sc, gqa)
-        reasons = ["inputs autosdpa does not key"] if call is None else eligibility(call, [self.backend])[
-            self.backend.name]
-        if reasons and self.forced:
-            raise ForcedBackendError.for_names([self.backend.name], {self.backend.name: "; ".join(reasons)})
-        verdict = (False, None) if reasons else (True, self._order(call))
+        if k.dtype != q.dtype or v.dtype != q.dtype or k.device != q.device or v.device != q.device:
+            verdict = (False, None)  # invalid for every backend: F.sdpa raises PyTorch's own error
+        else:
+            call = make_call(q, k, v, m, dp, ic, sc, gqa)
+            reasons = ["inputs autosdpa does not key"] if call is None else eligibility(call, [self.backend])[
+                self.backend.name]
+            if reasons and self.forced:
+                raise ForcedBackendError.for_names([self.backend.name], {self.backend.name: "; ".join(reasons)})
+            verdict = (False, None) if reasons else (True, self._order(call))
         if len(self._layouts) >= _MAX_LAYOUTS:
             self._layouts.clear()
         self._layouts[sig] = verdict

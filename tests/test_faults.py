@@ -166,12 +166,7 @@ def test_sdpa_lets_ctrl_c_through_and_keeps_working(registered):
     assert torch_flags() == flags
 
 
-@pytest.mark.parametrize("fault", [
-    "nan", "wrong",
-    "raises",
-    "oom",
-    "too_slow",
-])
+@pytest.mark.parametrize("fault", ["nan", "wrong", "raises", "oom", "too_slow"])
 def test_a_rejection_is_not_retried_by_the_next_process(registered, fault):
     fn = {"raises": _raise, "nan": _nan, "wrong": _wrong, "oom": _Oom(1 << 20), "too_slow": _sleepy}[fault]
     fake = registered(FakeBackend(fault, fn=fn))
