@@ -43,12 +43,15 @@ def make_call(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
 
 def degenerate_reason(call: Call) -> str | None:
     """Why this call must not decide for its problem: PyTorch's backends may legitimately disagree on it (an
-    empty tensor, a zero or non-finite scale), so measuring it would poison the key for normal calls."""
+    empty tensor, a zero, negative or non-finite scale: torch 2.13's CPU flash kernel returns NaN for a causal
+    call with a negative scale), so measuring it would poison the key for normal calls."""
     if nested.is_jagged_call(call):
         return nested.degenerate_reason(call)
     if any(n == 0 for t in (call.query, call.key, call.value) for n in t.shape):
         return "empty input"
-    if call.scale is not None and (call.scale == 0 or not math.isfinite(call.scale)):
+    if invalid_reason(call):  # PyTorch's math error for these, whatever the scale: F.sdpa's CPU flash kernel
+        return None           # would read past v when k and v lengths differ (a heap abort with gradients)
+    if call.scale is not None and (call.scale <= 0 or not math.isfinite(call.scale)):
         return f"scale={call.scale}"
     if not 0.0 <= call.dropout_p < 1.0:
         return f"dropout_p={call.dropout_p}"
