@@ -560,8 +560,10 @@ def _shrink_batch(batch: tuple, per: int, limit: int = 40_000) -> tuple:
 
 
 @st.composite
-def valid_cases(draw, grads: bool | None = None, dropout: bool = True) -> Case:
-    """Inputs F.sdpa accepts (mostly: some corners, e.g. huge scales, are still up to PyTorch)."""
+def valid_cases(draw, grads: bool | None = None, dropout: bool = True,
+                winners: tuple = ("math", "math", "flash", "tune")) -> Case:
+    """Inputs F.sdpa accepts (mostly: some corners, e.g. huge scales, are still up to PyTorch). ``grads``:
+    whether some inputs require grad (None: either); ``winners``: what first sight picks from."""
     fused = draw(st.booleans())  # half the cases: inputs PyTorch's CPU flash kernel takes (if the rest allows)
     rank = 4 if fused else draw(st.sampled_from([3, 4, 4, 5]))
     batch = tuple(draw(st.integers(1, 3)) for _ in range(max(1, rank - 3)))
@@ -588,7 +590,7 @@ def valid_cases(draw, grads: bool | None = None, dropout: bool = True) -> Case:
         mode, rg = "forward", (False,) * 3
     return dataclasses.replace(
         case, mask=mask, is_causal=causal, scale=draw(scales), dropout_p=drop, grads=rg, grad_mode=mode,
-        winner=draw(st.sampled_from(["math", "math", "flash", "tune"])), seed=draw(st.integers(0, 2**20)),
+        winner=draw(st.sampled_from(list(winners))), seed=draw(st.integers(0, 2**20)),
         **draw(states))
 
 
@@ -644,8 +646,8 @@ INVALID_KINDS = tuple(_invalid_changes(Case()))
 
 
 @st.composite
-def invalid_cases(draw) -> Case:
-    base = draw(valid_cases(dropout=False))
+def invalid_cases(draw, winners: tuple = ("math", "math", "flash", "tune")) -> Case:
+    base = draw(valid_cases(dropout=False, winners=winners))
     change = draw(st.sampled_from(INVALID_KINDS))
     return _invalid_changes(base)[change]()
 
@@ -656,8 +658,8 @@ PAIR_KINDS = ("strides", "value length", "value dim", "k/v dtype", "mask values"
 
 
 @st.composite
-def pairs(draw) -> tuple[Case, Case]:
-    first = draw(valid_cases(dropout=False))
+def pairs(draw, winners: tuple = ("math", "math", "flash", "tune")) -> tuple[Case, Case]:
+    first = draw(valid_cases(dropout=False, winners=winners))
     kind = draw(st.sampled_from(PAIR_KINDS))
     r = dataclasses.replace
     c = first
