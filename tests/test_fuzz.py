@@ -34,31 +34,31 @@ def _assert_no_failures(theme, case):
         raise AssertionError("\n".join(map(str, fails)) + "\n\n" + repro)
 
 
-@settings(CI, max_examples=180)
+@settings(CI, max_examples=250)
 @given(fc.valid_cases(grads=False, winners=SEEDED))
 def test_values_and_strides(case):
     _assert_no_failures("valid", case)
 
 
-@settings(CI, max_examples=60)
+@settings(CI, max_examples=80)
 @given(fc.valid_cases(grads=True, winners=SEEDED))
 def test_gradients(case):
     _assert_no_failures("valid", case)
 
 
-@settings(CI, max_examples=120)
+@settings(CI, max_examples=150)
 @given(fc.invalid_cases(winners=SEEDED))
 def test_invalid_inputs_raise_the_same_type(case):
     _assert_no_failures("invalid", case)
 
 
-@settings(CI, max_examples=110)
+@settings(CI, max_examples=150)
 @given(fc.pairs(winners=SEEDED))
 def test_cache_hit_pairs(pair):
     _assert_no_failures("pairs", pair)
 
 
-@settings(CI, max_examples=12)
+@settings(CI, max_examples=15)
 @given(fc.valid_cases(grads=False, dropout=False, winners=("tune",)))
 def test_first_sight_by_timing(case):
     """Whatever the timing picks, the result is F.sdpa's (the seeded tests cover each winner deterministically)."""
