@@ -189,7 +189,8 @@ def _versions() -> dict:
             "autosdpa": autosdpa.__version__, "commit": commit}
 
 
-def summarize(rows: list[dict], note: str) -> dict:
+def summarize(rows: list[dict], fc) -> dict:
+    note = fc.NOTE
     kinds, known, routes, themes, first = (collections.Counter(), collections.Counter(), collections.Counter(),
                                            collections.Counter(), {})
     for r in rows:
@@ -198,6 +199,11 @@ def summarize(rows: list[dict], note: str) -> dict:
         if "route" in r:
             routes[r["route"]] += 1
         for kind, stage, detail in r["fails"]:
+            name = None if kind.startswith(ABORT) else fc.known_for(
+                r["theme"], _parse_case(fc, r["case"]), fc.Failure(kind, stage, detail))
+            if name:  # KNOWN as it is now, not as the worker had it
+                known[name] += 1
+                continue
             kinds[(r["theme"], kind)] += 1
             first.setdefault((r["theme"], kind), {"theme": r["theme"], "kind": kind, "stage": stage,
                                                   "detail": detail, "case": r["case"]})
@@ -263,7 +269,7 @@ def main() -> int:
     elapsed = time.time() - start
     _setup_env(tmp / "parent.sqlite")
     import fuzz_cases as fc
-    summary = summarize(rows, fc.NOTE)
+    summary = summarize(rows, fc)
     first = summary.pop("first")
     (tmp / "to_shrink.json").write_text(json.dumps([f for f in first if not f["kind"].startswith(ABORT)]))
     _spawn("--shrinker", args, tmp)
