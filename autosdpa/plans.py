@@ -20,6 +20,19 @@ _sdpa = F.scaled_dot_product_attention
 _capturing = torch.cuda.is_current_stream_capturing
 _tracing = torch.jit.is_tracing
 _MAX_LAYOUTS = 64
+_INF = float("inf")
+
+
+def _is_autocast(device_type: str) -> bool:
+    return torch.is_autocast_enabled(device_type)
+
+
+def _autocast_inputs(device_type, q, k, v, m):
+    """What autocast hands F.sdpa: floating tensors in the autocast dtype."""
+    dt = torch.get_autocast_dtype(device_type)
+    cast = [t.to(dt) if isinstance(t, torch.Tensor) and t.is_floating_point() and type(t) is not CausalBias else t
+            for t in (q, k, v, m)]
+    return tuple(cast)
 
 
 def _mask_layout(m):
@@ -42,6 +55,12 @@ class Plan:
     def __call__(self, q, k, v, m, dp, ic, sc, gqa):
         if _tracing():  # torch.jit.trace records what runs: PyTorch's own op, as F.sdpa would
             return _sdpa(q, k, v, m, dp, ic, scale=sc, enable_gqa=gqa)
+        if not self.forced and (_is_autocast(q.device.type) or not (sc is None or 0.0 < sc < _INF)):
+            # autocast casts F.sdpa's inputs (the plan was tuned for the uncast dtype); a degenerate scale must
+            # give what F.sdpa gives: PyTorch decides both
+            return _sdpa(q, k, v, m, dp, ic, scale=sc, enable_gqa=gqa)
+        if _is_autocast(q.device.type):  # a forced backend runs on what autocast would hand F.sdpa
+            q, k, v, m = _autocast_inputs(q.device.type, q, k, v, m)
         sig = (q.stride(), k.stride(), v.stride(), k.dtype, v.dtype, k.get_device(), v.get_device(),
                _mask_layout(m), needs_grad(q, k, v))
         verdict = self._layouts.get(sig)

@@ -868,12 +868,6 @@ KNOWN: dict[str, tuple[Callable[[Case, Failure], bool], str]] = {
         lambda c, f: c.grad_mode == "forward" and f.kind == "returned where F.sdpa raised",
         "a plan running PyTorch's math op supports forward-mode AD where F.sdpa (CPU flash) raises "
         "NotImplementedError"),
-    "autocast": (
-        lambda c, f: c.autocast is not None and f.kind in ("shape or dtype", "values", "nan pattern", "grads",
-                                                           "raised where F.sdpa returned"),
-        "under torch.autocast a plan calls the backend op directly, skipping autocast's cast of F.sdpa's inputs: "
-        "float32 output where F.sdpa gives the autocast dtype; and inputs of mixed dtypes (which autocast makes "
-        "valid) raise"),
 }
 
 
