@@ -173,7 +173,9 @@ def test_make_call_leaves_other_inputs_to_pytorch():
     holes = torch.nested.narrow(torch.randn(3, 6, 4, 8), 1, torch.tensor([0, 1, 2]), torch.tensor([3, 4, 2]),
                                 layout=torch.jagged).transpose(1, 2)
     assert holes.lengths() is not None and nested.make_call(holes, holes, holes) is None
-    assert nested.make_call(q, k, v, is_causal=1) is None and nested.make_call(q, k, v, scale="x") is None
+    from autosdpa import calls  # the plain arguments are checked once, for dense and jagged calls alike
+
+    assert calls.make_call(q, k, v, is_causal=1) is None and calls.make_call(q, k, v, scale="x") is None
     _, (q8, k2, v2) = _qkv([5, 12, 3], hq=4, hkv=3)
     assert nested.make_call(q8, k2, v2, enable_gqa=True) is None  # 4 heads are no multiple of 3
     assert nested.make_call(q, k, v).needs_grad is False
