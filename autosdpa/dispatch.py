@@ -285,9 +285,12 @@ class Dispatcher:
         call = make_call(q, k, v, m, dp, ic, sc, gqa)
         if call is None or degenerate_reason(call):  # PyTorch handles (or rejects) them; they decide nothing
             return None, False
-        if invalid_reason(call):
-            return InvalidPlan(_backends.get("math")), True  # the fast key holds all three shapes
         flags = fk[_FK_FLAGS]
+        if invalid_reason(call):  # the fast key holds all three shapes
+            # PyTorch's math op raises PyTorch's error; with math switched off F.sdpa raises its own, except
+            # where its CPU flash kernel would read past v (k and v lengths differ)
+            kv_mismatch = call.key.shape[-2] != call.value.shape[-2]
+            return (InvalidPlan(_backends.get("math")) if flags[2] or kv_mismatch else None), True
         policy = resolve(Overrides(*fk[_FK_OVERRIDES]), self.settings.mode, flags, _priority_set())
         with self._lock:
             decision, backend, cacheable = self.decide(call, policy)

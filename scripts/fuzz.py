@@ -275,6 +275,8 @@ def main() -> int:
     _spawn("--shrinker", args, tmp)
     shrunk = {(s["theme"], s["kind"]): s for s in json.loads((tmp / "shrunk.json").read_text())} if (
         tmp / "shrunk.json").exists() else {}
+    for db in tmp.glob("*.sqlite*"):  # the rows (cases.jsonl) stay for inspection, the databases go
+        db.unlink()
     minimal = []
     for f in first:
         s = shrunk.get((f["theme"], f["kind"]), dict(f, reproduces_on_fresh_state=False))

@@ -160,3 +160,8 @@ def test_degenerate_scale_on_a_cache_hit(hit):  # found by fuzzing: a plan hands
     if hit == "bucket":  # another length in the same bucket (33 and 40 -> 64): the bucket's plan serves it
         second = dataclasses.replace(second, lq=40, lk=40, lv=40)
     assert not fc.check_pair(first, second)  # notes included: F.sdpa gives NaN here, autosdpa math's values
+
+
+def test_invalid_inputs_under_restricted_flags():  # found by fuzzing: with math off, F.sdpa raises its own error
+    case = Case(**dict(_FLASH_SHAPE, hq=2, hk=1, hv=1), flags="flash")
+    assert not [f for f in fc.check(case) if fc.is_failure(f)]
