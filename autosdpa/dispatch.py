@@ -53,7 +53,8 @@ _tracing = torch.jit.is_tracing
 _MAX_PLANS = 4096
 _plans: dict = {}                       # fast key -> plan (None: F.sdpa)
 _bucket_plans: dict = {}                # bucket key -> plan: a new length in a known bucket decides nothing
-_overrides: Overrides = NO_OVERRIDES    # autosdpa.backend(...) / mode(...) in force; part of the fast key
+_overrides: Overrides = NO_OVERRIDES    # autosdpa.backend(...) / mode(...) in force
+_overrides_key: tuple = (None, None)    # the same as a plain tuple in the fast key (hashed in C, not Python)
 _FK_FLAGS = slice(10, 14)               # where the fast key holds PyTorch's four sdp flags
 _FK_OVERRIDES = 15
 
@@ -71,7 +72,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     try:
         fk = (query.shape, key.shape, value.shape, query.dtype, query.get_device(),
               None if attn_mask is None else _mask_sig(attn_mask), dropout_p, is_causal, enable_gqa,
-              query.requires_grad, _gf(), _ge(), _gm(), _gc(), _det(), _overrides)
+              query.requires_grad, _gf(), _ge(), _gm(), _gc(), _det(), _overrides_key)
         plan = _plans[fk]
     except KeyError:
         plan = dispatcher.miss(fk, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
@@ -182,8 +183,9 @@ class Dispatcher:
         return _overrides
 
     def set_overrides(self, overrides: Overrides) -> None:
-        global _overrides
-        _overrides = overrides  # part of the fast key: plans made under other overrides stay valid
+        global _overrides, _overrides_key
+        # part of the fast key: plans made under other overrides stay valid
+        _overrides, _overrides_key = overrides, (overrides.mode, overrides.backends)
 
     def clear_plans(self) -> None:
         _plans.clear()
@@ -286,7 +288,7 @@ class Dispatcher:
         if invalid_reason(call):
             return InvalidPlan(_backends.get("math")), True  # the fast key holds all three shapes
         flags = fk[_FK_FLAGS]
-        policy = resolve(fk[_FK_OVERRIDES], self.settings.mode, flags, _priority_set())
+        policy = resolve(Overrides(*fk[_FK_OVERRIDES]), self.settings.mode, flags, _priority_set())
         with self._lock:
             decision, backend, cacheable = self.decide(call, policy)
         # PyTorch's CUDA checks read the flags: another thread's sdpa_kernel meanwhile may have coloured the

@@ -171,6 +171,7 @@ def bench(workload, device, db, budget, seconds, out_dir, no_plot, as_json, swee
     from ..environment import environment
 
     dev = resolve_device(device)
+    _writable_dir(out_dir)  # before any timing: a bad --out must not cost the whole run
     if sweep:
         if any(workload[k] for k in ("shapes", "files", "presets", "recordings")):
             raise click.UsageError("--sweep runs its own problem table: drop --shape/--file/--preset/--from")
@@ -229,6 +230,18 @@ def bench(workload, device, db, budget, seconds, out_dir, no_plot, as_json, swee
               + ("" if note else f", {outp / 'bench.png'}"))
     if note:
         err.print(note, style="yellow", markup=False)
+
+
+def _writable_dir(out_dir: str) -> None:
+    """Create ``out_dir`` and check it takes files, or fail now with ``Error:`` (exit 1)."""
+    outp = Path(out_dir)
+    try:
+        outp.mkdir(parents=True, exist_ok=True)
+        probe = outp / ".autosdpa-write-check"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise click.ClickException(f"cannot write results to {outp}: {e}") from None
 
 
 def run_sweep_command(dev, *, db, budget, seconds, out_dir, no_plot, as_json, quick, dry) -> None:

@@ -194,3 +194,16 @@ def test_prune_default_drops_what_this_machine_can_never_match(tmp_path):
     s = Store(str(db))
     assert {e["fingerprint"] for e in s.environments()} == {fp_now}
     s.close()
+
+
+def test_bench_with_an_unwritable_out_fails_before_any_timing(tmp_path, monkeypatch):
+    import autosdpa.api
+
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    tuned = []
+    monkeypatch.setattr(autosdpa.api, "tune", lambda *a, **k: tuned.append(1) or [])
+    for bad in (str(afile / "x"), "/proc/nope/x"):
+        r = invoke("bench", "--shape", "hq=2,lq=16,d=16", "--device", "cpu", "--out", bad)
+        assert r.exit_code == 1 and "cannot write results to" in r.output
+    assert tuned == []
