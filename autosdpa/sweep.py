@@ -297,7 +297,7 @@ def run_problem(sp: SweepProblem, device: torch.device, *, dry: bool = False, se
            "autosdpa_vs_oracle": paired_ratio(samples["autosdpa"], samples[f"backend:{oracle}"]) if oracle else None,
            "oracle_vs_default": paired_ratio(samples[f"backend:{oracle}"], samples["default"]) if oracle else None}
     row["regression"] = vs_default["median"] > 1 + vs_default["noise"]
-    # least-disturbed samples: on a loaded machine the better estimate of what each costs by itself
+    # fastest samples: what each costs undisturbed, given enough samples (reported beside the median ratio)
     row["autosdpa_vs_default_of_minima"] = min(samples["autosdpa"]) / min(samples["default"])
     return row
 
@@ -420,7 +420,8 @@ METHOD = ("Side by side in one process: each round samples every contender once 
           "(first_sight_s: that first call, tuning included). Ratios are medians of per-round paired ratios "
           "(time / time: below 1 is faster); noise = half the IQR of the per-round autosdpa/default ratios; "
           "regression = median ratio > 1 + noise. oracle = the fastest single backend on that problem. 'of minima': the "
-          "ratio of each contender's fastest sample, the least disturbed estimate on a loaded machine.")
+          "ratio of each contender's fastest sample (an estimate of the undisturbed cost; with few samples under "
+          "heavy load it is itself noisy).")
 
 
 def summarize(results: list[dict], hot: dict, budget_s: float) -> dict:

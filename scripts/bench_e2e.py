@@ -157,9 +157,12 @@ def _env(**extra) -> dict:
     return env
 
 
+THREADS: list[str] = []  # ["--threads", N] when --threads is given: passed on to every child
+
+
 def run_child(name: str, env: dict, *args: str, timeout: float = 900) -> dict:
     load0 = os.getloadavg()
-    p = subprocess.run([sys.executable, str(HERE), "--child", name, *args], env=env, capture_output=True,
+    p = subprocess.run([sys.executable, str(HERE), "--child", name, *THREADS, *args], env=env, capture_output=True,
                        text=True, timeout=timeout)
     if p.returncode != 0:
         raise RuntimeError(f"child {name} failed ({p.returncode}):\n{p.stderr[-3000:]}")
@@ -322,16 +325,27 @@ def main(argv=None) -> int:
     ap.add_argument("--only", default="a,b,c,d,e", help="comma-separated cases to run")
     ap.add_argument("--out", default="benchmarks")
     ap.add_argument("--lk-max", type=int, default=2048)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads in the (a), (b), (c), (e) children (default: torch's own); (d) keeps its own")
+    ap.add_argument("--stem", default="e2e_cpu", help="output file name stem")
     ap.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.child:
+        if a.threads:
+            import torch
+
+            torch.set_num_threads(a.threads)
         print(json.dumps(CHILDREN[a.child](a)))
         return 0
+    if a.threads:
+        THREADS[:] = ["--threads", str(a.threads)]
     cases = {"a": lambda t, i: case_decode(t, i, a.lk_max), "b": case_vit, "c": case_llama, "d": case_ctrl_c,
              "e": case_hot}
     only = [c.strip() for c in a.only.split(",") if c.strip()]
     doc = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
            "repeat": a.repeat, "loadavg_start": os.getloadavg(), "lk_max": a.lk_max, "runs": {}}
+    if a.threads:
+        doc["machine"]["threads"] = a.threads
     with tempfile.TemporaryDirectory(prefix="autosdpa-e2e-") as tmp:
         for i in range(a.repeat):  # case by case within a repetition, so load drift hits every case alike
             for c in only:
@@ -341,9 +355,9 @@ def main(argv=None) -> int:
     doc["targets"] = evaluate(doc["runs"])
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "e2e_cpu.json").write_text(json.dumps(doc, indent=2) + "\n")
+    (out / f"{a.stem}.json").write_text(json.dumps(doc, indent=2) + "\n")
     md = markdown(doc)
-    (out / "e2e_cpu.md").write_text(md)
+    (out / f"{a.stem}.md").write_text(md)
     print(md)
     return 0
 
