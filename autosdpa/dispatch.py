@@ -33,7 +33,7 @@ from .claims import check_claim
 from .config import Settings, configure_logging
 from .eligibility import ForcedBackendError, eligibility, reasons_text
 from .environment import environment
-from .plans import InvalidPlan, plan_for
+from .plans import InvalidPlan, plan_for, priority_set
 from .policy import NO_OVERRIDES, Overrides, Policy, resolve
 from .problem import DECODE_LQ, Problem, bucket, layout_class
 from .store import Measurement, Store, StoreError
@@ -44,9 +44,6 @@ log = logging.getLogger("autosdpa")
 _sdpa = pytorch_sdpa = F.scaled_dot_product_attention  # the original, even after autosdpa.patch()
 _C = torch._C
 _gf, _ge, _gm, _gc = _FLAG_GETTERS  # bound to module names: the hot path reads them on every call
-# PyTorch before 2.6 has no priority order: a constant stands in, so "no priority order set" always holds.
-_get_priority = getattr(_C, "_get_sdp_priority_order", lambda: [])
-_DEFAULT_PRIORITY = list(_get_priority())
 _det = _C._get_deterministic_algorithms
 _tracing = torch.jit.is_tracing
 
@@ -112,10 +109,6 @@ def _bucket_key(fk: tuple, q, m, threshold: int | None):
     shape = (len(qs), bucket(batch, threshold), heads, bucket(lq, threshold),
              bucket(lk, 0 if threshold is not None and lq <= DECODE_LQ else threshold), qs[-1], vs[-1])
     return (shape, layout_class(q), None if m is None else _mask_bucket(m), *fk[3:5], *fk[6:])
-
-
-def _priority_set() -> bool:
-    return list(_get_priority()) != _DEFAULT_PRIORITY
 
 
 def _tuning_forbidden(call: Call) -> str | None:
@@ -291,7 +284,7 @@ class Dispatcher:
             # where its CPU flash kernel would read past v (k and v lengths differ)
             kv_mismatch = call.key.shape[-2] != call.value.shape[-2]
             return (InvalidPlan(_backends.get("math")) if flags[2] or kv_mismatch else None), True
-        policy = resolve(Overrides(*fk[_FK_OVERRIDES]), self.settings.mode, flags, _priority_set())
+        policy = resolve(Overrides(*fk[_FK_OVERRIDES]), self.settings.mode, flags, priority_set())
         with self._lock:
             decision, backend, cacheable = self.decide(call, policy)
         # PyTorch's CUDA checks read the flags: another thread's sdpa_kernel meanwhile may have coloured the
@@ -314,7 +307,7 @@ class Dispatcher:
         if why:
             return Decision("math", f"invalid inputs ({why}): PyTorch's math backend raises its error",
                             source="invalid")
-        policy = resolve(_overrides, self.settings.mode, torch_flags(), _priority_set())
+        policy = resolve(_overrides, self.settings.mode, torch_flags(), priority_set())
         with self._lock:
             return self.decide(call, policy)[0]
 

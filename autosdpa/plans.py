@@ -21,6 +21,14 @@ _capturing = torch.cuda.is_current_stream_capturing
 _tracing = torch.jit.is_tracing
 _MAX_LAYOUTS = 64
 _INF = float("inf")
+# PyTorch before 2.6 has no priority order: a constant stands in, so "no priority order set" always holds.
+_get_priority = getattr(torch._C, "_get_sdp_priority_order", lambda: [])
+_DEFAULT_PRIORITY = list(_get_priority())
+
+
+def priority_set() -> bool:
+    """Whether the user set a PyTorch priority order (``sdpa_kernel(..., set_priority=True)``)."""
+    return list(_get_priority()) != _DEFAULT_PRIORITY
 
 
 def _is_autocast(device_type: str) -> bool:
@@ -50,14 +58,15 @@ class Plan:
 
     def __init__(self, backend: Backend, forced: bool):
         self.backend, self.forced = backend, forced
-        self._layouts: dict = {}  # layout signature -> (output order, or None when ineligible; reason)
+        self._layouts: dict = {}  # layout signature -> (eligible, output order to restride to or None)
 
     def __call__(self, q, k, v, m, dp, ic, sc, gqa):
         if _tracing():  # torch.jit.trace records what runs: PyTorch's own op, as F.sdpa would
             return _sdpa(q, k, v, m, dp, ic, scale=sc, enable_gqa=gqa)
-        if not self.forced and (_is_autocast(q.device.type) or not (sc is None or 0.0 < sc < _INF)):
+        if not self.forced and (_is_autocast(q.device.type) or not (sc is None or 0.0 < sc < _INF)
+                                or priority_set()):
             # autocast casts F.sdpa's inputs (the plan was tuned for the uncast dtype); a degenerate scale must
-            # give what F.sdpa gives: PyTorch decides both
+            # give what F.sdpa gives; a priority order set since this plan was made means PyTorch decides
             return _sdpa(q, k, v, m, dp, ic, scale=sc, enable_gqa=gqa)
         if _is_autocast(q.device.type):  # a forced backend runs on what autocast would hand F.sdpa
             q, k, v, m = _autocast_inputs(q.device.type, q, k, v, m)

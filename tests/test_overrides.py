@@ -72,6 +72,10 @@ def test_priority_order_defers_to_pytorch():
     with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.MATH], set_priority=True):
         assert ran(autosdpa.sdpa, q, k, v) == {"flash"}
         assert "priority" in autosdpa.explain(q, k, v).reason
+    # every backend in the order: the flags (and so the fast key) are as before, the cached plan must defer
+    order = [SDPBackend.FLASH_ATTENTION, SDPBackend.MATH, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
+    with sdpa_kernel(order, set_priority=True):
+        assert ran(autosdpa.sdpa, q, k, v) == {"flash"}
 
 
 def test_measured_winner_runs_and_flags_are_restored():
