@@ -33,6 +33,13 @@ def main(argv=None) -> int:
 
     from autosdpa import sweep, sweep_report
 
+    from pathlib import Path
+
+    try:  # a bad --out must fail before minutes of timing, not after
+        Path(a.out).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        print(f"cannot write to {a.out}: {e}", file=sys.stderr)
+        return 2
     dev = torch.device(a.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         print("CUDA is not available on this machine", file=sys.stderr)
