@@ -68,7 +68,7 @@ class Decision:
     rejected: dict[str, str] = dataclasses.field(default_factory=dict)
     problem: str = ""
     pytorch_choice: str | None = None
-    source: str = ""  # tuned | cache | shared | default | forced | passthrough
+    source: str = ""  # tuned | cache | database | default | forced | only | agreed | invalid | passthrough
 
     def __str__(self) -> str:
         return f"{self.backend}: {self.reason}"
