@@ -125,17 +125,21 @@ def smem_bytes(kind: str, cfg: Cfg, d_pad: int, dv_pad: int, esize: int, mask_es
     """Shared memory a config allocates, an upper bound fitted to what the compiled sm_90a kernels report
     (``benchmarks/kernels_compile_sm90.md``, "smem (model)"): the tile that stays resident (fed to tensor-core
     dots from shared memory), ``num_stages`` buffers of each tile loaded in the loop, ``num_stages - 1``
-    buffers of the attention-mask tile (it is consumed a stage later); for dK/dV also the per-row
-    log-sum-exp and delta vectors and, unpipelined, a transposed Q tile."""
+    buffers of the attention-mask tile (it is consumed a stage later; dK/dV: ``num_stages``), for dK/dV the
+    per-row log-sum-exp and delta vectors and, unpipelined, a transposed Q tile; at least the fp32
+    accumulator, which the epilogue may stage through shared memory."""
     bm = cfg.block_m if cfg.block_m is not None else block_m
     bn, st = cfg.block_n, max(1, cfg.num_stages)
     dd = d_pad + dv_pad
-    extra = 0
+    extra, mask_bufs = 0, st - 1
     if kind == "dkdv":
         extra = (st + 1) * bm * 8 + (bm * max(d_pad, dv_pad) * esize if st == 1 else 0)
-    resident, looped = {"fwd": (bm * d_pad, bn * dd), "split": (bm * d_pad, bn * dd),
-                        "dkdv": (bn * dd, bm * dd), "dq": (bm * dd, bn * dd)}[kind]
-    return (resident + st * looped) * esize + (st - 1) * bm * bn * mask_esize + extra
+        mask_bufs = st
+    resident, looped, acc = {"fwd": (bm * d_pad, bn * dd, bm * dv_pad), "split": (bm * d_pad, bn * dd, bm * dv_pad),
+                             "dkdv": (bn * dd, bm * dd, bn * max(d_pad, dv_pad)),
+                             "dq": (bm * dd, bn * dd, bm * d_pad)}[kind]
+    total = (resident + st * looped) * esize + mask_bufs * bm * bn * mask_esize + extra
+    return max(total, acc * 4)
 
 
 def candidates(kind: str, *, d_pad: int, dv_pad: int, esize: int, precision: str, mask_esize: int = 0,
@@ -219,11 +223,12 @@ def _no_table_reason(kind, ocls, query, value, rows) -> str:
     return f"no {kind} tile config runs {what} in {query.dtype} without spilling registers"
 
 
-def config_reasons(kinds, query, key, value, attn_mask, smem_limit: int) -> list[str]:
-    """Why no tile config can run these inputs (empty when every kernel in ``kinds`` has one)."""
+def config_reasons(kinds, query, key, value, attn_mask, smem_limit: int, precision: str | None = None) -> list[str]:
+    """Why no tile config can run these inputs (empty when every kernel in ``kinds`` has one); ``precision``:
+    the dots' input precision (default: what a call would use now, per ``allow_tf32``)."""
     from . import _common as C
     d_pad, dv_pad = max(16, C.next_pow2(query.shape[-1])), max(16, C.next_pow2(value.shape[-1]))
-    precision = C.dot_precision(query.dtype)
+    precision = precision or C.dot_precision(query.dtype)
     esize = query.element_size()
     mask_esize = attn_mask.element_size() if attn_mask is not None else 0
     rows = max(16, C.next_pow2(query.shape[1] // max(1, key.shape[1]) * query.shape[2]))  # decode's packed rows

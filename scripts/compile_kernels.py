@@ -254,7 +254,8 @@ def _not_offered(base, launch) -> dict:
     from autosdpa_kernels import configs as CF
     a = launch.args
     mask = a["Msk"] if launch.meta.get("MASK_KIND") else None
-    why = CF.config_reasons((launch.tune,), a["Q"], a["K"], a["V"], mask, CF.H100_SMEM_PER_BLOCK)
+    why = CF.config_reasons((launch.tune,), a["Q"], a["K"], a["V"], mask, CF.H100_SMEM_PER_BLOCK,
+                            launch.meta["PRECISION"])
     rec = dict(base, kernel=SHORT[launch.kernel], config="-", ok=False)
     if why and "spill" in why[0]:
         return dict(rec, not_offered=True, error="not offered: " + why[0])
