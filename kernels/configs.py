@@ -72,45 +72,42 @@ TABLES: dict[str, dict[tuple[str, str], list[Cfg]]] = {
     "fwd": {
         ("s", "16"): _t((128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)),
         ("s", "tf32"): _t((64, 32, 8, 3), (128, 32, 8, 3), (64, 16, 8, 2)),
-        ("s", "ieee"): _t((32, 16, 8, 2), (16, 32, 4, 2), (16, 16, 4, 1)),
+        ("s", "ieee"): _t((16, 32, 8, 2), (16, 16, 8, 1)),
         ("m", "16"): _t((64, 32, 8, 3), (128, 32, 8, 3), (64, 64, 8, 2)),
-        ("m", "tf32"): _t((32, 32, 8, 2), (32, 16, 8, 2), (16, 16, 4, 1)),
+        ("m", "tf32"): _t((32, 16, 8, 2), (16, 32, 8, 2), (16, 16, 8, 1)),
         ("m", "ieee"): _t((32, 16, 8, 2), (16, 32, 8, 2), (16, 16, 4, 1)),
         ("l", "16"): _t((32, 16, 8, 2), (32, 32, 8, 2), (16, 16, 4, 1)),
         ("l", "tf32"): _t((32, 16, 8, 2), (16, 32, 8, 1), (16, 16, 8, 1)),
         ("l", "ieee"): _t((16, 16, 8, 2), (16, 16, 8, 1)),
     },
     "dkdv": {
-        ("s", "16"): _t((32, 128, 8, 3), (32, 64, 8, 2), (16, 64, 4, 3)),
-        ("s", "tf32"): _t((16, 64, 4, 3), (32, 128, 8, 3), (16, 32, 8, 1)),
-        ("s", "ieee"): _t((16, 32, 8, 2), (32, 16, 8, 2), (16, 16, 4, 1)),
-        ("m", "16"): _t((32, 32, 8, 2), (64, 32, 8, 3), (16, 32, 8, 2)),
+        ("s", "16"): _t((16, 64, 8, 3), (16, 128, 8, 2), (16, 64, 8, 2)),   # 32-row Q blocks spill with GQA
+        ("s", "tf32"): _t((32, 32, 8, 2), (16, 32, 8, 3), (16, 32, 8, 2)),
+        ("m", "16"): _t((16, 32, 8, 2), (32, 16, 8, 2), (16, 32, 8, 1)),
         ("m", "tf32"): _t((32, 16, 8, 2), (16, 16, 8, 1), (16, 32, 8, 1)),
-        ("m", "ieee"): _t((32, 16, 8, 2), (16, 32, 8, 2), (16, 16, 8, 1)),
-        ("l", "16"): _t((16, 16, 8, 2), (32, 16, 8, 2), (16, 16, 8, 1)),
+        ("m", "ieee"): _t((16, 16, 8, 1),),
+        ("l", "16"): _t((16, 16, 8, 2), (16, 16, 8, 1)),
         ("l", "ieee"): _t((16, 16, 8, 1),),
     },
     "dq": {
         ("s", "16"): _t((128, 32, 8, 3), (128, 64, 8, 2), (64, 32, 4, 3)),
         ("s", "tf32"): _t((128, 32, 8, 3), (64, 32, 8, 2), (64, 16, 4, 3)),
-        ("s", "ieee"): _t((32, 16, 8, 2), (16, 32, 8, 2), (16, 16, 4, 1)),
+        ("s", "ieee"): _t((16, 16, 8, 1),),
         ("m", "16"): _t((64, 32, 8, 3), (32, 32, 8, 2), (64, 16, 8, 2)),
-        ("m", "tf32"): _t((32, 32, 8, 2), (16, 32, 8, 2), (32, 16, 8, 2)),
-        ("m", "ieee"): _t((16, 32, 8, 2), (32, 16, 8, 2), (16, 16, 8, 1)),
+        ("m", "tf32"): _t((32, 32, 8, 2), (32, 16, 8, 2), (16, 16, 8, 1)),
+        ("m", "ieee"): _t((32, 16, 8, 2), (16, 16, 8, 2), (16, 16, 8, 1)),
         ("l", "16"): _t((16, 32, 8, 2), (32, 16, 8, 2), (16, 16, 8, 2)),
         ("l", "tf32"): _t((16, 16, 8, 2), (16, 16, 16, 2)),
-        ("l", "ieee"): _t((16, 16, 8, 1), (16, 16, 4, 1)),
+        ("l", "ieee"): _t((16, 16, 8, 2), (16, 16, 8, 1)),
     },
     "split": {   # "w": 64 or more packed query rows per program
         ("s", "16"): _t((None, 128, 8, 3), (None, 64, 4, 3), (None, 64, 8, 2)),
-        ("s", "tf32"): _t((None, 64, 8, 2), (None, 32, 4, 4), (None, 64, 4, 3)),
-        ("s", "ieee"): _t((None, 64, 8, 2), (None, 32, 8, 2), (None, 64, 4, 3)),
+        ("s", "tf32"): _t((None, 32, 8, 3), (None, 64, 8, 1), (None, 16, 8, 2)),
         ("m", "16"): _t((None, 64, 8, 2), (None, 64, 4, 3), (None, 32, 4, 4)),
         ("m", "tf32"): _t((None, 32, 8, 2), (None, 32, 4, 2), (None, 16, 4, 1)),
         ("m", "ieee"): _t((None, 32, 8, 2), (None, 16, 4, 1)),
         ("l", "16"): _t((None, 32, 8, 2), (None, 32, 4, 2), (None, 16, 4, 1)),
         ("l", "tf32"): _t((None, 16, 8, 1), (None, 32, 8, 1), (None, 16, 4, 1)),
-        ("l", "ieee"): _t((None, 16, 8, 2), (None, 32, 8, 1), (None, 16, 4, 1)),
         ("sw", "16"): _t((None, 64, 8, 3), (None, 32, 8, 2), (None, 64, 8, 2)),
         ("sw", "tf32"): _t((None, 16, 8, 2),),
         ("mw", "16"): _t((None, 32, 8, 2), (None, 16, 8, 2)),
@@ -128,17 +125,21 @@ def smem_bytes(kind: str, cfg: Cfg, d_pad: int, dv_pad: int, esize: int, mask_es
     """Shared memory a config allocates, an upper bound fitted to what the compiled sm_90a kernels report
     (``benchmarks/kernels_compile_sm90.md``, "smem (model)"): the tile that stays resident (fed to tensor-core
     dots from shared memory), ``num_stages`` buffers of each tile loaded in the loop, ``num_stages - 1``
-    buffers of the attention-mask tile (it is consumed a stage later); for dK/dV also the per-row
-    log-sum-exp and delta vectors and, unpipelined, a transposed Q tile."""
+    buffers of the attention-mask tile (it is consumed a stage later; dK/dV: ``num_stages``), for dK/dV the
+    per-row log-sum-exp and delta vectors and, unpipelined, a transposed Q tile; at least the fp32
+    accumulator, which the epilogue may stage through shared memory."""
     bm = cfg.block_m if cfg.block_m is not None else block_m
     bn, st = cfg.block_n, max(1, cfg.num_stages)
     dd = d_pad + dv_pad
-    extra = 0
+    extra, mask_bufs = 0, st - 1
     if kind == "dkdv":
         extra = (st + 1) * bm * 8 + (bm * max(d_pad, dv_pad) * esize if st == 1 else 0)
-    resident, looped = {"fwd": (bm * d_pad, bn * dd), "split": (bm * d_pad, bn * dd),
-                        "dkdv": (bn * dd, bm * dd), "dq": (bm * dd, bn * dd)}[kind]
-    return (resident + st * looped) * esize + (st - 1) * bm * bn * mask_esize + extra
+        mask_bufs = st
+    resident, looped, acc = {"fwd": (bm * d_pad, bn * dd, bm * dv_pad), "split": (bm * d_pad, bn * dd, bm * dv_pad),
+                             "dkdv": (bn * dd, bm * dd, bn * max(d_pad, dv_pad)),
+                             "dq": (bm * dd, bn * dd, bm * d_pad)}[kind]
+    total = (resident + st * looped) * esize + mask_bufs * bm * bn * mask_esize + extra
+    return max(total, acc * 4)
 
 
 def candidates(kind: str, *, d_pad: int, dv_pad: int, esize: int, precision: str, mask_esize: int = 0,
@@ -222,11 +223,12 @@ def _no_table_reason(kind, ocls, query, value, rows) -> str:
     return f"no {kind} tile config runs {what} in {query.dtype} without spilling registers"
 
 
-def config_reasons(kinds, query, key, value, attn_mask, smem_limit: int) -> list[str]:
-    """Why no tile config can run these inputs (empty when every kernel in ``kinds`` has one)."""
+def config_reasons(kinds, query, key, value, attn_mask, smem_limit: int, precision: str | None = None) -> list[str]:
+    """Why no tile config can run these inputs (empty when every kernel in ``kinds`` has one); ``precision``:
+    the dots' input precision (default: what a call would use now, per ``allow_tf32``)."""
     from . import _common as C
     d_pad, dv_pad = max(16, C.next_pow2(query.shape[-1])), max(16, C.next_pow2(value.shape[-1]))
-    precision = C.dot_precision(query.dtype)
+    precision = precision or C.dot_precision(query.dtype)
     esize = query.element_size()
     mask_esize = attn_mask.element_size() if attn_mask is not None else 0
     rows = max(16, C.next_pow2(query.shape[1] // max(1, key.shape[1]) * query.shape[2]))  # decode's packed rows

@@ -93,7 +93,8 @@ def case_name(c) -> str:
 
 def full_cases() -> list[dict]:
     """Every dtype x head dim (64, 128: the <=128 class; 256; 512) x {plain, causal, bool mask, float mask}
-    for the forward and backward kernels, and {plain, bool mask, 128 packed rows} for decode. fp16 only at
+    for the forward and backward kernels (and GQA for the backward), and {plain, bool mask, 128 packed rows}
+    for decode. fp16 only at
     D=128: it compiles to the same code as bf16 but for the element type (halves the run on two cores)."""
     cases = []
     for dtype in DTYPES:
@@ -103,12 +104,14 @@ def full_cases() -> list[dict]:
             for mask, causal in (("none", "none"), ("none", "bottom_right"), ("bool", "none"), ("float", "none")):
                 for fam in ("fwd", "bwd"):
                     cases.append(_case(fam, dtype, D, mask, causal))
+            # GQA: dK/dV loops over the query heads of a group (G > 1 is a runtime value, not the constant 1)
+            cases.append(_case("bwd", dtype, D, "none", "top_left", Hq=32, Hkv=8))
             # 16 packed query rows (GQA 4, one query), and 128 (GQA 8, 16 queries: speculative decoding)
             for mask, causal, Lq, Hkv in (("none", "none", 1, 8), ("bool", "none", 1, 8),
                                           ("none", "bottom_right", 16, 4)):
                 cases.append(_case("decode", dtype, D, mask, causal, Hq=32, Hkv=Hkv, Lq=Lq))
     cases.append(_case("fwd", "bf16", 80, Dv=48, tag="padded head dims"))
-    cases.append(_case("bwd", "fp16", 128, "none", "top_left", Hq=32, Hkv=8, tag="GQA"))
+    cases.append(_case("bwd", "bf16", 80, Dv=48, tag="padded head dims"))
     return cases + huge_cases()
 
 
@@ -120,7 +123,8 @@ def huge_cases() -> list[dict]:
 
 
 def quick_cases() -> list[dict]:
-    return [_case("fwd", "bf16", 128, causal="bottom_right"), _case("bwd", "bf16", 128),
+    return [_case("fwd", "bf16", 128, causal="bottom_right"),
+            _case("bwd", "bf16", 128, causal="top_left", Hq=32, Hkv=8),       # GQA training
             _case("decode", "bf16", 128, Hq=32, Hkv=8), _case("fwd", "bf16", 128, "bool", Hq=32, Hkv=8),
             _case("fwd", "fp32", 128), huge_cases()[0]]
 
@@ -238,11 +242,24 @@ def run_case(c, ak, K, explore=False, one=False) -> list[dict]:
     for launch in launches:
         cfgs = configs_for(launch, explore)
         if not cfgs:
-            out.append(dict(base, kernel=SHORT[launch.kernel], config="-", ok=False,
-                            error="no config fits (the pruner keeps none)"))
+            out.append(_not_offered(base, launch))
         for cfg in cfgs[:1] if one else cfgs:
             out.append(_compile_record(base, launch, cfg, K[launch.kernel]))
     return out
+
+
+def _not_offered(base, launch) -> dict:
+    """A key the tables leave out on purpose (every config spills): the kernel reports it as ineligible, so it
+    is no compile failure. Anything else without a config is."""
+    from autosdpa_kernels import configs as CF
+    a = launch.args
+    mask = a["Msk"] if launch.meta.get("MASK_KIND") else None
+    why = CF.config_reasons((launch.tune,), a["Q"], a["K"], a["V"], mask, CF.H100_SMEM_PER_BLOCK,
+                            launch.meta["PRECISION"])
+    rec = dict(base, kernel=SHORT[launch.kernel], config="-", ok=False)
+    if why and "spill" in why[0]:
+        return dict(rec, not_offered=True, error="not offered: " + why[0])
+    return dict(rec, error="no config fits (the pruner keeps none): " + "; ".join(why))
 
 
 def _compile_record(base, launch, cfg, fn) -> dict:
@@ -307,7 +324,8 @@ def compile_all(cases, jobs, explore, one, cache_dir, progress=print) -> list[di
 
 def _row(r) -> str:
     if not r["ok"]:
-        return f"FAIL {r['case']:58s} {r['kernel']:15s} {r['config']:16s} {r.get('error', '')}"
+        what = "SKIP" if r.get("not_offered") else "FAIL"
+        return f"{what} {r['case']:58s} {r['kernel']:15s} {r['config']:16s} {r.get('error', '')}"
     return (f"ok   {r['case']:58s} {r['kernel']:15s} {r['config']:16s} regs {r.get('registers', '?'):>3} "
             f"spill {r.get('spill_bytes', '?'):>5} smem {r['shared_bytes']:>6} "
             f"{'wgmma' if r['wgmma'] else r['mma']:8s} {r['compile_s']:6.1f}s")
@@ -331,7 +349,9 @@ def summarize(records) -> list[dict]:
     for (ver, kernel, dtype), rs in sorted(groups.items()):
         ok = [r for r in rs if r["ok"]]
         regs = [r["registers"] for r in ok if "registers" in r]
-        out.append(dict(triton=ver, kernel=kernel, dtype=dtype, ok=len(ok), failed=len(rs) - len(ok),
+        off = sum(1 for r in rs if r.get("not_offered"))
+        out.append(dict(triton=ver, kernel=kernel, dtype=dtype, ok=len(ok), failed=len(rs) - len(ok) - off,
+                        not_offered=off,
                         registers=f"{min(regs)}-{max(regs)}" if regs else "-",
                         max_spill=max((r.get("spill_bytes", 0) for r in ok), default=0),
                         spilling=sum(1 for r in ok if r.get("spill_bytes", 0) > 0),
@@ -353,14 +373,18 @@ def markdown(doc) -> str:
         lines.append(f"- triton {ver}: {meta['date']}, torch {meta['torch']}, Python {meta['python']}, "
                      f"{meta['machine']} ({meta['cpus']} CPUs), {meta['wall_s']:.0f} s wall, "
                      f"{meta['jobs']} jobs, args `{' '.join(meta['argv'])}`")
-    lines += ["", "## Summary", "", "| triton | kernel | dtype | ok | failed | registers | spilling configs "
-              "| max spill B | max smem B | wgmma | compile s (sum / max) |", "|" + "---|" * 11]
+    lines += ["", "## Summary", "", "Per Triton version, kernel and dtype: configs compiled / failed / keys not "
+              "offered (every config spilled: the kernel says so in its not_supported_reasons).", "",
+              "| triton | kernel | dtype | ok | failed | not offered | registers | spilling configs "
+              "| max spill B | max smem B | wgmma | compile s (sum / max) |", "|" + "---|" * 12]
     for s in summarize(doc["records"]):
         lines.append(f"| {s['triton']} | {s['kernel']} | {s['dtype']} | {s['ok']} | {s['failed']} | "
+                     f"{s['not_offered']} | "
                      f"{s['registers']} | {s['spilling']} | {s['max_spill']} | {s['max_shared']} | {s['wgmma']} | "
                      f"{s['compile_s']} / {s['max_compile_s']} |")
     bad = [r for r in doc["records"] if not r["ok"] or r.get("spill_bytes", 0) > 0]
-    lines += ["", "## Failures and spills", ""] + [f"- {_row(r)}" for r in bad] or ["- none"]
+    lines += ["", "## Failures, keys not offered, spills", ""] + ([f"- {r['triton']}: {_row(r)}" for r in bad]
+                                                                   or ["- none"])
     lines += ["", "## Every compile", "", "| triton | case | kernel | config | regs | spill B | smem B "
               "(model) | mma | s |", "|" + "---|" * 9]
     for r in doc["records"]:
@@ -371,14 +395,20 @@ def markdown(doc) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write(records, meta, json_path, md_path, update: bool) -> None:
+def write(records, meta, json_path, md_path, update: bool, only_cases: bool = False) -> None:
+    """Write the JSON and markdown, keeping other Triton versions' records (``update``); ``only_cases``: also
+    this version's records of cases not in ``records`` (a filtered rerun)."""
     doc = {"runs": {}, "records": []}
     if update and json_path and os.path.exists(json_path):
         with open(json_path) as f:
             doc = json.load(f)
     ver = meta["triton"]
+    rerun = {r["case"] for r in records}
+    if only_cases and ver in doc["runs"]:
+        meta = dict(doc["runs"][ver], reruns=doc["runs"][ver].get("reruns", []) + [meta])
     doc["runs"][ver] = meta
-    doc["records"] = [r for r in doc["records"] if r["triton"] != ver] + records
+    doc["records"] = [r for r in doc["records"]
+                      if r["triton"] != ver or (only_cases and r["case"] not in rerun)] + records
     if json_path:
         with open(json_path, "w") as f:
             json.dump(doc, f, indent=1)
@@ -397,10 +427,12 @@ def main(argv=None) -> int:
     ap.add_argument("--md", default=None, help="markdown output (full run: benchmarks/kernels_compile_sm90.md)")
     ap.add_argument("--no-update", action="store_true", help="replace the JSON instead of keeping the records "
                     "of other Triton versions")
+    ap.add_argument("--replace-cases", action="store_true", help="with --filter: replace only the rerun cases' "
+                    "records of this Triton version in the JSON")
     ap.add_argument("--no-spills", action="store_true", help="exit 1 when a compiled config spills")
     ap.add_argument("--cache-dir", default=None, help="Triton cache to fill (default: a fresh temporary one)")
     args = ap.parse_args(argv)
-    if not (args.quick or args.explore or args.filter):
+    if not (args.quick or args.explore or args.filter) or args.replace_cases:
         args.json = args.json or os.path.join(ROOT, "benchmarks", "kernels_compile_sm90.json")
         args.md = args.md or os.path.join(ROOT, "benchmarks", "kernels_compile_sm90.md")
     cases = quick_cases() if args.quick else full_cases()
@@ -411,10 +443,12 @@ def main(argv=None) -> int:
                           progress=lambda line: print(line, flush=True))
     meta = dict(environment(), wall_s=round(time.perf_counter() - t0, 1), jobs=args.jobs,
                 argv=sys.argv[1:] if argv is None else list(argv))
-    write(records, meta, args.json, args.md, update=not args.no_update)
-    failed = [r for r in records if not r["ok"]]
+    write(records, meta, args.json, args.md, update=not args.no_update, only_cases=args.replace_cases)
+    failed = [r for r in records if not r["ok"] and not r.get("not_offered")]
     spilled = [r for r in records if r["ok"] and r.get("spill_bytes", 0) > 0]
-    print(f"\n{len(records) - len(failed)} compiled, {len(failed)} failed, {len(spilled)} spilling; "
+    skipped = len(records) - len(failed) - sum(1 for r in records if r["ok"])
+    print(f"\n{sum(1 for r in records if r['ok'])} compiled, {len(failed)} failed, {skipped} not offered, "
+          f"{len(spilled)} spilling; "
           f"triton {meta['triton']}, {meta['wall_s']:.0f} s")
     return 1 if failed or (args.no_spills and spilled) else 0
 

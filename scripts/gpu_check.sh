@@ -60,6 +60,7 @@ fi
 export PYTHONPATH="$SITE:$REPO:$SHIM${PYTHONPATH:+:$PYTHONPATH}"
 export OPENBLAS_NUM_THREADS=1 PYTHONUNBUFFERED=1 AUTOSDPA_KERNEL_CONFIGS=${AUTOSDPA_KERNEL_CONFIGS:-one}
 export AUTOSDPA_DB="$WORK/user.sqlite"   # the working DB; tuning_db/ gets only the export
+export TRITON_CACHE_DIR="$WORK/triton_cache"   # empty: its entries at the end = kernels compiled by this run
 if ! err=$(python3 -c "import autosdpa, sqlalchemy, platformdirs, triton, autosdpa_kernels" 2>&1); then
   note "STOP: cannot import autosdpa's requirements ($(echo "$err" | tail -n 1)); run scripts/gpu_wheels.sh here and carry .gpu_wheels"
   archive
@@ -137,4 +138,5 @@ step export_db 15 python3 -m autosdpa.cli db export --force -o "$WORK/tuning_db/
 cp "$WORK/tuning_db/$GPU.sqlite" "$OUT/$GPU.sqlite" 2>/dev/null
 
 archive
+note "triton: $(ls "$TRITON_CACHE_DIR" 2>/dev/null | wc -l) cache entries made by this run (each one a compile)"
 note "total: ${SECONDS}s; results: $(tar -tzf "$OUT/results.tar.gz" | grep -v '/$' | tr '\n' ' ')"

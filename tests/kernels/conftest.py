@@ -21,6 +21,9 @@ import pytest
 import torch
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+# One tile config per kernel and key: the tests check results, not speed, and on a GPU each extra config is a
+# compile plus a benchmark (export AUTOSDPA_KERNEL_CONFIGS=all to test the autotuned path).
+os.environ.setdefault("AUTOSDPA_KERNEL_CONFIGS", "one")
 _CPU = not torch.cuda.is_available()
 _TRITON_WAS_IMPORTED = "triton" in sys.modules
 if _CPU:

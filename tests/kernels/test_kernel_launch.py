@@ -139,6 +139,7 @@ def test_offsets_past_2_31_elements_are_64_bit():
 # ------------------------------------------------------------------------------------------------------------
 # the config pruner
 def test_tables_hold_at_most_three_configs_and_the_switch_keeps_one(monkeypatch):
+    monkeypatch.setenv(kconfigs.CONFIGS_ENV, "all")
     for kind, tables in kconfigs.TABLES.items():
         for key, table in tables.items():
             assert 0 < len(table) <= kconfigs.MAX_PER_KEY, (kind, key)
@@ -148,7 +149,8 @@ def test_tables_hold_at_most_three_configs_and_the_switch_keeps_one(monkeypatch)
     assert kconfigs.candidates("fwd", **args) == kconfigs.TABLES["fwd"][("s", "16")][:1]
 
 
-def test_pruner_counts_the_mask_tile_and_the_device_limit():
+def test_pruner_counts_the_mask_tile_and_the_device_limit(monkeypatch):
+    monkeypatch.setenv(kconfigs.CONFIGS_ENV, "all")
     args = dict(d_pad=128, dv_pad=128, esize=2, precision="tf32", lq_bucket=4096, lk_bucket=4096)
     plain = kconfigs.candidates("fwd", **args)
     for c in plain:
@@ -191,6 +193,7 @@ class _FakeKernels:
 
 
 def test_ready_after_the_same_key_ran(monkeypatch):
+    monkeypatch.setenv(kconfigs.CONFIGS_ENV, "all")
     monkeypatch.setattr(_common, "interpreting", lambda: False)
     klaunch.forget()
     q, kv = meta(2, 8, 2048, 128), meta(2, 2, 2048, 128)
