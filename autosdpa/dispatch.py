@@ -51,7 +51,10 @@ _MAX_PLANS = 4096
 _plans: dict = {}                       # fast key -> plan (None: F.sdpa)
 _bucket_plans: dict = {}                # bucket key -> plan: a new length in a known bucket decides nothing
 _overrides: Overrides = NO_OVERRIDES    # autosdpa.backend(...) / mode(...) in force
-_overrides_key: tuple = (None, None)    # the same as a plain tuple in the fast key (hashed in C, not Python)
+_override_sets: list[tuple] = [(NO_OVERRIDES.mode, NO_OVERRIDES.backends)]  # fast-key code -> (mode, backends)
+_overrides_key: int = 0                 # the code of the overrides in force: a small int hashes fastest
+_last: tuple = ((), None)               # the last fast key found and its plan: a model's layers mostly repeat it,
+                                        # and comparing with it skips hashing the key
 _FK_FLAGS = slice(10, 14)               # where the fast key holds PyTorch's four sdp flags
 _FK_OVERRIDES = 15
 
@@ -66,11 +69,17 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
                                  enable_gqa=False):
     """Drop-in for ``torch.nn.functional.scaled_dot_product_attention`` that runs the measured-fastest
     correct backend for these inputs on this device. Same arguments, same results, same exceptions."""
+    global _last
     try:
         fk = (query.shape, key.shape, value.shape, query.dtype, query.get_device(),
               None if attn_mask is None else _mask_sig(attn_mask), dropout_p, is_causal, enable_gqa,
               query.requires_grad, _gf(), _ge(), _gm(), _gc(), _det(), _overrides_key)
-        plan = _plans[fk]
+        last = _last
+        if fk == last[0]:
+            plan = last[1]
+        else:
+            plan = _plans[fk]
+            _last = (fk, plan)  # only keys found in _plans: a plan not cached must not be reused
     except KeyError:
         plan = dispatcher.miss(fk, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     except Exception:  # inputs we cannot key (nested tensors, odd types): PyTorch handles (or rejects) them
@@ -178,9 +187,14 @@ class Dispatcher:
     def set_overrides(self, overrides: Overrides) -> None:
         global _overrides, _overrides_key
         # part of the fast key: plans made under other overrides stay valid
-        _overrides, _overrides_key = overrides, (overrides.mode, overrides.backends)
+        value = (overrides.mode, overrides.backends)
+        if value not in _override_sets:
+            _override_sets.append(value)
+        _overrides, _overrides_key = overrides, _override_sets.index(value)
 
     def clear_plans(self) -> None:
+        global _last
+        _last = ((), None)
         _plans.clear()
         _bucket_plans.clear()
 
@@ -266,8 +280,7 @@ class Dispatcher:
             local.busy = False
         if cacheable:
             if len(_plans) >= _MAX_PLANS:
-                _plans.clear()
-                _bucket_plans.clear()
+                self.clear_plans()
             _plans[fk] = plan
             if bk is not None and not isinstance(plan, InvalidPlan):
                 _bucket_plans[bk] = plan
@@ -284,7 +297,7 @@ class Dispatcher:
             # where its CPU flash kernel would read past v (k and v lengths differ)
             kv_mismatch = call.key.shape[-2] != call.value.shape[-2]
             return (InvalidPlan(_backends.get("math")) if flags[2] or kv_mismatch else None), True
-        policy = resolve(Overrides(*fk[_FK_OVERRIDES]), self.settings.mode, flags, priority_set())
+        policy = resolve(Overrides(*_override_sets[fk[_FK_OVERRIDES]]), self.settings.mode, flags, priority_set())
         with self._lock:
             decision, backend, cacheable = self.decide(call, policy)
         # PyTorch's CUDA checks read the flags: another thread's sdpa_kernel meanwhile may have coloured the

@@ -26,6 +26,10 @@ bound, and rows are streamed, so a small hostile file cannot make a read take un
 Concurrency: SQLite files run in WAL mode with a busy timeout; write transactions start with
 ``BEGIN IMMEDIATE`` (so a reader never has to upgrade to a writer mid-transaction, which SQLite answers with an
 immediate "database is locked"), and every write is retried with backoff on transient lock / deadlock errors.
+
+Reads of a file database go through a per-environment snapshot: a process makes many decisions in few
+environments, so an environment's rows are read in one query and kept while SQLite's ``PRAGMA data_version``
+says that no connection (this process's writes included) has committed since; then it is read again.
 """
 from __future__ import annotations
 
@@ -35,6 +39,7 @@ import os
 import random
 import sqlite3
 import stat
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -50,6 +55,7 @@ from .validation import (BACKEND_NAME_RE, MAX_BACKENDS_PER_KEY, MAX_KEY_LEN, TEX
                          environment_error, key_error, known_backends, measurement_error)
 
 SCHEMA_VERSION = 2
+SNAPSHOT_MAX_ROWS = 20_000  # an environment with more rows is read one problem key at a time
 MEMORY = ":memory:"
 
 metadata = sa.MetaData()
@@ -403,6 +409,18 @@ def _bounded(cols, dialect: str) -> list:
     return [_text(c, dialect) if c.name in TEXT_READ_LIMITS else _number(c, dialect) for c in cols]
 
 
+def _bounded_sql(name: str) -> str:
+    """``_bounded`` as SQLite text, for the snapshot read (the names are this module's own constants)."""
+    if name in TEXT_READ_LIMITS:
+        return f"substr({name}, 1, {TEXT_READ_LIMITS[name]})"
+    return f"CASE WHEN typeof({name}) IN ('integer', 'real', 'null') THEN {name} ELSE substr({name}, 1, 40) END"
+
+
+_SNAPSHOT_COLUMNS = ("problem_key", *MEASUREMENT_FIELDS)
+_SNAPSHOT_SQL = (f"SELECT {', '.join(_bounded_sql(c) for c in _SNAPSHOT_COLUMNS)} FROM measurement "
+                 "WHERE environment_id = ? LIMIT ?")
+
+
 def _row_to_measurement(r) -> Measurement:
     return Measurement(backend=r["backend"], status=r["status"], median_s=r["median_s"], spread_s=r["spread_s"],
                        samples=r["samples"], max_error=r["max_error"],
@@ -483,6 +501,9 @@ class Store:
         self.engine = None
         self.shared: list[Store] = []
         self._env_ids: dict[str, int] = {}
+        self._snapshots: dict[str, tuple[int, dict[str, dict[str, Measurement]] | None]] = {}
+        self._watch = None  # a DBAPI connection kept for PRAGMA data_version (file databases)
+        self._watch_lock = threading.Lock()
         try:
             self.engine = self._open(wal)
         except OSError as e:  # the file vanished or changed under us between the checks
@@ -655,6 +676,10 @@ class Store:
 
     def lookup_own(self, fingerprint: str, key: str) -> dict[str, Measurement]:
         """This database's valid rows for ``key`` in this environment (not the shared layers)."""
+        snapshot = self._snapshot(fingerprint)
+        if snapshot is not None:
+            rows = snapshot.get(key, {})
+            return {b: m for b, m in rows.items() if measurement_error(m) is None}
         eid = self.environment_id(fingerprint, create=False)
         if eid is None:
             return {}
@@ -668,6 +693,47 @@ class Store:
                 if measurement_error(meas) is None:  # bad data from elsewhere is ignored, never trusted
                     out[meas.backend] = meas
         return out
+
+    def _watched(self, sql: str, params: tuple = ()) -> list[tuple]:
+        """``sql`` on the connection kept for snapshots (file databases): plain SQLite, no statement compiled by
+        SQLAlchemy, since a process's first decision would pay for compiling every statement."""
+        with self._watch_lock, self._db_errors():
+            if self._watch is None:
+                self._watch = self.engine.raw_connection()
+            cur = self._watch.cursor()
+            try:
+                return cur.execute(sql, params).fetchall()
+            finally:
+                cur.close()
+
+    def _data_version(self) -> int | None:
+        """SQLite's counter of commits made by other connections (None: not a file database)."""
+        return self._watched("PRAGMA data_version")[0][0] if self.kind == "file" else None
+
+    def _snapshot(self, fingerprint: str) -> dict[str, dict[str, Measurement]] | None:
+        """{key: {backend: row}} of the environment, unvalidated (validated per lookup), read again after any
+        commit; None where keys are read one at a time (not a file, or more than SNAPSHOT_MAX_ROWS rows)."""
+        version = self._data_version()
+        if version is None:
+            return None
+        held = self._snapshots.get(fingerprint)
+        if held is not None and (held[0] == version or held[1] is None):  # too many rows stays too many
+            return held[1]
+        self._env_ids.pop(fingerprint, None)  # a commit may have pruned it (SQLite reuses ids)
+        ids = self._watched("SELECT id FROM environment WHERE fingerprint = ?", (fingerprint,))
+        rows: dict[str, dict[str, Measurement]] | None = {}
+        if ids:
+            found = self._watched(_SNAPSHOT_SQL, (ids[0][0], SNAPSHOT_MAX_ROWS + 1))
+            if len(found) > SNAPSHOT_MAX_ROWS:
+                rows = None
+            else:
+                for values in found:
+                    r = dict(zip(_SNAPSHOT_COLUMNS, values))
+                    per_key = rows.setdefault(r["problem_key"], {})
+                    if len(per_key) < MAX_BACKENDS_PER_KEY:
+                        per_key[r["backend"]] = _row_to_measurement(r)
+        self._snapshots[fingerprint] = (version, rows)
+        return rows
 
     def save(self, fingerprint: str, info: dict, key: str, measurements: Iterable[Measurement]) -> None:
         """Upsert one row per backend (a re-measurement replaces the older row of the same environment).
@@ -695,8 +761,23 @@ class Store:
                 for i in range(0, len(dicts), chunk):
                     _upsert(c, dicts[i:i + chunk])
                 return eid
+        before = self._data_version()
         with self._db_errors():
             self._env_ids[fingerprint] = retrying(write, deadline_s=self.timeout_s)
+        self._after_own_write(before, fingerprint, rows)
+
+    def _after_own_write(self, before: int | None, fingerprint: str, rows) -> None:
+        """Keep the snapshots that were current before this write: add the rows written to their environment's.
+        (A commit by another process in the instant between our commit and this check goes unseen until the
+        next commit; the cost is at most a problem tuned twice.)"""
+        after = self._data_version()
+        for fp, (version, held) in list(self._snapshots.items()):
+            if version != before or held is None:
+                continue
+            if fp == fingerprint:
+                for key, m in rows:
+                    held.setdefault(key, {})[m.backend] = m
+            self._snapshots[fp] = (after, held)
 
     def evidence(self, fingerprint: str, pairs: Sequence[tuple[str, str]]) -> dict[tuple[str, str], tuple[int, float]]:
         """``{(problem key, backend): (samples, measured_at)}`` of the rows of ``pairs`` this database holds in
@@ -859,6 +940,11 @@ class Store:
         return len(items)
 
     def close(self) -> None:
+        with self._watch_lock:
+            if self._watch is not None:
+                with contextlib.suppress(Exception):
+                    self._watch.close()
+                self._watch = None
         if self.engine is not None:
             self.engine.dispose()
         for s in self.shared:

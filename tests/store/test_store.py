@@ -175,3 +175,49 @@ def test_measurement_fields_are_the_dataclass_order():
     from autosdpa.records import MEASUREMENT_FIELDS, Measurement
 
     assert MEASUREMENT_FIELDS == tuple(f.name for f in dataclasses.fields(Measurement))
+
+
+def test_snapshot_reads_an_environment_once_and_sees_every_later_commit(tmp_path, monkeypatch):
+    """A file's lookups come from one read of the environment until any connection commits (this store's own
+    writes, another process's, a raw sqlite3 edit): then the next lookup reads again."""
+    path = tmp_path / "snap.sqlite"
+    fp, info = env()
+    ours, other = Store(path), Store(path)
+    try:
+        ours.save(fp, info, KEY, [meas("math", 2e-3)])
+        reads = []
+        real_connect = ours.engine.connect
+        monkeypatch.setattr(ours.engine, "connect", lambda *a, **k: reads.append(1) or real_connect(*a, **k))
+        assert set(ours.lookup_own(fp, KEY)) == {"math"}
+        n = len(reads)
+        for _ in range(5):  # unchanged: no query at all
+            assert ours.lookup_own(fp, KEY2) == {} and set(ours.lookup_own(fp, KEY)) == {"math"}
+        assert len(reads) == n
+        other.save(fp, info, KEY2, [meas("flash", 1e-3)])           # another writer
+        assert set(ours.lookup_own(fp, KEY2)) == {"flash"}
+        ours.save(fp, info, KEY, [meas("math", 5e-3), meas("flash", 1e-3)])  # our own write
+        assert ours.lookup_own(fp, KEY)["math"].median_s == 5e-3 and set(ours.lookup_own(fp, KEY)) == {"math", "flash"}
+        con = sqlite3.connect(str(path))
+        con.execute("UPDATE measurement SET median_s = 'bad' WHERE backend = 'flash' AND problem_key = ?", (KEY,))
+        con.commit()
+        con.close()
+        assert set(ours.lookup_own(fp, KEY)) == {"math"}  # still validated per lookup
+    finally:
+        ours.close()
+        other.close()
+
+
+def test_snapshot_gives_way_to_per_key_reads_for_a_large_environment(tmp_path, monkeypatch):
+    import autosdpa.store as store_mod
+
+    monkeypatch.setattr(store_mod, "SNAPSHOT_MAX_ROWS", 1)
+    fp, info = env()
+    s = Store(tmp_path / "big.sqlite")
+    try:
+        s.save(fp, info, KEY, [meas("math"), meas("flash")])
+        assert set(s.lookup_own(fp, KEY)) == {"math", "flash"}
+        assert s._snapshots[fp][1] is None  # too many rows: remembered, keys read one at a time
+        s.save(fp, info, KEY2, [meas("math")])
+        assert set(s.lookup_own(fp, KEY2)) == {"math"}
+    finally:
+        s.close()
