@@ -101,6 +101,7 @@ class Settings:
     log_level: str | None = None               # AUTOSDPA_LOG
     compile: str = "dispatch"                  # AUTOSDPA_COMPILE
     triton_interpret: bool = False             # AUTOSDPA_TRITON_INTERPRET=1 and TRITON_INTERPRET=1
+    warm_start: bool = True                    # AUTOSDPA_WARM_START (autosdpa.warm)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
@@ -127,6 +128,10 @@ class Settings:
         if interp not in ("", "0", "1"):
             _warn("AUTOSDPA_TRITON_INTERPRET", interp, "is not 0 or 1", "0")
             interp = "0"
+        warm = env.get("AUTOSDPA_WARM_START", "1").strip()
+        if warm not in ("", "0", "1"):
+            _warn("AUTOSDPA_WARM_START", warm, "is not 0 or 1", "1")
+            warm = "1"
         return cls(
             db=(env.get("AUTOSDPA_DB") or "").strip() or None,
             mode=mode,
@@ -138,6 +143,7 @@ class Settings:
             log_level=level,
             compile=compile_mode,
             triton_interpret=interp == "1" and env.get("TRITON_INTERPRET", "0") == "1",
+            warm_start=warm != "0",
         )
 
     def all_shared_dbs(self) -> tuple[str, ...]:

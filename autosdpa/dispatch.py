@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch.nn.attention.bias import CausalBias
 
 from . import backends as _backends
-from . import compiled, consensus, nested
+from . import compiled, consensus, nested, warm
 from .backends.base import Backend, Call
 from .backends.torch_backends import FLAG_GETTERS as _FLAG_GETTERS, pytorch_choice, torch_flags
 from .backends.torch_layout import output_order, restride
@@ -402,7 +402,7 @@ class Dispatcher:
         forbidden = _tuning_forbidden(call)
         if policy.mode != "tune" or forbidden:
             return meas, source, not forbidden
-        new = self._tune(call, problem, timed, envs, config)
+        new = self._tune(call, problem, timed, envs, config, warm=not force, eligible={b.name for b in eligible})
         meas.update(new)
         self._claims[mkey] -= set(new)
         return meas, "tuned", True
@@ -430,14 +430,30 @@ class Dispatcher:
             self._fallback_store(e)
         return rows, claims
 
-    def _tune(self, call, problem, timed, envs, config) -> dict[str, Measurement]:
+    def _tune(self, call, problem, timed, envs, config, *, warm: bool = True, eligible: set[str] | None = None
+              ) -> dict[str, Measurement]:
         info = envs["torch"][1]
+        pick = pytorch_choice(call)
+        shape = _shape_str(call)
+        later, why = [], {}
+        if warm and self.settings.warm_start and len(timed) > 1:
+            _, why = self._warm_split(problem, timed, envs, pick)
+            later = [b for b in timed if b.name in why]
+            timed = [b for b in timed if b.name not in why]
         log.info("autosdpa: tuning %s on %s (%s)", problem.key, info.get("device_name"),
                  ", ".join(b.name for b in timed))
         device = call.query.device
-        with torch.random.fork_rng(devices=[device] if call.query.is_cuda else []):
-            rows = measure(call, timed, config or self.config, tuned_shape=_shape_str(call),
-                           finish=_finisher(call), pytorch_choice=pytorch_choice(call))
+
+        def run(backends):
+            with torch.random.fork_rng(devices=[device] if call.query.is_cuda else []):
+                return measure(call, backends, config or self.config, tuned_shape=shape, finish=_finisher(call),
+                               pytorch_choice=pick)
+        rows = run(timed)
+        # none of the candidates that may win passed here: time the rest after all
+        if later and not any(r.ok and (eligible is None or r.backend in eligible) for r in rows):
+            rows += run(later)
+        elif later:
+            rows += [Measurement(n, "skipped", detail=why[n], tuned_shape=shape) for n in why]
         by_kind: dict[str, list[Measurement]] = {}
         kinds = {b.name: _env_kind(b) for b in timed}
         for r in rows:
@@ -445,6 +461,25 @@ class Dispatcher:
         for kind, group in by_kind.items():
             self._save(envs[kind], problem.key, group)
         return {r.backend: r for r in rows}
+
+    def _warm_split(self, problem, timed, envs, pick) -> tuple[list[str], dict[str, str]]:
+        """``warm.split`` over the rows of this problem on this hardware in other environments, each backend's
+        from the environment kind it depends on (any layer; the newest row wins)."""
+        kinds = {b.name: _env_kind(b) for b in timed}
+        near: dict[str, tuple[Measurement, dict]] = {}
+        try:
+            store = self.store()
+            for kind, (fp, info) in envs.items():
+                for db in (*store.shared, store):
+                    with contextlib.suppress(StoreError):
+                        for name, (row, env) in db.near_rows(fp, info, problem.key).items():
+                            held = near.get(name)
+                            if kinds.get(name) == kind and (held is None or row.measured_at > held[0].measured_at):
+                                near[name] = (row, env)
+        except StoreError:
+            return [b.name for b in timed], {}
+        here = {n: envs[k][1] for n, k in kinds.items()}
+        return warm.split([b.name for b in timed], near, pick, here)
 
     def _save(self, env: tuple[str, dict], key: str, rows: list[Measurement]) -> None:
         try:

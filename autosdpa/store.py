@@ -55,6 +55,7 @@ from .validation import (BACKEND_NAME_RE, MAX_BACKENDS_PER_KEY, MAX_KEY_LEN, TEX
                          environment_error, key_error, known_backends, measurement_error)
 
 SCHEMA_VERSION = 2
+NEAR_FIELDS = ("device_type", "device_name", "capability", "cores", "memory_gb")  # the same hardware
 SNAPSHOT_MAX_ROWS = 20_000  # an environment with more rows is read one problem key at a time
 MEMORY = ":memory:"
 
@@ -734,6 +735,28 @@ class Store:
                         per_key[r["backend"]] = _row_to_measurement(r)
         self._snapshots[fingerprint] = (version, rows)
         return rows
+
+    def near_rows(self, fingerprint: str, info: dict, key: str) -> dict[str, tuple[Measurement, dict]]:
+        """Valid rows for ``key`` measured on the same hardware (device type, name, capability, cores, memory)
+        in *other* environments (another torch, CUDA or Triton): {backend: (newest row, its environment)}.
+        They cannot decide here; they can rank (``autosdpa.warm``)."""
+        t, m = environment_table, measurement_table
+        same = [t.c[f] == info.get(f) for f in NEAR_FIELDS]
+        env_cols = _bounded([t.c[f] for f in ENV_FIELDS], self.dialect)
+        q = (sa.select(*_bounded([m.c[f] for f in MEASUREMENT_FIELDS], self.dialect), *env_cols)
+             .join(t, t.c.id == m.c.environment_id)
+             .where(m.c.problem_key == key, t.c.fingerprint != fingerprint, *same)
+             .limit(MAX_BACKENDS_PER_KEY))
+        out: dict[str, tuple[Measurement, dict]] = {}
+        with self._db_errors(), self.engine.connect() as c:
+            for r in c.execute(q).mappings():
+                meas = _row_to_measurement(r)
+                if measurement_error(meas) is not None:
+                    continue
+                held = out.get(meas.backend)
+                if held is None or meas.measured_at > held[0].measured_at:
+                    out[meas.backend] = (meas, {f: r[f] for f in ENV_FIELDS})
+        return out
 
     def save(self, fingerprint: str, info: dict, key: str, measurements: Iterable[Measurement]) -> None:
         """Upsert one row per backend (a re-measurement replaces the older row of the same environment).
