@@ -57,6 +57,7 @@ from .validation import (BACKEND_NAME_RE, MAX_BACKENDS_PER_KEY, MAX_KEY_LEN, TEX
 SCHEMA_VERSION = 2
 NEAR_FIELDS = ("device_type", "device_name", "capability", "cores", "memory_gb")  # the same hardware
 SNAPSHOT_MAX_ROWS = 20_000  # an environment with more rows is read one problem key at a time
+MAX_ENVIRONMENTS_HELD = 10_000  # environments looked at for warm start
 MEMORY = ":memory:"
 
 metadata = sa.MetaData()
@@ -503,6 +504,7 @@ class Store:
         self.shared: list[Store] = []
         self._env_ids: dict[str, int] = {}
         self._snapshots: dict[str, tuple[int, dict[str, dict[str, Measurement]] | None]] = {}
+        self._envs_held: tuple[int, list[dict]] | None = None
         self._watch = None  # a DBAPI connection kept for PRAGMA data_version (file databases)
         self._watch_lock = threading.Lock()
         try:
@@ -740,23 +742,27 @@ class Store:
         """Valid rows for ``key`` measured on the same hardware (device type, name, capability, cores, memory)
         in *other* environments (another torch, CUDA or Triton): {backend: (newest row, its environment)}.
         They cannot decide here; they can rank (``autosdpa.warm``)."""
-        t, m = environment_table, measurement_table
-        same = [t.c[f] == info.get(f) for f in NEAR_FIELDS]
-        env_cols = _bounded([t.c[f] for f in ENV_FIELDS], self.dialect)
-        q = (sa.select(*_bounded([m.c[f] for f in MEASUREMENT_FIELDS], self.dialect), *env_cols)
-             .join(t, t.c.id == m.c.environment_id)
-             .where(m.c.problem_key == key, t.c.fingerprint != fingerprint, *same)
-             .limit(MAX_BACKENDS_PER_KEY))
         out: dict[str, tuple[Measurement, dict]] = {}
-        with self._db_errors(), self.engine.connect() as c:
-            for r in c.execute(q).mappings():
-                meas = _row_to_measurement(r)
-                if measurement_error(meas) is not None:
-                    continue
-                held = out.get(meas.backend)
-                if held is None or meas.measured_at > held[0].measured_at:
-                    out[meas.backend] = (meas, {f: r[f] for f in ENV_FIELDS})
+        for env in self._environments_held():
+            if env["fingerprint"] == fingerprint or any(env.get(f) != info.get(f) for f in NEAR_FIELDS):
+                continue
+            for name, row in self.lookup_own(env["fingerprint"], key).items():
+                held = out.get(name)
+                if held is None or row.measured_at > held[0].measured_at:
+                    out[name] = (row, env)
         return out
+
+    def _environments_held(self) -> list[dict]:
+        """The environment rows (bounded, not validated); for a file, read again only after a commit."""
+        version = self._data_version()
+        if version is None:
+            return self.environments()
+        if self._envs_held is None or self._envs_held[0] != version:
+            cols = ("fingerprint", *ENV_FIELDS)
+            found = self._watched(f"SELECT {', '.join(_bounded_sql(c) for c in cols)} FROM environment LIMIT ?",
+                                  (MAX_ENVIRONMENTS_HELD,))
+            self._envs_held = (version, [dict(zip(cols, r)) for r in found])
+        return self._envs_held[1]
 
     def save(self, fingerprint: str, info: dict, key: str, measurements: Iterable[Measurement]) -> None:
         """Upsert one row per backend (a re-measurement replaces the older row of the same environment).
