@@ -38,8 +38,9 @@ def tune_once(problem, device, db: Path, warm: bool, budget: float) -> dict:
         t0 = time.perf_counter()
         d = dispatcher.tune_problem(problem, device)
         elapsed = time.perf_counter() - t0
-        rows = dispatcher.store().lookup(dispatcher.environments(device)["torch"][0], problem.key)
-        rows.update(dispatcher.store().lookup(dispatcher.environments(device)["kernels"][0], problem.key))
+        key = problem.bucketed(dispatcher.settings.bucket_threshold).key  # as the dispatcher files it
+        rows = dispatcher.store().lookup(dispatcher.environments(device)["torch"][0], key)
+        rows.update(dispatcher.store().lookup(dispatcher.environments(device)["kernels"][0], key))
     finally:
         dispatcher.configure(dataclasses.replace(Settings.from_env(), db=":memory:"))
     return {"s": elapsed, "winner": d.backend,
