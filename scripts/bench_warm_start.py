@@ -8,7 +8,7 @@
    pays on top of its own run), the backends timed, the winner.
 3. Reported per problem and in total: medians with / without, the backends not timed, whether the winners agree.
 
-    python scripts/bench_warm_start.py [--device cpu] [--repeat 3] [--budget 1.0] [--out benchmarks]
+    python scripts/bench_warm_start.py [--device cpu] [--repeat 3] [--budget 1.0] [--quick] [--out benchmarks]
 """
 from __future__ import annotations
 
@@ -70,9 +70,10 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--budget", type=float, default=1.0)
     ap.add_argument("--out", default="benchmarks")
+    ap.add_argument("--quick", action="store_true", help="the sweep's quick subset of problems")
     args = ap.parse_args()
     device = torch.device(args.device)
-    problems = problem_table(device)
+    problems = problem_table(device, quick=args.quick)
     tmp = Path(tempfile.mkdtemp(prefix="warm_start_"))
     load0 = os.getloadavg()
     elsewhere = tmp / "elsewhere.sqlite"

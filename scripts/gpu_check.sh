@@ -8,8 +8,8 @@
 # Steps, most valuable first, each under its own time limit and stopped with SIGINT (pytest and `autosdpa
 # tune` then write their summaries); results are written as each step ends and results.tar.gz is refreshed:
 #   facts (versions, GPU) -> pytest -m gpu (one kernel config, JUnit XML) -> kernel benchmark on the issue's
-#   target problems -> sweep (scripts/bench_sweep.py, if present) -> tune + bench Llama-3-8B shapes -> export
-#   the tuned DB to tuning_db/<gpu>.sqlite.
+#   target problems -> sweep (scripts/bench_sweep.py, if present) -> tune + bench Llama-3-8B shapes -> warm
+#   start (scripts/bench_warm_start.py) -> export the tuned DB to tuning_db/<gpu>.sqlite.
 # $OUT gets at most 7 files: summary.txt (read first), results.tar.gz (unpack at the repo root: benchmarks/,
 # tuning_db/, logs/), junit_gpu.xml, facts.json, kernels_targets.md, llama3_bench.md, <gpu>.sqlite.
 set -uo pipefail
@@ -133,7 +133,11 @@ step bench 30 python3 -m autosdpa.cli bench --device "$DEV" --budget 0.3 --secon
   --out "$WORK/benchmarks/bench_llama3_$GPU"
 cp "$WORK/benchmarks/bench_llama3_$GPU/bench.md" "$OUT/llama3_bench.md" 2>/dev/null
 
-# --- (f) the tuned DB to ship --------------------------------------------------------------------------------
+# --- (f) warm start: tuning time with and without the rows of "another torch version" ----------------------
+step warm_start 25 python3 scripts/bench_warm_start.py --device "$DEV" --quick --repeat 1 --budget 0.3 \
+  --out "$WORK/benchmarks"
+
+# --- (g) the tuned DB to ship --------------------------------------------------------------------------------
 step export_db 15 python3 -m autosdpa.cli db export --force -o "$WORK/tuning_db/$GPU.sqlite"
 cp "$WORK/tuning_db/$GPU.sqlite" "$OUT/$GPU.sqlite" 2>/dev/null
 

@@ -33,7 +33,7 @@ def test_cpu_rehearsal_runs_every_step_and_names_the_db_after_the_gpu_model(tmp_
     res = subprocess.run(["bash", SCRIPT], env=env, capture_output=True, text=True, timeout=1600)
     summary = (out / "summary.txt").read_text()
     assert res.returncode == 0, summary + res.stderr[-2000:]
-    for step in ("facts", "pytest_gpu", "kernel_targets", "tune", "bench", "export_db"):
+    for step in ("facts", "pytest_gpu", "kernel_targets", "tune", "bench", "warm_start", "export_db"):
         assert f"[{step}] rc=" in summary, step
     assert "[facts] rc=0" in summary and "[tune] rc=0" in summary and "[export_db] rc=0" in summary
     assert "[kernel_targets] rc=2" in summary          # no CUDA here: the benchmark says so and stops
@@ -44,6 +44,7 @@ def test_cpu_rehearsal_runs_every_step_and_names_the_db_after_the_gpu_model(tmp_
         names = tar.getnames()
     assert "tuning_db/h100.sqlite" in names and "logs/pytest_gpu.log" in names
     assert any(n.startswith("benchmarks/tune_llama3_h100") for n in names)
+    assert "benchmarks/warm_start_cpu.md" in names and "[warm_start] rc=0" in summary
 
 
 def test_steps_are_stopped_with_sigint_even_when_started_in_the_background(tmp_path):
