@@ -145,8 +145,8 @@ def _finisher(call: Call):
 
 
 def _env_kind(b: Backend) -> str:
-    """Rows of PyTorch's backends do not depend on Triton or our kernels; rows of our kernels do."""
-    return "torch" if b.torch_backend is not None else "kernels"
+    """Rows of backends made of PyTorch's ops do not depend on Triton or our kernels; rows of our kernels do."""
+    return "kernels" if b.uses_kernels else "torch"
 
 
 class Dispatcher:

@@ -34,7 +34,7 @@ def seed_measurements(q, k, v, times: dict[str, float], store=None, **kw) -> str
     envs = dispatcher.environments(q.device)
     store = store or dispatcher.store()
     for name, t in times.items():
-        fp, info = envs["torch" if name in ("math", "flash", "efficient", "cudnn") else "kernels"]
+        fp, info = envs["torch" if name in ("math", "flash", "efficient", "cudnn") or name.startswith("njt_") else "kernels"]
         store.save(fp, info, key, [Measurement(name, "ok", t, 0.0, 10)])
     return key
 

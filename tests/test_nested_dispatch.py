@@ -133,3 +133,13 @@ def test_cuda_causal_njt_training_through_the_dispatcher():
     want = torch.autograd.grad(ref, leaves, gout)
     for g, w in zip(got, want):
         assert nested.max_error(g, w) <= 4e-2
+
+
+
+def test_njt_rows_are_filed_under_the_torch_environment():
+    """The NJT backends are made of PyTorch's ops: a Triton upgrade or a kernels edit must not retire their rows."""
+    _, (q, k, v) = _qkv([5, 12, 3])
+    key = autosdpa.explain(q, k, v).problem
+    envs = dispatcher.environments(q.device)
+    assert set(dispatcher.store().lookup_own(envs["torch"][0], key)) == NJT
+    assert dispatcher.store().lookup_own(envs["kernels"][0], key) == {}

@@ -59,6 +59,9 @@ class Backend:
     torch_backend: ClassVar[object | None] = None
     #: Whether it can compute gradients (forward + backward).
     supports_grad: ClassVar[bool] = True
+    #: Whether its timings depend on Triton and this project's kernels (its rows are then filed under the
+    #: environment that fingerprints them); False for anything made of PyTorch's ops only.
+    uses_kernels: ClassVar[bool] = True
 
     def unavailable_reason(self, device: torch.device) -> str | None:
         """Why this backend can never run on ``device`` (None when it can run there at all)."""

@@ -69,6 +69,8 @@ def jagged_view(values: torch.Tensor, offsets: torch.Tensor, shortest: int, long
 class NJTBackend(Backend):
     """Common ground: jagged calls only; subclasses add their own reasons."""
 
+    uses_kernels = False  # compositions of PyTorch ops
+
     takes_jagged = True  # dense backends lack it: eligibility keeps NJT calls away from them
 
     def not_supported_reasons(self, call: Call) -> list[str]:

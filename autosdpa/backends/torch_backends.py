@@ -67,6 +67,8 @@ def _fused_choice(q, k, v, mask, p, causal, scale, gqa) -> str | None:
 class TorchBackend(Backend):
     """One of PyTorch's backends, run through its own ATen op."""
 
+    uses_kernels = False
+
     def __init__(self, name: str, torch_backend: SDPBackend):
         self.name = name  # type: ignore[misc]
         self.torch_backend = torch_backend  # type: ignore[misc]
