@@ -221,15 +221,32 @@ def _on_begin(conn) -> None:
     conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get("autosdpa_write") else "BEGIN")
 
 
-def _file_engine(path: Path, *, readonly: bool, wal: bool, timeout_s: float, pool=sa.pool.QueuePool) -> sa.Engine:
-    """An engine on the file ``path``, opened by a URI built from the path (``?``/``#`` are quoted, never
-    parameters). Read-only: ``mode=ro``; a WAL-mode file without its ``-wal`` is opened immutable so that
-    SQLite does not create ``-wal``/``-shm`` files next to a shipped file either."""
+def _file_uri(path: Path, *, readonly: bool) -> str:
+    """A URI built from the path (``?``/``#`` are quoted, never parameters). Read-only: ``mode=ro``; a WAL-mode
+    file without its ``-wal`` is opened immutable so that SQLite does not create ``-wal``/``-shm`` files next
+    to a shipped file either."""
     params = "mode=rwc"
     if readonly:
         immutable = _sqlite_wal_header(path) and not Path(str(path) + "-wal").exists()
         params = "mode=ro" + ("&immutable=1" if immutable else "")
-    uri = f"file:{quote(str(path))}?{params}"
+    return f"file:{quote(str(path))}?{params}"
+
+
+def _reader(path: Path, *, readonly: bool, timeout_s: float) -> sqlite3.Connection:
+    """A plain sqlite3 connection that never writes (``query_only``): what inspecting a file and the snapshots
+    read through, so that a process that only reads never builds a SQLAlchemy engine."""
+    uri = _file_uri(path, readonly=readonly).replace("mode=rwc", "mode=rw")
+    con = sqlite3.connect(uri, uri=True, timeout=timeout_s, check_same_thread=False)
+    con.isolation_level = None
+    con.execute(f"PRAGMA busy_timeout = {int(timeout_s * 1000)}")
+    con.execute("PRAGMA query_only = 1")
+    con.execute("PRAGMA trusted_schema = 0")
+    return con
+
+
+def _file_engine(path: Path, *, readonly: bool, wal: bool, timeout_s: float, pool=sa.pool.QueuePool) -> sa.Engine:
+    """An engine on the file ``path`` (see ``_file_uri``)."""
+    uri = _file_uri(path, readonly=readonly)
 
     def connect():
         return sqlite3.connect(uri, uri=True, timeout=timeout_s, check_same_thread=False)
@@ -255,7 +272,7 @@ def _transient(e: BaseException) -> bool:
     if getattr(orig, "sqlstate", None) in ("40001", "40P01", "55P03"):
         return True
     msg = str(orig if orig is not None else e).lower()
-    return isinstance(e, sa.exc.OperationalError) and ("locked" in msg or "busy" in msg)
+    return isinstance(e, (sa.exc.OperationalError, sqlite3.OperationalError)) and ("locked" in msg or "busy" in msg)
 
 
 def retrying(fn: Callable[[], T], *, deadline_s: float) -> T:
@@ -265,7 +282,7 @@ def retrying(fn: Callable[[], T], *, deadline_s: float) -> T:
     while True:
         try:
             return fn()
-        except sa.exc.DBAPIError as e:
+        except (sa.exc.DBAPIError, sqlite3.OperationalError) as e:
             if not _transient(e) or time.monotonic() - start > deadline_s:
                 raise
         time.sleep(delay * (0.5 + random.random()))
@@ -326,8 +343,11 @@ def migrate(conn, version: int) -> int:
 
 
 def _read_version(conn, where: str) -> int:
-    v = conn.execute(sa.select(sa.func.substr(meta_table.c.value, 1, 16))
-                     .where(meta_table.c.name == "schema_version")).scalar()
+    return _parse_version(conn.execute(sa.select(sa.func.substr(meta_table.c.value, 1, 16))
+                                       .where(meta_table.c.name == "schema_version")).scalar(), where)
+
+
+def _parse_version(v, where: str) -> int:
     try:
         version = int(str(v)[:12])
     except (TypeError, ValueError):
@@ -345,50 +365,74 @@ def _writable_version(c, where: str) -> None:
                          f"to it (this autosdpa understands {SCHEMA_VERSION}); upgrade autosdpa")
 
 
-def _refuse_hidden_objects(c, where: str) -> None:
+def _driver_rows(c) -> Callable[..., list]:
+    """``rows(sql, params=())`` on a SQLAlchemy connection or a plain sqlite3 one."""
+    if isinstance(c, sqlite3.Connection):
+        return lambda sql, params=(): c.execute(sql, params).fetchall()
+    return lambda sql, params=(): c.exec_driver_sql(sql, params).fetchall()
+
+
+def _refuse_hidden_objects(rows, where: str) -> None:
     """SQLite: our names must be plain tables, without hidden or generated columns, without triggers.
 
     A generated column is computed on every read (``printf('%.*c', 1e9, 'x')`` from a 44 KB file), a view or
     virtual table may run anything: a file that has them is not one autosdpa wrote."""
     names = set(metadata.tables)
-    for kind, name, tbl, sql in c.exec_driver_sql(
+    for kind, name, tbl, sql in rows(
             "SELECT type, substr(name, 1, 64), substr(tbl_name, 1, 64), substr(sql, 1, 40) FROM sqlite_master"):
         if kind == "trigger" and tbl in names:
             raise StoreError(f"{where}: refusing a database with triggers on its tables (trigger {name!r})")
         if name in names and (kind != "table" or (sql or "").upper().startswith("CREATE VIRTUAL")):
             raise StoreError(f"{where}: {name} is a {'virtual table' if kind == 'table' else kind}, not a table")
     for name in sorted(names):
-        for col in c.exec_driver_sql(f'PRAGMA table_xinfo("{name}")').mappings():
-            if col["hidden"]:
+        for col in rows(f'PRAGMA table_xinfo("{name}")'):
+            if col[6]:  # hidden
                 raise StoreError(f"{where}: refusing table {name} with a hidden or generated column "
-                                 f"({str(col['name'])[:64]!r})")
+                                 f"({str(col[1])[:64]!r})")
 
 
 def _inspect(c, where: str) -> int | None:
     """Check an existing database's tables: its schema version, or None when it has none of autosdpa's tables
-    and no others (a new database). Raises StoreError for anything autosdpa did not write."""
-    tables = set(sa.inspect(c).get_table_names())
-    if c.dialect.name == "sqlite":
-        _refuse_hidden_objects(c, where)
+    and no others (a new database). Raises StoreError for anything autosdpa did not write. ``c``: a SQLAlchemy
+    connection, or a plain sqlite3 one (SQLite is inspected through plain SQL either way)."""
+    if isinstance(c, sqlite3.Connection) or c.dialect.name == "sqlite":
+        rows = _driver_rows(c)
+        _refuse_hidden_objects(rows, where)
+        tables = {r[0] for r in rows("SELECT substr(name, 1, 64) FROM sqlite_master WHERE type = 'table'")}
+
+        def columns(name):
+            return {r[1] for r in rows(f'PRAGMA table_info("{name}")')}
+
+        def version():
+            got = rows("SELECT substr(value, 1, 16) FROM autosdpa_meta WHERE name = 'schema_version'")
+            return _parse_version(got[0][0] if got else None, where)
+    else:
+        insp = sa.inspect(c)
+        tables = set(insp.get_table_names())
+
+        def columns(name):
+            return {col["name"] for col in insp.get_columns(name)}
+
+        def version():
+            return _read_version(c, where)
     if "autosdpa_meta" not in tables:
         foreign = tables - set(metadata.tables)
         if foreign:
             raise StoreError(f"{where} is not an autosdpa database (it has other tables: "
                              f"{', '.join(sorted(t[:64] for t in foreign)[:5])})")
         return None
-    version = _read_version(c, where)
-    if version > SCHEMA_VERSION:
-        raise StoreError(f"{where} has schema version {version}, newer than this autosdpa "
+    v = version()
+    if v > SCHEMA_VERSION:
+        raise StoreError(f"{where} has schema version {v}, newer than this autosdpa "
                          f"understands ({SCHEMA_VERSION}); upgrade autosdpa")
-    insp = sa.inspect(c)
     for name, table in _V1_TABLES.items():
         if name not in tables:
             raise StoreError(f"{where} is not a usable autosdpa database (no {name} table)")
-        have = {col["name"] for col in insp.get_columns(name)}
+        have = columns(name)
         missing = [col.name for col in table.columns if col.name not in have]
         if missing:
             raise StoreError(f"{where}: table {name} lacks columns {', '.join(missing)}")
-    return version
+    return v
 
 
 # -- bounded reads -----------------------------------------------------------------------------------------------
@@ -500,7 +544,9 @@ class Store:
         self.readonly = readonly
         self.timeout_s = timeout_s
         self.version = SCHEMA_VERSION
-        self.engine = None
+        self._engine: sa.Engine | None = None
+        self._wal = wal
+        self._engine_lock = threading.Lock()
         self.shared: list[Store] = []
         self._env_ids: dict[str, int] = {}
         self._snapshots: dict[str, tuple[int, dict[str, dict[str, Measurement]] | None]] = {}
@@ -508,7 +554,7 @@ class Store:
         self._watch = None  # a DBAPI connection kept for PRAGMA data_version (file databases)
         self._watch_lock = threading.Lock()
         try:
-            self.engine = self._open(wal)
+            self._open()
         except OSError as e:  # the file vanished or changed under us between the checks
             raise StoreError(f"cannot open {self.display_url}: {e.strerror or e}") from e
         for p in shared:
@@ -517,40 +563,70 @@ class Store:
             except StoreError as e:
                 warnings.warn(f"autosdpa: skipping shared tuning database: {e}", RuntimeWarning, stacklevel=2)
 
-    def _open(self, wal: bool) -> sa.Engine:
-        """Inspect first (read-only), then open for writing: nothing is written to a file that is refused."""
+    def _open(self) -> None:
+        """Inspect first (read-only), then open for writing: nothing is written to a file that is refused.
+        An existing, up-to-date file is inspected through a plain sqlite3 connection, and its engine is built
+        only when something needs it (a write, an administrative read): a process that only looks rows up
+        never pays for SQLAlchemy's engine and SQLite dialect."""
         version = None
-        engine = None
         with self._db_errors("cannot open "):
             if self.kind == "memory":
-                engine = _memory_engine()
+                self._engine = _memory_engine()
             elif self.kind == "url":
                 try:
-                    engine = sa.create_engine(self.url, pool_pre_ping=True)
+                    self._engine = sa.create_engine(self.url, pool_pre_ping=True)
                 except (ImportError, ValueError, sa.exc.ArgumentError) as e:  # missing driver, bad URL
                     raise StoreError(f"cannot open {self.display_url}: {type(e).__name__}: {e}") from e
             else:
                 existing = _check_file(self.path, readonly=self.readonly)
-                if existing and not self.readonly:
+                if existing:
                     version = self._probe()
-                engine = _file_engine(self.path, readonly=self.readonly, wal=wal, timeout_s=self.timeout_s)
+                    if self.readonly and version is None:
+                        raise StoreError(f"{self.display_url} is not an autosdpa database (no autosdpa_meta table)")
+                if existing and (self.readonly or version == SCHEMA_VERSION):
+                    self.version = version
+                    return
             try:
-                self.engine = engine
-                self._write = engine.execution_options(autosdpa_write=True)
                 self.version = self._check_schema(known=version)
             except BaseException:
-                engine.dispose()
-                self.engine = None
+                self._dispose()
                 raise
-        return engine
+
+    @property
+    def engine(self) -> sa.Engine:
+        """The SQLAlchemy engine, built on first use for a file."""
+        if self._engine is None:
+            with self._engine_lock:
+                if self._engine is None:
+                    with self._db_errors("cannot open "):
+                        self._engine = _file_engine(self.path, readonly=self.readonly, wal=self._wal,
+                                                    timeout_s=self.timeout_s)
+        return self._engine
+
+    @property
+    def _write(self):
+        return self.engine.execution_options(autosdpa_write=True)
 
     def _probe(self) -> int | None:
-        """The schema version of an existing file, read through a read-only connection (None: no tables)."""
-        probe = _file_engine(self.path, readonly=True, wal=False, timeout_s=self.timeout_s, pool=sa.pool.NullPool)
-        try:
-            return self._inspect_with(probe)
-        finally:
-            probe.dispose()
+        """The schema version of an existing file, read through a plain read-only connection (None: no
+        tables)."""
+        def once():
+            con = _reader(self.path, readonly=True, timeout_s=self.timeout_s)
+            try:
+                return _inspect(con, self.display_url)
+            finally:
+                con.close()
+        return retrying(once, deadline_s=self.timeout_s)
+
+    def _dispose(self) -> None:
+        with self._watch_lock:
+            if self._watch is not None:
+                with contextlib.suppress(Exception):
+                    self._watch.close()
+                self._watch = None
+        if self._engine is not None:
+            self._engine.dispose()
+            self._engine = None
 
     def _inspect_with(self, engine: sa.Engine) -> int | None:
         def once():
@@ -566,7 +642,7 @@ class Store:
 
     @property
     def dialect(self) -> str:
-        return self.engine.dialect.name
+        return "sqlite" if self.kind == "file" else self.engine.dialect.name
 
     def same_database(self, other: "Store | str | os.PathLike") -> bool:
         """Whether ``other`` (a Store or a target) is this very database (a file: through links and ``..``)."""
@@ -702,7 +778,7 @@ class Store:
         SQLAlchemy, since a process's first decision would pay for compiling every statement."""
         with self._watch_lock, self._db_errors():
             if self._watch is None:
-                self._watch = self.engine.raw_connection()
+                self._watch = _reader(self.path, readonly=self.readonly, timeout_s=self.timeout_s)
             cur = self._watch.cursor()
             try:
                 return cur.execute(sql, params).fetchall()
@@ -969,12 +1045,6 @@ class Store:
         return len(items)
 
     def close(self) -> None:
-        with self._watch_lock:
-            if self._watch is not None:
-                with contextlib.suppress(Exception):
-                    self._watch.close()
-                self._watch = None
-        if self.engine is not None:
-            self.engine.dispose()
+        self._dispose()
         for s in self.shared:
             s.close()
