@@ -7,6 +7,7 @@ own pick would give. It never touches PyTorch's process-wide flags.
 from __future__ import annotations
 
 import torch
+import torch.autograd.forward_ad as _fwAD
 import torch.nn.functional as F
 from torch.nn.attention.bias import CausalBias
 
@@ -33,6 +34,12 @@ def priority_set() -> bool:
 
 def _is_autocast(device_type: str) -> bool:
     return torch.is_autocast_enabled(device_type)
+
+
+def _forward_ad() -> bool:
+    """Whether a forward-mode AD level is open: backends differ in supporting it (CPU flash raises), so F.sdpa
+    decides, and raises or not as it would."""
+    return _fwAD._current_level >= 0
 
 
 def _autocast_inputs(device_type, q, k, v, m):
@@ -64,9 +71,10 @@ class Plan:
         if _tracing():  # torch.jit.trace records what runs: PyTorch's own op, as F.sdpa would
             return _sdpa(q, k, v, m, dp, ic, scale=sc, enable_gqa=gqa)
         if not self.forced and (_is_autocast(q.device.type) or not (sc is None or 0.0 < sc < _INF)
-                                or priority_set()):
+                                or priority_set() or _forward_ad()):
             # autocast casts F.sdpa's inputs (the plan was tuned for the uncast dtype); a degenerate scale must
-            # give what F.sdpa gives; a priority order set since this plan was made means PyTorch decides
+            # give what F.sdpa gives; a priority order set since this plan was made means PyTorch decides; so
+            # does forward-mode AD
             return _sdpa(q, k, v, m, dp, ic, scale=sc, enable_gqa=gqa)
         if _is_autocast(q.device.type):  # a forced backend runs on what autocast would hand F.sdpa
             q, k, v, m = _autocast_inputs(q.device.type, q, k, v, m)

@@ -863,13 +863,7 @@ def check_themed(theme: str, case) -> list[Failure]:
 
 #: Differences found by fuzzing and left to fix: name -> (does this failure of this case match, why).
 #: Each has a strict xfail repro in tests/test_fuzz.py; the fuzz tests skip the failures they match.
-KNOWN: dict[str, tuple[Callable[[Case, Failure], bool], str]] = {
-    "forward-mode AD": (
-        lambda c, f: c.grad_mode == "forward" and (f.kind == "returned where F.sdpa raised" or (
-            f.kind == "exception type" and "forward AD" in f.detail)),
-        "a plan running PyTorch's math op supports forward-mode AD where F.sdpa (CPU flash) raises "
-        "NotImplementedError"),
-}
+KNOWN: dict[str, tuple[Callable[[Case, Failure], bool], str]] = {}
 
 
 def known_reason(case: Case, failure: Failure) -> str | None:

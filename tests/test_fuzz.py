@@ -137,7 +137,7 @@ def test_a_negative_scale_does_not_decide_for_normal_calls():
     assert d.pytorch_choice == "flash" and "flash" not in d.rejected
 
 
-# -- found by fuzzing: known, not fixed (strict xfails: a fix makes them fail, remove them from KNOWN then) --------
+# -- found by fuzzing, fixed, kept as repros (a new known difference gets a strict xfail here and a KNOWN entry) -
 
 _FLASH_SHAPE = dict(rank=4, batch=(1,), hq=2, hk=2, hv=2, lq=8, lk=8, lv=8, d=16, dk=16, dv=16)
 
@@ -147,8 +147,7 @@ def test_autocast_output_dtype_and_mixed_inputs():  # found by fuzzing: a plan n
     assert not [f for f in fc.check(case) if fc.is_failure(f)]
 
 
-@pytest.mark.xfail(strict=True, reason=fc.KNOWN["forward-mode AD"][1])
-def test_known_forward_mode_ad():
+def test_forward_mode_ad():  # found by fuzzing: a plan now defers to F.sdpa (CPU flash raises, math would not)
     case = Case(**_FLASH_SHAPE, grad_mode="forward", winner="math")
     assert not [f for f in fc.check(case) if fc.is_failure(f)]
 
