@@ -79,7 +79,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
             plan = last[1]
         else:
             plan = _plans[fk]
-            _last = (fk, plan)  # only keys found in _plans: a plan not cached must not be reused
+            # only keys found in _plans: a plan not cached must not be reused. (A clear_plans() from another
+            # thread between the lookup and this line leaves the older plan here until the next other key.)
+            _last = (fk, plan)
     except KeyError:
         plan = dispatcher.miss(fk, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     except Exception:  # inputs we cannot key (nested tensors, odd types): PyTorch handles (or rejects) them
@@ -455,7 +457,7 @@ class Dispatcher:
         elif later:
             rows += [Measurement(n, "skipped", detail=why[n], tuned_shape=shape) for n in why]
         by_kind: dict[str, list[Measurement]] = {}
-        kinds = {b.name: _env_kind(b) for b in timed}
+        kinds = {b.name: _env_kind(b) for b in (*timed, *later)}
         for r in rows:
             by_kind.setdefault(kinds.get(r.backend, "torch"), []).append(r)
         for kind, group in by_kind.items():

@@ -101,3 +101,19 @@ def test_when_no_ranked_candidate_passes_the_others_are_timed_after_all(wrong_ba
     rows = {**dispatcher.store().lookup(kfp, key),
             **dispatcher.store().lookup(dispatcher.environments(q.device)["torch"][0], key)}
     assert rows["wrong_here"].status == "rejected" and rows["math"].status == "ok"
+
+
+def test_a_skipped_row_is_filed_under_the_environment_its_backend_depends_on(wrong_backend):
+    """A backend of ours that warm start does not time gets its `skipped` row in the kernels environment."""
+    q, _, _ = qkv(L=24)
+    key = Problem.from_call(Call(q, q, q), dispatcher.settings.bucket_threshold).key
+    fp, info = _near_env(q.device)
+    kinfo = dict(dispatcher.environments(q.device)["kernels"][1], torch="1.0.0")
+    dispatcher.store().save(fingerprint_of(kinfo), kinfo, key, [Measurement("wrong_here", "ok", 1e-1, 1e-3, 10)])
+    dispatcher.store().save(fp, info, key, [Measurement("math", "ok", 1e-3, 1e-5, 10)])
+    with autosdpa.backend("wrong_here", "math"):
+        autosdpa.sdpa(q, q, q)
+    envs = dispatcher.environments(q.device)
+    mine = dispatcher.store().lookup_own(envs["kernels"][0], key)
+    assert mine["wrong_here"].status == "skipped" and "warm start" in mine["wrong_here"].detail
+    assert wrong_backend.runs == 0 and "wrong_here" not in dispatcher.store().lookup_own(envs["torch"][0], key)
