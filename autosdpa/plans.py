@@ -39,7 +39,7 @@ def _is_autocast(device_type: str) -> bool:
 def _forward_ad() -> bool:
     """Whether a forward-mode AD level is open: backends differ in supporting it (CPU flash raises), so F.sdpa
     decides, and raises or not as it would."""
-    return _fwAD._current_level >= 0
+    return getattr(_fwAD, "_current_level", -1) >= 0
 
 
 def _autocast_inputs(device_type, q, k, v, m):

@@ -117,3 +117,12 @@ def test_a_skipped_row_is_filed_under_the_environment_its_backend_depends_on(wro
     mine = dispatcher.store().lookup_own(envs["kernels"][0], key)
     assert mine["wrong_here"].status == "skipped" and "warm start" in mine["wrong_here"].detail
     assert wrong_backend.runs == 0 and "wrong_here" not in dispatcher.store().lookup_own(envs["torch"][0], key)
+
+
+def test_the_setting():
+    from autosdpa.config import Settings
+
+    assert Settings.from_env({}).warm_start is True
+    assert Settings.from_env({"AUTOSDPA_WARM_START": "0"}).warm_start is False
+    with pytest.warns(RuntimeWarning, match="AUTOSDPA_WARM_START='maybe' is not 0 or 1; using '1'"):
+        assert Settings.from_env({"AUTOSDPA_WARM_START": "maybe"}).warm_start is True
