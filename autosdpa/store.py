@@ -30,6 +30,9 @@ immediate "database is locked"), and every write is retried with backoff on tran
 Reads of a file database go through a per-environment snapshot: a process makes many decisions in few
 environments, so an environment's rows are read in one query and kept while SQLite's ``PRAGMA data_version``
 says that no connection (this process's writes included) has committed since; then it is read again.
+What a process does on every run with a file (inspect it, read those snapshots, create a new file, save rows)
+goes through plain sqlite3 connections; the SQLAlchemy engine is built on first use by anything else
+(administrative reads, prune, decisions, migrations), so a first call does not pay ~15 ms to build it.
 """
 from __future__ import annotations
 
@@ -359,7 +362,10 @@ def _parse_version(v, where: str) -> int:
 
 def _writable_version(c, where: str) -> None:
     """Inside a write transaction: refuse to write into a database a newer autosdpa has upgraded meanwhile."""
-    version = _read_version(c, where)
+    _refuse_newer(_read_version(c, where), where)
+
+
+def _refuse_newer(version: int, where: str) -> None:
     if version > SCHEMA_VERSION:
         raise StoreError(f"{where} was upgraded to schema version {version} by a newer autosdpa; not writing "
                          f"to it (this autosdpa understands {SCHEMA_VERSION}); upgrade autosdpa")
@@ -404,7 +410,7 @@ def _inspect(c, where: str) -> int | None:
             return {r[1] for r in rows(f'PRAGMA table_info("{name}")')}
 
         def version():
-            got = rows("SELECT substr(value, 1, 16) FROM autosdpa_meta WHERE name = 'schema_version'")
+            got = rows(_SQLITE_VERSION_SQL)
             return _parse_version(got[0][0] if got else None, where)
     else:
         insp = sa.inspect(c)
@@ -465,6 +471,65 @@ def _bounded_sql(name: str) -> str:
 _SNAPSHOT_COLUMNS = ("problem_key", *MEASUREMENT_FIELDS)
 _SNAPSHOT_SQL = (f"SELECT {', '.join(_bounded_sql(c) for c in _SNAPSHOT_COLUMNS)} FROM measurement "
                  "WHERE environment_id = ? LIMIT ?")
+
+
+# -- plain SQL for SQLite files: what a process's first calls write, with no SQLAlchemy engine or compiled statement
+# (building both cost ~15 ms, which a new database paid on its first call). The DDL is what ``metadata`` compiles
+# to on SQLite (tests/store/test_store.py compares the two schemas).
+_SQLITE_DDL = (
+    "CREATE TABLE IF NOT EXISTS autosdpa_meta (name VARCHAR(64) NOT NULL, value VARCHAR(256) NOT NULL, "
+    "PRIMARY KEY (name))",
+    "CREATE TABLE IF NOT EXISTS environment (id INTEGER NOT NULL, fingerprint VARCHAR(64) NOT NULL, "
+    "device_type VARCHAR(16) NOT NULL, device_name VARCHAR(256) NOT NULL, capability VARCHAR(32) NOT NULL, "
+    "cores INTEGER NOT NULL, memory_gb INTEGER NOT NULL, torch VARCHAR(64) NOT NULL, cuda VARCHAR(32) NOT NULL, "
+    "cudnn VARCHAR(32) NOT NULL, triton VARCHAR(32) NOT NULL, kernels VARCHAR(32) NOT NULL, "
+    "created_at FLOAT NOT NULL, PRIMARY KEY (id), UNIQUE (fingerprint))",
+    "CREATE TABLE IF NOT EXISTS measurement (id INTEGER NOT NULL, environment_id INTEGER NOT NULL, "
+    "problem_key VARCHAR(512) NOT NULL, backend VARCHAR(64) NOT NULL, status VARCHAR(16) NOT NULL, "
+    "median_s FLOAT, spread_s FLOAT, samples INTEGER NOT NULL, max_error FLOAT, detail TEXT NOT NULL, "
+    "tuned_shape VARCHAR(512) NOT NULL, measured_at FLOAT NOT NULL, PRIMARY KEY (id), "
+    "CONSTRAINT uq_measurement UNIQUE (environment_id, problem_key, backend), "
+    "FOREIGN KEY(environment_id) REFERENCES environment (id))",
+    "CREATE INDEX IF NOT EXISTS ix_measurement_problem_key ON measurement (problem_key)",
+    "CREATE TABLE IF NOT EXISTS decision (environment_id INTEGER NOT NULL, problem_key VARCHAR(512) NOT NULL, "
+    "backend VARCHAR(64) NOT NULL, decided_at FLOAT NOT NULL, decided_by VARCHAR(256) NOT NULL, "
+    "PRIMARY KEY (environment_id, problem_key), FOREIGN KEY(environment_id) REFERENCES environment (id))",
+)
+_SQLITE_VERSION_SQL = "SELECT substr(value, 1, 16) FROM autosdpa_meta WHERE name = 'schema_version'"
+_SQLITE_ENV_INSERT = (f"INSERT INTO environment (fingerprint, created_at, {', '.join(ENV_FIELDS)}) "
+                      f"VALUES ({', '.join('?' * (len(ENV_FIELDS) + 2))}) ON CONFLICT (fingerprint) DO NOTHING")
+_SQLITE_UPSERT = (f"INSERT INTO measurement (environment_id, problem_key, {', '.join(MEASUREMENT_FIELDS)}) "
+                  f"VALUES ({', '.join('?' * (len(MEASUREMENT_FIELDS) + 2))}) "
+                  "ON CONFLICT (environment_id, problem_key, backend) DO UPDATE SET "
+                  + ", ".join(f"{f} = excluded.{f}" for f in MEASUREMENT_FIELDS if f != "backend"))
+
+
+def _sqlite_create(con: sqlite3.Connection, where: str) -> int:
+    """Inside a write transaction on a plain connection: the schema version, the tables created if none."""
+    version = _inspect(con, where)
+    if version is None:
+        for stmt in _SQLITE_DDL:
+            con.execute(stmt)
+        con.execute("INSERT INTO autosdpa_meta (name, value) VALUES ('schema_version', ?) "
+                    "ON CONFLICT (name) DO NOTHING", (str(SCHEMA_VERSION),))
+        version = SCHEMA_VERSION
+    return version
+
+
+def _sqlite_upsert(con: sqlite3.Connection, where: str, fingerprint: str, info: dict | None,
+                   rows: Sequence[tuple[str, Measurement]]) -> int:
+    """``Store.upsert_many`` inside a write transaction on a plain connection; returns the environment's id."""
+    got = con.execute(_SQLITE_VERSION_SQL).fetchall()
+    _refuse_newer(_parse_version(got[0][0] if got else None, where), where)
+    find = "SELECT id FROM environment WHERE fingerprint = ?"
+    found = con.execute(find, (fingerprint,)).fetchall()
+    if not found:
+        values = [(info or {}).get(f, 0 if f in ENV_INT_FIELDS else "") for f in ENV_FIELDS]
+        con.execute(_SQLITE_ENV_INSERT, (fingerprint, time.time(), *values))
+        found = con.execute(find, (fingerprint,)).fetchall()
+    eid = found[0][0]
+    con.executemany(_SQLITE_UPSERT, [(eid, k, *(getattr(m, f) for f in MEASUREMENT_FIELDS)) for k, m in rows])
+    return eid
 
 
 def _row_to_measurement(r) -> Measurement:
@@ -553,6 +618,8 @@ class Store:
         self._envs_held: tuple[int, list[dict]] | None = None
         self._watch = None  # a DBAPI connection kept for PRAGMA data_version (file databases)
         self._watch_lock = threading.Lock()
+        self._writer: sqlite3.Connection | None = None  # a plain connection kept for writing a file
+        self._writer_lock = threading.Lock()
         try:
             self._open()
         except OSError as e:  # the file vanished or changed under us between the checks
@@ -624,6 +691,11 @@ class Store:
                 with contextlib.suppress(Exception):
                     self._watch.close()
                 self._watch = None
+        with self._writer_lock:
+            if self._writer is not None:
+                with contextlib.suppress(Exception):
+                    self._writer.close()
+                self._writer = None
         if self._engine is not None:
             self._engine.dispose()
             self._engine = None
@@ -673,6 +745,10 @@ class Store:
             return version
         if known == SCHEMA_VERSION:  # inspected by the probe: nothing to create or migrate
             return known
+        if self.kind == "file":  # a new file: created through the plain connection; an older one migrates below
+            version = self._sqlite_write(lambda con: _sqlite_create(con, self.display_url))
+            if version == SCHEMA_VERSION:
+                return version
         if self.kind != "file":
             try:  # the common case, an up-to-date database: a plain read, no write lock taken
                 with self.engine.connect() as c:
@@ -785,6 +861,29 @@ class Store:
             finally:
                 cur.close()
 
+    def _sqlite_write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """``fn(connection)`` in one ``BEGIN IMMEDIATE`` transaction on the plain connection kept for writing a
+        file, retried on lock contention like every write."""
+        def once():
+            with self._writer_lock:
+                if self._writer is None:
+                    con = sqlite3.connect(_file_uri(self.path, readonly=False), uri=True, timeout=self.timeout_s,
+                                          check_same_thread=False)
+                    _sqlite_pragmas(con, readonly=False, wal=self._wal, timeout_s=self.timeout_s)
+                    self._writer = con
+                con = self._writer
+                con.execute("BEGIN IMMEDIATE")
+                try:
+                    out = fn(con)
+                    con.execute("COMMIT")
+                    return out
+                except BaseException:
+                    with contextlib.suppress(sqlite3.Error):
+                        con.execute("ROLLBACK")
+                    raise
+        with self._db_errors():
+            return retrying(once, deadline_s=self.timeout_s)
+
     def _data_version(self) -> int | None:
         """SQLite's counter of commits made by other connections (None: not a file database)."""
         return self._watched("PRAGMA data_version")[0][0] if self.kind == "file" else None
@@ -854,6 +953,13 @@ class Store:
             raise StoreError(f"{self.display_url} is read-only")
         rows = sorted(rows, key=lambda r: (r[0], r[1].backend))  # one lock order for every writer
         if not rows:
+            return
+
+        if self.kind == "file":
+            before = self._data_version()
+            self._env_ids[fingerprint] = self._sqlite_write(
+                lambda con: _sqlite_upsert(con, self.display_url, fingerprint, info, rows))
+            self._after_own_write(before, fingerprint, rows)
             return
 
         def write():

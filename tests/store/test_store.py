@@ -221,3 +221,34 @@ def test_snapshot_gives_way_to_per_key_reads_for_a_large_environment(tmp_path, m
         assert set(s.lookup_own(fp, KEY2)) == {"math"}
     finally:
         s.close()
+
+
+def test_a_new_file_gets_the_schema_sqlalchemy_would_create(tmp_path):
+    """New files are created with plain SQL (no engine on a first call): the very tables, columns, keys and
+    indexes that ``metadata.create_all`` makes."""
+    from autosdpa import store as store_mod
+
+    ours = tmp_path / "ours.sqlite"
+    Store(ours).close()
+    theirs = tmp_path / "theirs.sqlite"
+    engine = sa.create_engine(f"sqlite:///{theirs}")
+    store_mod.metadata.create_all(engine)
+    engine.dispose()
+
+    def schema(path):
+        con = sqlite3.connect(str(path))
+        try:
+            tables = sorted(r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'"))
+            out = {}
+            for t in tables:
+                indexes = sorted((r[1], r[2], r[3], tuple(c[2] for c in con.execute(f'PRAGMA index_info("{r[1]}")')))
+                                 for r in con.execute(f'PRAGMA index_list("{t}")'))
+                out[t] = (con.execute(f'PRAGMA table_info("{t}")').fetchall(), indexes,
+                          con.execute(f'PRAGMA foreign_key_list("{t}")').fetchall())
+            return out
+        finally:
+            con.close()
+    mine, want = schema(ours), schema(theirs)
+    assert set(mine) == set(want)
+    for t in want:
+        assert mine[t] == want[t], t
