@@ -132,6 +132,8 @@ class InvalidPlan:
         self.math = math_backend
 
     def __call__(self, q, k, v, m, dp, ic, sc, gqa):
+        if _is_autocast(q.device.type):  # what autocast would hand F.sdpa's op
+            q, k, v, m = _autocast_inputs(q.device.type, q, k, v, m)
         return self.math.run(q, k, v, m, dp, ic, sc, gqa)
 
 

@@ -863,7 +863,12 @@ def check_themed(theme: str, case) -> list[Failure]:
 
 #: Differences found by fuzzing and left to fix: name -> (does this failure of this case match, why).
 #: Each has a strict xfail repro in tests/test_fuzz.py; the fuzz tests skip the failures they match.
-KNOWN: dict[str, tuple[Callable[[Case, Failure], bool], str]] = {}
+KNOWN: dict[str, tuple[Callable[[Case, Failure], bool], str]] = {
+    "huge scale": (
+        lambda c, f: isinstance(c.scale, (int, float)) and abs(c.scale) >= 1e3 and f.kind in ("values", "grads"),
+        "with |scale| >= 1e3 a math plan (the key leaves scale out) is further from float64 than PyTorch's CPU "
+        "flash at fp32/fp16: softmax saturates and math's unfused rounding shows"),
+}
 
 
 def known_reason(case: Case, failure: Failure) -> str | None:

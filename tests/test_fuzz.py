@@ -137,7 +137,7 @@ def test_a_negative_scale_does_not_decide_for_normal_calls():
     assert d.pytorch_choice == "flash" and "flash" not in d.rejected
 
 
-# -- found by fuzzing, fixed, kept as repros (a new known difference gets a strict xfail here and a KNOWN entry) -
+# -- found by fuzzing: repros of fixed ones, and strict xfails of the known ones (a fix turns those into failures) -
 
 _FLASH_SHAPE = dict(rank=4, batch=(1,), hq=2, hk=2, hv=2, lq=8, lk=8, lv=8, d=16, dk=16, dv=16)
 
@@ -145,6 +145,13 @@ _FLASH_SHAPE = dict(rank=4, batch=(1,), hq=2, hk=2, hv=2, lq=8, lk=8, lv=8, d=16
 def test_autocast_output_dtype_and_mixed_inputs():  # found by fuzzing: a plan now defers to F.sdpa under autocast
     case = Case(**_FLASH_SHAPE, autocast="bfloat16", winner="math")
     assert not [f for f in fc.check(case) if fc.is_failure(f)]
+
+
+@pytest.mark.xfail(strict=True, reason=fc.KNOWN["huge scale"][1])
+def test_known_huge_scale():
+    first = Case(**dict(_FLASH_SHAPE, lq=20, lk=21, lv=21, d=5, dk=5, dv=5), scale=10000.0, winner="math")
+    second = dataclasses.replace(first, seed=360497)
+    assert not [f for f in fc.check_pair(first, second) if fc.is_failure(f)]
 
 
 def test_forward_mode_ad():  # found by fuzzing: a plan now defers to F.sdpa (CPU flash raises, math would not)
@@ -159,6 +166,18 @@ def test_degenerate_scale_on_a_cache_hit(hit):  # found by fuzzing: a plan hands
     if hit == "bucket":  # another length in the same bucket (33 and 40 -> 64): the bucket's plan serves it
         second = dataclasses.replace(second, lq=40, lk=40, lv=40)
     assert not fc.check_pair(first, second)  # notes included: F.sdpa gives NaN here, autosdpa math's values
+
+
+def test_a_mask_with_is_causal_where_cpu_flash_takes_both():  # found by fuzzing: math is not eligible there
+    case = Case(**dict(_FLASH_SHAPE, hq=1, hk=1, hv=1, lq=1, lk=1, lv=1, d=1, dk=1, dv=1),
+                dtypes=("float16",) * 3, mask=fc.Mask(kind="float", dtype="q"), is_causal=True, winner="math")
+    assert not [f for f in fc.check(case) if fc.is_failure(f)]
+
+
+def test_invalid_inputs_under_autocast():  # found by fuzzing: the invalid-call plan casts as autocast would
+    case = Case(**dict(_FLASH_SHAPE, hq=1, hk=1, hv=2, lq=1, lk=1, lv=1, d=1, dk=1, dv=1), autocast="bfloat16",
+                winner="math")
+    assert not [f for f in fc.check(case) if fc.is_failure(f)]
 
 
 def test_invalid_inputs_under_restricted_flags():  # found by fuzzing: with math off, F.sdpa raises its own error

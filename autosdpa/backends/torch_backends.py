@@ -92,9 +92,11 @@ class TorchBackend(Backend):
         why = self.unavailable_reason(q.device)
         if why:
             return [why]
-        if self.name == "math":
-            return []
         mask, causal = self._as_checked(call)
+        if self.name == "math":
+            # PyTorch's math op raises for both; F.sdpa's own pick (CPU flash) may take them and return
+            return ["attn_mask together with is_causal=True: PyTorch's math op raises"] if (
+                mask is not None and causal) else []
         if q.device.type == "cpu":
             # Invalid inputs are not an eligibility matter (run() raises for them, like PyTorch's math; for
             # the k/v length mismatch PyTorch's CPU flash kernel misses, autosdpa's run raises too).
