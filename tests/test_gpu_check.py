@@ -21,7 +21,8 @@ def _env(out, **extra):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TRITON_", "AUTOSDPA_"))}
     # python3 in the script must be this interpreter (the device's is the image's)
     env.update(PATH=os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", ""), OUT=str(out),
-               GPU_CHECK_DEVICE="cpu", GPU_CHECK_TESTS="tests/kernels/test_kernel_decode.py", **extra)
+               GPU_CHECK_DEVICE="cpu", GPU_CHECK_TESTS="tests/kernels/test_kernel_decode.py")
+    env.update(extra)
     return env
 
 
@@ -50,7 +51,9 @@ def test_cpu_rehearsal_runs_every_step_and_names_the_db_after_the_gpu_model(tmp_
 def test_steps_are_stopped_with_sigint_even_when_started_in_the_background(tmp_path):
     """A shell's background job ignores SIGINT; the check restores it so pytest can write its summary."""
     out = tmp_path / "out"
-    env = _env(out, GPU_CHECK_SCALE="0.04", GPU_CHECK_DEADLINE="40")
+    slow = tmp_path / "test_slow_gpu_step.py"  # outlasts its limit on any machine, however fast
+    slow.write_text("import time\nimport pytest\n\n\n@pytest.mark.gpu\ndef test_waits():\n    time.sleep(120)\n")
+    env = _env(out, GPU_CHECK_SCALE="0.04", GPU_CHECK_DEADLINE="40", GPU_CHECK_TESTS=str(slow))
     res = subprocess.run(["bash", "-c", f"bash '{SCRIPT}' & wait $!"], env=env, capture_output=True, text=True,
                          timeout=200)
     summary = (out / "summary.txt").read_text()
