@@ -439,7 +439,7 @@ class Dispatcher:
         shape = _shape_str(call)
         later, why = [], {}
         if warm and self.settings.warm_start and len(timed) > 1:
-            _, why = self._warm_split(problem, timed, envs, pick)
+            why = self._not_timed(problem, timed, envs, pick)
             later = [b for b in timed if b.name in why]
             timed = [b for b in timed if b.name not in why]
         log.info("autosdpa: tuning %s on %s (%s)", problem.key, info.get("device_name"),
@@ -464,9 +464,10 @@ class Dispatcher:
             self._save(envs[kind], problem.key, group)
         return {r.backend: r for r in rows}
 
-    def _warm_split(self, problem, timed, envs, pick) -> tuple[list[str], dict[str, str]]:
-        """``warm.split`` over the rows of this problem on this hardware in other environments, each backend's
-        from the environment kind it depends on (any layer; the newest row wins)."""
+    def _not_timed(self, problem, timed, envs, pick) -> dict[str, str]:
+        """{backend: why warm start does not time it}: ``warm.split`` over the rows of this problem on this
+        hardware in other environments, each backend's from the environment kind it depends on (any layer; the
+        newest row wins)."""
         kinds = {b.name: _env_kind(b) for b in timed}
         near: dict[str, tuple[Measurement, dict]] = {}
         try:
@@ -479,9 +480,9 @@ class Dispatcher:
                             if kinds.get(name) == kind and (held is None or row.measured_at > held[0].measured_at):
                                 near[name] = (row, env)
         except StoreError:
-            return [b.name for b in timed], {}
+            return {}
         here = {n: envs[k][1] for n, k in kinds.items()}
-        return warm.split([b.name for b in timed], near, pick, here)
+        return warm.split([b.name for b in timed], near, pick, here)[1]
 
     def _save(self, env: tuple[str, dict], key: str, rows: list[Measurement]) -> None:
         try:

@@ -36,10 +36,13 @@ def _is_autocast(device_type: str) -> bool:
     return torch.is_autocast_enabled(device_type)
 
 
+_HAS_FWAD_LEVEL = hasattr(_fwAD, "_current_level")
+
+
 def _forward_ad() -> bool:
     """Whether a forward-mode AD level is open: backends differ in supporting it (CPU flash raises), so F.sdpa
     decides, and raises or not as it would."""
-    return getattr(_fwAD, "_current_level", -1) >= 0
+    return _HAS_FWAD_LEVEL and _fwAD._current_level >= 0
 
 
 def _autocast_inputs(device_type, q, k, v, m):
@@ -70,13 +73,13 @@ class Plan:
     def __call__(self, q, k, v, m, dp, ic, sc, gqa):
         if _tracing():  # torch.jit.trace records what runs: PyTorch's own op, as F.sdpa would
             return _sdpa(q, k, v, m, dp, ic, scale=sc, enable_gqa=gqa)
-        if not self.forced and (_is_autocast(q.device.type) or not (sc is None or 0.0 < sc < _INF)
-                                or priority_set() or _forward_ad()):
+        autocast = _is_autocast(q.device.type)
+        if not self.forced and (autocast or not (sc is None or 0.0 < sc < _INF) or priority_set() or _forward_ad()):
             # autocast casts F.sdpa's inputs (the plan was tuned for the uncast dtype); a degenerate scale must
             # give what F.sdpa gives; a priority order set since this plan was made means PyTorch decides; so
             # does forward-mode AD
             return _sdpa(q, k, v, m, dp, ic, scale=sc, enable_gqa=gqa)
-        if _is_autocast(q.device.type):  # a forced backend runs on what autocast would hand F.sdpa
+        if autocast:  # a forced backend runs on what autocast would hand F.sdpa
             q, k, v, m = _autocast_inputs(q.device.type, q, k, v, m)
         sig = (q.stride(), k.stride(), v.stride(), k.dtype, v.dtype, k.get_device(), v.get_device(),
                _mask_layout(m), needs_grad(q, k, v))

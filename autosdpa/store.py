@@ -972,10 +972,8 @@ class Store:
                 for i in range(0, len(dicts), chunk):
                     _upsert(c, dicts[i:i + chunk])
                 return eid
-        before = self._data_version()
-        with self._db_errors():
+        with self._db_errors():  # a server or memory database: no snapshots to keep current
             self._env_ids[fingerprint] = retrying(write, deadline_s=self.timeout_s)
-        self._after_own_write(before, fingerprint, rows)
 
     def _after_own_write(self, before: int | None, fingerprint: str, rows) -> None:
         """Keep the snapshots that were current before this write: add the rows written to their environment's.

@@ -366,18 +366,21 @@ def test_eligibility_matches_what_pytorch_runs_cpu(case_id):
 def test_pytorch_choice_names_what_pytorch_runs(flags):
     for case_id, build in {**CASES, **INVALID}.items():
         for dtype in (torch.float32, torch.bfloat16):
-            q, k, v, kw = build(dtype, True)
-            call = Call(q, k, v, kw.get("attn_mask"), kw.get("dropout_p", 0.0), kw.get("is_causal", False),
-                        kw.get("scale"), kw.get("enable_gqa", False), needs_grad=True)
-            with (sdpa_kernel(flags) if flags else _nothing()):
-                before = torch_flags()
-                pick = pytorch_choice(call)
-                assert torch_flags() == before
-            ran = _pytorch_runs(q, k, v, kw, flags)
-            if ran is None and pick is not None:  # PyTorch picked it, and it raised: so must running it
-                assert _ours(pick, q, k, v, kw)[0] is not None, (case_id, dtype, flags, pick)
-            else:
-                assert pick == ran, (case_id, dtype, flags, pick, ran)
+            _check_choice_is_what_runs(case_id, dtype, flags, *build(dtype, True))
+
+
+def _check_choice_is_what_runs(case_id, dtype, flags, q, k, v, kw):
+    call = Call(q, k, v, kw.get("attn_mask"), kw.get("dropout_p", 0.0), kw.get("is_causal", False),
+                kw.get("scale"), kw.get("enable_gqa", False), needs_grad=True)
+    with (sdpa_kernel(flags) if flags else _nothing()):
+        before = torch_flags()
+        pick = pytorch_choice(call)
+        assert torch_flags() == before
+    ran = _pytorch_runs(q, k, v, kw, flags)
+    if ran is None and pick is not None:  # PyTorch picked it, and it raised: so must running it
+        assert _ours(pick, q, k, v, kw)[0] is not None, (case_id, dtype, flags, pick)
+    else:
+        assert pick == ran, (case_id, dtype, flags, pick, ran)
 
 
 MIRROR_FACTORS = {  # first value: what flash takes; the others vary one condition of use_flash_attention_cpp
@@ -708,18 +711,7 @@ def test_output_order_and_restride_on_cuda(case_id):
 def test_pytorch_choice_names_what_pytorch_runs_on_cuda(flags):
     for case_id in CUDA_CASES:
         for dtype in (torch.bfloat16, torch.float32):
-            q, k, v, kw = CASES[case_id](dtype, True, device="cuda")
-            call = Call(q, k, v, kw.get("attn_mask"), kw.get("dropout_p", 0.0), kw.get("is_causal", False),
-                        kw.get("scale"), kw.get("enable_gqa", False), needs_grad=True)
-            with (sdpa_kernel(flags) if flags else _nothing()):
-                before = torch_flags()
-                pick = pytorch_choice(call)
-                assert torch_flags() == before
-            ran = _pytorch_runs(q, k, v, kw, flags)
-            if ran is None and pick is not None:
-                assert _ours(pick, q, k, v, kw)[0] is not None, (case_id, dtype, flags, pick)
-            else:
-                assert pick == ran, (case_id, dtype, flags, pick, ran)
+            _check_choice_is_what_runs(case_id, dtype, flags, *CASES[case_id](dtype, True, device="cuda"))
 
 
 # -- CUDA preprocessing, checked on CPU with stand-in kernels ----------------------------------------------------
