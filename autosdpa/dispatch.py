@@ -33,7 +33,7 @@ from .claims import check_claim
 from .config import Settings, configure_logging
 from .eligibility import ForcedBackendError, eligibility, reasons_text
 from .environment import environment
-from .plans import InvalidPlan, plan_for, priority_set
+from .plans import InvalidPlan, Plan, plan_for, priority_set
 from .policy import NO_OVERRIDES, Overrides, Policy, resolve
 from .problem import DECODE_LQ, Problem, bucket, layout_class
 from .store import Measurement, Store, StoreError
@@ -266,7 +266,10 @@ class Dispatcher:
         except Exception:  # odd inputs: decided (or passed to PyTorch) the long way
             bk = None
         if bk is not None and bk in _bucket_plans:
-            plan = _plans[fk] = _bucket_plans[bk]
+            plan = _bucket_plans[bk]
+            if isinstance(plan, Plan):
+                plan = plan.sibling()
+            _plans[fk] = plan
             return plan
         local.busy = True
         try:

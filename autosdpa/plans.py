@@ -1,8 +1,9 @@
 """Plans: what a cache hit runs. ``None`` (not a Plan) means "call F.sdpa": PyTorch's own pick is the winner.
 
-A plan for any other winner re-checks, once per memory layout of the actual tensors, that its backend can
-run them (the fast key holds shapes, not strides or k/v dtypes), and returns the output in the layout PyTorch's
-own pick would give. It never touches PyTorch's process-wide flags.
+A plan for any other winner holds one fast key (exact shapes). Once per memory layout of the actual tensors
+(the fast key holds shapes, not strides or k/v dtypes) it checks that its backend can run them and asks the
+backend for a runner set up for that layout, which skips the per-call checks; it returns the output in the
+layout PyTorch's own pick would give. It never touches PyTorch's process-wide flags.
 """
 from __future__ import annotations
 
@@ -14,12 +15,13 @@ from torch.nn.attention.bias import CausalBias
 from .backends import torch_backends
 from .backends.torch_layout import output_order, restride
 from .backends.base import Backend
-from .calls import make_call, needs_grad
+from .calls import make_call
 from .eligibility import ForcedBackendError, eligibility, reasons_text
 
 _sdpa = F.scaled_dot_product_attention
 _capturing = torch.cuda.is_current_stream_capturing
-_tracing = torch.jit.is_tracing
+_is_tracing = torch._C._is_tracing  # what torch.jit.is_tracing asks outside TorchScript, minus a Python frame
+_grad_enabled = torch.is_grad_enabled
 _MAX_LAYOUTS = 64
 _INF = float("inf")
 # PyTorch before 2.6 has no priority order: a constant stands in, so "no priority order set" always holds.
@@ -34,6 +36,10 @@ def priority_set() -> bool:
 
 def _is_autocast(device_type: str) -> bool:
     return torch.is_autocast_enabled(device_type)
+
+
+# one call for every device type (torch >= 2.4); the precise per-device check follows only when it says yes
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
 
 
 _HAS_FWAD_LEVEL = hasattr(_fwAD, "_current_level")
@@ -68,10 +74,17 @@ class Plan:
 
     def __init__(self, backend: Backend, forced: bool):
         self.backend, self.forced = backend, forced
-        self._layouts: dict = {}  # layout signature -> (eligible, output order to restride to or None)
+        # layout signature -> (the backend's runner for it, or None: F.sdpa; output order to restride to or None)
+        self._layouts: dict = {}
 
     def __call__(self, q, k, v, m, dp, ic, sc, gqa):
-        if _tracing():  # torch.jit.trace records what runs: PyTorch's own op, as F.sdpa would
+        if _is_tracing() or _any_autocast() or not (self.forced or (
+                (sc is None or 0.0 < sc < _INF) and _get_priority() == _DEFAULT_PRIORITY and not _forward_ad())):
+            return self._special(q, k, v, m, dp, ic, sc, gqa)
+        return self._run(q, k, v, m, dp, ic, sc, gqa)
+
+    def _special(self, q, k, v, m, dp, ic, sc, gqa):
+        if _is_tracing():  # torch.jit.trace records what runs: PyTorch's own op, as F.sdpa would
             return _sdpa(q, k, v, m, dp, ic, scale=sc, enable_gqa=gqa)
         autocast = _is_autocast(q.device.type)
         if not self.forced and (autocast or not (sc is None or 0.0 < sc < _INF) or priority_set() or _forward_ad()):
@@ -81,27 +94,36 @@ class Plan:
             return _sdpa(q, k, v, m, dp, ic, scale=sc, enable_gqa=gqa)
         if autocast:  # a forced backend runs on what autocast would hand F.sdpa
             q, k, v, m = _autocast_inputs(q.device.type, q, k, v, m)
+        return self._run(q, k, v, m, dp, ic, sc, gqa)
+
+    def _run(self, q, k, v, m, dp, ic, sc, gqa):
         sig = (q.stride(), k.stride(), v.stride(), k.dtype, v.dtype, k.get_device(), v.get_device(),
-               _mask_layout(m), needs_grad(q, k, v))
+               None if m is None else _mask_layout(m),
+               _grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
         verdict = self._layouts.get(sig)
         if verdict is None:
             verdict = self._check(sig, q, k, v, m, dp, ic, sc, gqa)
-        ok, order = verdict
-        if not ok or (q.is_cuda and _capturing() and not self._ready(q, k, v, m, dp, ic, sc, gqa)):
+        run, order = verdict
+        if run is None or (q.is_cuda and _capturing() and not self._ready(q, k, v, m, dp, ic, sc, gqa)):
             return _sdpa(q, k, v, m, dp, ic, scale=sc, enable_gqa=gqa)
-        out = self.backend.run(q, k, v, m, dp, ic, sc, gqa)
+        out = run(q, k, v, m, dp, ic, sc, gqa)
         return out if order is None else restride(out, order)
+
+    def sibling(self) -> "Plan":
+        """The same choice for other shapes of its bucket: layouts are checked again (eligibility and the
+        backend's own checks depend on exact shapes, and a view of a KV cache keeps its strides)."""
+        return Plan(self.backend, self.forced)
 
     def _check(self, sig, q, k, v, m, dp, ic, sc, gqa):
         if k.dtype != q.dtype or v.dtype != q.dtype or k.device != q.device or v.device != q.device:
-            verdict = (False, None)  # invalid for every backend: F.sdpa raises PyTorch's own error
+            verdict = (None, None)  # invalid for every backend: F.sdpa raises PyTorch's own error
         else:
             call = make_call(q, k, v, m, dp, ic, sc, gqa)
             reasons = ["inputs autosdpa does not key"] if call is None else eligibility(call, [self.backend])[
                 self.backend.name]
             if reasons and self.forced:
                 raise ForcedBackendError.for_names([self.backend.name], {self.backend.name: "; ".join(reasons)})
-            verdict = (False, None) if reasons else (True, self._order(call))
+            verdict = (None, None) if reasons else (self.backend.runner(call), self._order(call))
         if len(self._layouts) >= _MAX_LAYOUTS:
             self._layouts.clear()
         self._layouts[sig] = verdict

@@ -152,6 +152,12 @@ def prepare_mask(attn_mask, B, H, Lq, Lk):
     return m, kind, tuple(m.stride())
 
 
+def mask_pointer(attn_mask: torch.Tensor) -> torch.Tensor:
+    """What a kernel gets for a mask whose broadcast strides are already known: the mask itself (its
+    unsqueezed and expanded views start at the same address), bool as uint8."""
+    return attn_mask.view(torch.uint8) if attn_mask.dtype == torch.bool else attn_mask
+
+
 def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     """Kernels assume unit stride on the last dim; copy only when that is not the case."""
     return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()

@@ -3,6 +3,8 @@
 Public API (4-D inputs, (batch, heads, seq, dim)); forward only:
 
     attention(q, k, v, attn_mask=None, causal="none", scale=None, enable_gqa=False, *, num_splits=None)
+    forward_runner(q, k, v, attn_mask=None, causal="none", enable_gqa=False, *, num_splits=None)
+                                       -> run(q, k, v, attn_mask, scale)  # set up once per layout
     not_supported_reasons(query, key, value, attn_mask=None, dropout_p=0.0, causal="none",
                           enable_gqa=False, needs_grad=False) -> list[str]
     launches(q, k, v, attn_mask=None, causal="none", scale=None, enable_gqa=False, *, num_splits=None)
@@ -21,8 +23,8 @@ from . import _common as C
 from . import configs as CF
 from . import launch as L
 
-__all__ = ["attention", "not_supported_reasons", "workspace_bytes", "launches", "ready", "split_plan", "MAX_LQ",
-           "MAX_ROWS"]
+__all__ = ["attention", "forward_runner", "not_supported_reasons", "workspace_bytes", "launches", "ready",
+           "split_plan", "MAX_LQ", "MAX_ROWS"]
 
 MAX_LQ = 16          # queries per call
 MAX_ROWS = 128       # (query heads per KV head) * Lq packed into one program
@@ -106,8 +108,8 @@ def _prepare(q, k, v, attn_mask, causal, scale, enable_gqa, describe=False):
     q, k, v = (C.last_dim_contiguous(t) for t in (q, k, v))
     B, Hq, Lq, D = q.shape
     mask, kind, mstr = C.prepare_mask(attn_mask, B, Hq, Lq, k.shape[2])
-    if mask is not None and mask.dtype == torch.bool:
-        mask = mask.view(torch.uint8)
+    if mask is not None:
+        mask = C.mask_pointer(mask)
     return q, k, v, mask, kind, mstr, C.default_scale(D, scale)
 
 
@@ -136,6 +138,35 @@ def _launches(q, k, v, mask, kind, mstr, causal, sm_scale, num_splits, alloc):
                        dict(HEAD_DIM_V=Dv, DV_PAD=DV_PAD, S_PAD=s_pad), B * Hq * Lq, "", 1,
                        fixed=CF.Cfg(None, None, 8 if s_pad * DV_PAD >= 16384 else 4, 1))
     return split, combine, o
+
+
+def forward_runner(q, k, v, attn_mask=None, causal="none", enable_gqa=False, *, num_splits=None):
+    """``attention`` set up once for inputs laid out like these (as ``flash.forward_runner``): returns
+    ``run(q, k, v, attn_mask, scale) -> output``, which checks nothing and launches both kernels with the
+    split plan and configs chosen here."""
+    copy = tuple(C.last_dim_contiguous(t) is not t for t in (q, k, v))
+    q, k, v, mask, kind, mstr, _ = _prepare(q, k, v, attn_mask, causal, None, enable_gqa)
+    dev, D, dtype = q.device, q.shape[3], q.dtype
+    split, combine, o = _launches(q, k, v, mask, kind, mstr, causal, 1.0, num_splits,
+                                  lambda shape, dt: torch.empty(shape, device=dev, dtype=dt))
+    po_shape, plse_shape, o_shape = split.args["PO"].shape, split.args["PLSE"].shape, o.shape
+    K = _kernels()
+    go_split, go_combine = L.bind(split, K), L.bind(combine, K)
+    precision = split.meta["PRECISION"]
+
+    def run(q, k, v, attn_mask, scale):
+        if dtype == torch.float32 and C.dot_precision(dtype) != precision:
+            raise ValueError("the TF32 setting changed since this runner was made")
+        if copy != (False, False, False):
+            q, k, v = (t.contiguous() if c else t for t, c in zip((q, k, v), copy))
+        po = torch.empty(po_shape, device=dev, dtype=torch.float32)
+        plse = torch.empty(plse_shape, device=dev, dtype=torch.float32)
+        o = torch.empty(o_shape, device=dev, dtype=dtype)
+        go_split({"Q": q, "K": k, "V": v, "Msk": q if attn_mask is None else C.mask_pointer(attn_mask), "PO": po,
+                  "PLSE": plse, "qk_scale": C.default_scale(D, scale) * C.LOG2E})
+        go_combine({"PO": po, "PLSE": plse, "O": o})
+        return o
+    return run
 
 
 def launches(q, k, v, attn_mask=None, causal="none", scale=None, enable_gqa=False, *, num_splits=None):

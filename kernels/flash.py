@@ -3,6 +3,8 @@
 Public API (4-D inputs, (batch, heads, seq, dim)):
 
     attention(q, k, v, attn_mask=None, causal="none", scale=None, enable_gqa=False) -> Tensor
+    forward_runner(q, k, v, attn_mask=None, causal="none", enable_gqa=False)
+                                       -> run(q, k, v, attn_mask, scale)  # set up once per layout
     not_supported_reasons(query, key, value, attn_mask=None, dropout_p=0.0, causal="none",
                           enable_gqa=False, needs_grad=False) -> list[str]
     launches(q, k, v, attn_mask=None, causal="none", scale=None, enable_gqa=False, needs_grad=False)
@@ -21,7 +23,8 @@ from . import _common as C
 from . import configs as CF
 from . import launch as L
 
-__all__ = ["attention", "attention_with_lse", "not_supported_reasons", "workspace_bytes", "launches", "ready"]
+__all__ = ["attention", "attention_with_lse", "forward_runner", "not_supported_reasons", "workspace_bytes",
+           "launches", "ready"]
 
 
 def _kernels():
@@ -196,8 +199,8 @@ def _prepare(q, k, v, attn_mask, causal, scale, enable_gqa, describe=False):
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     mask, kind, mstr = C.prepare_mask(attn_mask, B, Hq, Lq, Lk)
-    if mask is not None and mask.dtype == torch.bool:
-        mask = mask.view(torch.uint8)
+    if mask is not None:
+        mask = C.mask_pointer(mask)
     return q, k, v, mask, kind, mstr, C.default_scale(D, scale), Hq // Hkv
 
 
@@ -213,6 +216,33 @@ def attention(q, k, v, attn_mask=None, causal="none", scale=None, enable_gqa=Fal
         return _FlashAttnFn.apply(q, k, v, mask, kind, mstr, causal, sm_scale, G)
     o, _ = _forward(q, k, v, mask, kind, mstr, causal, sm_scale, G)
     return o
+
+
+def forward_runner(q, k, v, attn_mask=None, causal="none", enable_gqa=False):
+    """``attention`` without gradients, set up once for inputs laid out like these (shapes, strides, dtypes,
+    device, mask shape and strides): returns ``run(q, k, v, attn_mask, scale) -> output``, which checks
+    nothing and launches with the config chosen here. The caller guarantees the layout (autosdpa's plans key
+    their runners on it); ``run`` gives up (ValueError) if the user's TF32 setting changed since."""
+    copy = tuple(C.last_dim_contiguous(t) is not t for t in (q, k, v))
+    q, k, v, mask, kind, mstr, _, G = _prepare(q, k, v, attn_mask, causal, None, enable_gqa)
+    B, Hq, Lq, D = q.shape
+    o_shape, lse_shape, dev, dtype = (B, Hq, Lq, v.shape[3]), (B, Hq, Lq), q.device, q.dtype
+    launch = _fwd_launch(q, k, v, mask, kind, mstr, causal, 1.0, G, _empty(o_shape, q),
+                         _empty(lse_shape, q, torch.float32))
+    go = L.bind(launch, _kernels())
+    precision = launch.meta["PRECISION"]
+
+    def run(q, k, v, attn_mask, scale):
+        if dtype == torch.float32 and C.dot_precision(dtype) != precision:
+            raise ValueError("the TF32 setting changed since this runner was made")
+        if copy != (False, False, False):
+            q, k, v = (t.contiguous() if c else t for t, c in zip((q, k, v), copy))
+        o = torch.empty(o_shape, device=dev, dtype=dtype)
+        go({"Q": q, "K": k, "V": v, "Msk": q if attn_mask is None else C.mask_pointer(attn_mask), "O": o,
+            "LSE": torch.empty(lse_shape, device=dev, dtype=torch.float32),
+            "qk_scale": C.default_scale(D, scale) * C.LOG2E})
+        return o
+    return run
 
 
 def attention_with_lse(q, k, v, attn_mask=None, causal="none", scale=None, enable_gqa=False):

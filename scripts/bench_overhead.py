@@ -114,7 +114,7 @@ def write(results, a, dev):
             "machine": platform.node(), "cpu": cpu_name(),
             "python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
             "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU {cpu_name()}",
-            "target_us": 1.5, "method": "median of per-round differences, rounds interleaved A/B, "
+            "target_us": 1.0, "method": "median of per-round differences, rounds interleaved A/B, "
             f"{a.calls} calls per sample, {a.rounds} rounds"}
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

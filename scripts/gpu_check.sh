@@ -9,7 +9,8 @@
 # tune` then write their summaries); results are written as each step ends and results.tar.gz is refreshed:
 #   facts (versions, GPU) -> pytest -m gpu (one kernel config, JUnit XML) -> kernel benchmark on the issue's
 #   target problems -> sweep (scripts/bench_sweep.py, if present) -> tune + bench Llama-3-8B shapes -> warm
-#   start (scripts/bench_warm_start.py) -> export the tuned DB to tuning_db/<gpu>.sqlite.
+#   start (scripts/bench_warm_start.py) -> export the tuned DB to tuning_db/<gpu>.sqlite -> host time per
+#   call of a plan's winner, checked path vs runner (scripts/bench_runners.py; last: it takes the time left).
 # $OUT gets at most 7 files: summary.txt (read first), results.tar.gz (unpack at the repo root: benchmarks/,
 # tuning_db/, logs/), junit_gpu.xml, facts.json, kernels_targets.md, llama3_bench.md, <gpu>.sqlite.
 set -uo pipefail
@@ -140,6 +141,9 @@ step warm_start 25 python3 scripts/bench_warm_start.py --device "$DEV" --quick -
 # --- (g) the tuned DB to ship --------------------------------------------------------------------------------
 step export_db 15 python3 -m autosdpa.cli db export --force -o "$WORK/tuning_db/$GPU.sqlite"
 cp "$WORK/tuning_db/$GPU.sqlite" "$OUT/$GPU.sqlite" 2>/dev/null
+
+# --- (h) a plan's winner per call: checked path vs the runner set up once per layout ------------------------
+step runners 20 python3 scripts/bench_runners.py --device "$DEV" --rounds 10 --calls 100 --out "$WORK/benchmarks"
 
 archive
 note "triton: $(ls "$TRITON_CACHE_DIR" 2>/dev/null | wc -l) cache entries made by this run (each one a compile)"

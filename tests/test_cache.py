@@ -198,3 +198,29 @@ def test_a_decode_loop_decides_once_per_power_of_two():
         torch.testing.assert_close(autosdpa.sdpa(q, kv, kv), F.scaled_dot_product_attention(q, kv, kv))
     keys = dispatch.dispatcher.measured_problems()
     assert sorted(Problem.parse(k).lk for k in keys) == [1, 2, 4, 8, 16, 32, 64]
+
+
+def test_a_plan_shared_in_a_bucket_checks_each_new_shape_even_with_the_same_strides():
+    from autosdpa.backends import register, unregister
+    from dispatch_helpers import FakeBackend, seed_measurements
+
+    class UpTo20(FakeBackend):  # a kernel with a length limit inside one bucket (Lk 17..32)
+        def not_supported_reasons(self, call):
+            return [] if call.key.shape[-2] <= 20 else ["Lk above 20"]
+
+    fake = register(UpTo20("upto20"))
+    try:
+        cache = torch.randn(1, 2, 32, 8)  # a preallocated KV cache: its views keep its strides as Lk grows
+        q = torch.randn(1, 2, 1, 8)
+        kv18 = cache[:, :, :18]
+        seed_measurements(q, kv18, kv18, {"upto20": 1e-4, "flash": 5e-3, "math": 5e-3})
+        torch.testing.assert_close(autosdpa.sdpa(q, kv18, kv18), F.scaled_dot_product_attention(q, kv18, kv18))
+        assert fake.runs == 1
+        kv24 = cache[:, :, :24]  # same bucket, same strides, beyond the kernel's limit
+        assert kv24.stride() == kv18.stride()
+        torch.testing.assert_close(autosdpa.sdpa(q, kv24, kv24), F.scaled_dot_product_attention(q, kv24, kv24))
+        assert fake.runs == 1  # PyTorch ran it
+        autosdpa.sdpa(q, cache[:, :, :19], cache[:, :, :19])
+        assert fake.runs == 2
+    finally:
+        unregister("upto20")

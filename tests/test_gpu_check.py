@@ -26,7 +26,7 @@ def _env(out, **extra):
     return env
 
 
-@pytest.mark.slow  # seven Python starts that import torch: about a minute on two cores, more when they are busy
+@pytest.mark.slow  # eight Python starts that import torch: about a minute on two cores, more when they are busy
 def test_cpu_rehearsal_runs_every_step_and_names_the_db_after_the_gpu_model(tmp_path):
     out = tmp_path / "out"
     # generous limits: a busy CI machine must not turn a slow import into a failure
@@ -34,7 +34,7 @@ def test_cpu_rehearsal_runs_every_step_and_names_the_db_after_the_gpu_model(tmp_
     res = subprocess.run(["bash", SCRIPT], env=env, capture_output=True, text=True, timeout=1600)
     summary = (out / "summary.txt").read_text()
     assert res.returncode == 0, summary + res.stderr[-2000:]
-    for step in ("facts", "pytest_gpu", "kernel_targets", "tune", "bench", "warm_start", "export_db"):
+    for step in ("facts", "pytest_gpu", "kernel_targets", "tune", "bench", "warm_start", "export_db", "runners"):
         assert f"[{step}] rc=" in summary, step
     assert "[facts] rc=0" in summary and "[tune] rc=0" in summary and "[export_db] rc=0" in summary
     assert "[kernel_targets] rc=2" in summary          # no CUDA here: the benchmark says so and stops
@@ -46,6 +46,7 @@ def test_cpu_rehearsal_runs_every_step_and_names_the_db_after_the_gpu_model(tmp_
     assert "tuning_db/h100.sqlite" in names and "logs/pytest_gpu.log" in names
     assert any(n.startswith("benchmarks/tune_llama3_h100") for n in names)
     assert "benchmarks/warm_start_cpu.md" in names and "[warm_start] rc=0" in summary
+    assert "benchmarks/runners_cpu.md" in names and "[runners] rc=0" in summary
 
 
 def test_steps_are_stopped_with_sigint_even_when_started_in_the_background(tmp_path):

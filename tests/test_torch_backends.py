@@ -226,6 +226,12 @@ def _ours(name, q, k, v, kw):
     return _outcome(lambda: get_torch(name).run(q, k, v, **kw), _inputs(q, k, v, kw))
 
 
+def _ours_runner(name, q, k, v, kw):
+    run = get_torch(name).runner(Call(q, k, v, **kw))
+    return _outcome(lambda: run(q, k, v, kw.get("attn_mask"), kw.get("dropout_p", 0.0), kw.get("is_causal", False),
+                                kw.get("scale"), kw.get("enable_gqa", False)), _inputs(q, k, v, kw))
+
+
 def _theirs(name, q, k, v, kw):
     def go():
         with sdpa_kernel(SDP[name]):
@@ -266,6 +272,8 @@ def test_direct_run_is_sdpa_kernel_bitwise(name, case_id):
         q, k, v, kw = build(dtype, grad)
         ours, theirs = _ours(name, q, k, v, kw), _theirs(name, q, k, v, kw)
         _assert_identical(ours, theirs, f"{name} {case_id} {dtype} grad={grad}")
+        # what a plan runs for this layout: the backend's runner, made once the checks passed
+        _assert_identical(_ours_runner(name, q, k, v, kw), theirs, f"{name} {case_id} {dtype} grad={grad} runner")
         if case_id in INVALID:
             assert theirs[0] is not None, f"{case_id} was meant to be invalid for PyTorch"
 
@@ -681,6 +689,8 @@ def test_direct_run_is_sdpa_kernel_on_cuda(case_id):
                          kw.get("scale"), kw.get("enable_gqa", False))), where
                 continue
             _assert_identical(ours, theirs, where, grad_tol=0.0 if name == "math" else 2e-2)
+            _assert_identical(_ours_runner(name, q, k, v, kw), theirs, where + " runner",
+                              grad_tol=0.0 if name == "math" else 2e-2)
 
 
 @pytest.mark.gpu
@@ -761,6 +771,13 @@ def fake_cuda(monkeypatch):
     return fake
 
 
+def _cuda(name, q, k, v, mask, dropout_p, is_causal, scale, enable_gqa):
+    """What ``torch_ops.run`` does for CUDA backend ``name`` past validation: its guard, then its core."""
+    guard, core = torch_ops._CUDA[name]
+    guard(q, k, v, mask, dropout_p, is_causal, enable_gqa)
+    return core(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa)
+
+
 def _math_ref(q, k, v, **kw):
     with sdpa_kernel(SDPBackend.MATH):
         return F.scaled_dot_product_attention(q, k, v, **kw)
@@ -769,7 +786,7 @@ def _math_ref(q, k, v, **kw):
 @pytest.mark.parametrize("d", [8, 5, 12, 64])
 def test_cuda_flash_pads_head_dim_with_the_unpadded_scale(fake_cuda, d):
     q, k, v = qkv(torch.float32, True, hkv=2, d=d)
-    out = torch_ops._CUDA["flash"](q, k, v, None, 0.0, False, None, True)
+    out = _cuda("flash", q, k, v, None, 0.0, False, None, True)
     got = fake_cuda.calls[-1]
     assert got["q"].shape[-1] % 8 == 0 and got["v"].shape[-1] % 8 == 0
     assert got["scale"] == 1.0 / d ** 0.5
@@ -782,14 +799,14 @@ def test_cuda_flash_pads_head_dim_with_the_unpadded_scale(fake_cuda, d):
 def test_cuda_flash_refuses_what_pytorch_would_not_run_with_it(fake_cuda):
     q, k, v = qkv(torch.float16, False)
     with pytest.raises(RuntimeError):
-        torch_ops._CUDA["flash"](q, k, v, None, 0.0, True, None, False)  # causal with Lq != Lk
+        _cuda("flash", q, k, v, None, 0.0, True, None, False)  # causal with Lq != Lk
     with pytest.raises(RuntimeError):
-        torch_ops._CUDA["flash"](q, k, v, torch.ones(LQ, LK, dtype=torch.bool), 0.0, False, None, False)
+        _cuda("flash", q, k, v, torch.ones(LQ, LK, dtype=torch.bool), 0.0, False, None, False)
     q2, k2, v2 = qkv(torch.float16, False, hkv=2)
     with pytest.raises(RuntimeError):
-        torch_ops._CUDA["flash"](q2, k2, v2, None, 0.0, False, None, False)  # GQA without enable_gqa
+        _cuda("flash", q2, k2, v2, None, 0.0, False, None, False)  # GQA without enable_gqa
     with pytest.raises(RuntimeError):
-        torch_ops._CUDA["efficient"](q2, k2, v2, None, 0.0, False, None, True)  # efficient takes no GQA
+        _cuda("efficient", q2, k2, v2, None, 0.0, False, None, True)  # efficient takes no GQA
     assert fake_cuda.calls == []
 
 
@@ -797,7 +814,7 @@ def test_cuda_flash_refuses_what_pytorch_would_not_run_with_it(fake_cuda):
 def test_cuda_efficient_aligns_and_expands_the_mask(fake_cuda, mask_shape):
     q, k, v = qkv(torch.float32, True)
     mask = _mask(mask_shape, "bool", torch.float32)
-    out = torch_ops._CUDA["efficient"](q, k, v, mask, 0.0, False, 0.5, False)
+    out = _cuda("efficient", q, k, v, mask, 0.0, False, 0.5, False)
     got = fake_cuda.calls[-1]
     bias = got["bias"]
     assert bias.shape == (B, H, LQ, LK) and bias.dtype == q.dtype
@@ -805,14 +822,14 @@ def test_cuda_efficient_aligns_and_expands_the_mask(fake_cuda, mask_shape):
     assert got["lse"] is True and got["scale"] == 0.5
     torch.testing.assert_close(out, _math_ref(q, k, v, attn_mask=mask, scale=0.5))
     with torch.no_grad():
-        torch_ops._CUDA["efficient"](q, k, v, mask, 0.0, False, None, False)
+        _cuda("efficient", q, k, v, mask, 0.0, False, None, False)
     assert fake_cuda.calls[-1]["lse"] is False  # logsumexp only when a gradient can be asked for
 
 
 def test_cuda_cudnn_converts_bool_masks_with_its_own_fill(fake_cuda):
     q, k, v = qkv(torch.bfloat16, False)
     mask = _mask((LQ, LK), "bool", torch.float32)
-    torch_ops._CUDA["cudnn"](q, k, v, mask, 0.0, False, None, False)
+    _cuda("cudnn", q, k, v, mask, 0.0, False, None, False)
     bias = fake_cuda.calls[-1]["bias"]
     assert bias.dtype == torch.bfloat16 and bias.shape == mask.shape
     assert set(bias.float().unique().tolist()) == {0.0, torch_ops._CUDNN_BOOL_FILL}

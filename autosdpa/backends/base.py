@@ -79,6 +79,12 @@ class Backend:
             enable_gqa=False) -> Tensor:
         raise NotImplementedError
 
+    def runner(self, call: Call) -> Callable[..., Tensor]:
+        """A function with ``run``'s arguments that computes what ``run`` does for inputs of exactly this call's
+        shapes, strides, dtypes and devices (a plan asks once per layout). A backend may skip there the
+        checks that passed for ``call``; by default it is ``run`` itself."""
+        return self.run
+
     def workspace_bytes(self, call: Call) -> int:
         """Rough extra memory one call needs beyond its inputs and output (for the tuning budget)."""
         return 0

@@ -54,10 +54,38 @@ def _run_plain(name, query, key, value, attn_mask, dropout_p, is_causal, scale, 
     validate(query, key, value, attn_mask)
     if empty_call(query, key, value):
         return _empty_result(query, key, value)
+    guard, core = _runner(name, query)
+    guard(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
+    return core(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+
+
+def _runner(name, query):
+    """(guard, core) of backend ``name`` for ``query``'s device: the guard raises where F.sdpa would refuse the
+    inputs for this backend; the core runs them as F.sdpa runs them past that point."""
     runner = (_CUDA if query.is_cuda else _CPU if query.is_cpu else {}).get(name)
     if runner is None:
         raise RuntimeError(f"PyTorch has no {name} attention kernel for {query.device.type} tensors")
-    return runner(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    return runner
+
+
+def runner_for(name: str, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+               enable_gqa=False):
+    """The core that ``run(name, ...)`` reaches for these inputs once every check has passed, or None when a
+    check fails, the inputs are empty or the mask is a CausalBias (``run`` itself handles those).
+
+    For callers that ask once per layout and then call the core for inputs of the same shapes, strides, dtypes
+    and devices (``plans.Plan``): the checks depend on nothing else, so the core runs what ``run`` would."""
+    if isinstance(attn_mask, CausalBias):
+        return None
+    try:
+        validate(query, key, value, attn_mask)
+        if empty_call(query, key, value):
+            return None
+        guard, core = _runner(name, query)
+        guard(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
+    except (RuntimeError, IndexError):
+        return None
+    return core
 
 
 def validate(query, key, value, attn_mask) -> None:
@@ -153,16 +181,23 @@ def _efficient_mask(mask, query, key):
 
 # -- the backends -----------------------------------------------------------------------------------------------
 
+def _unguarded(q, k, v, mask, dropout_p, is_causal, enable_gqa) -> None:
+    return None
+
+
 def _math(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa):
     return torch._scaled_dot_product_attention_math(q, k, v, bool_to_additive(mask, q.dtype), dropout_p,
                                                     is_causal, None, scale=scale, enable_gqa=enable_gqa)[0]
 
 
-def _cpu_flash(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa):
+def _guard_cpu_flash(q, k, v, mask, dropout_p, is_causal, enable_gqa) -> None:
     why = (cpu_flash_reasons(q, k, v, mask, dropout_p, enable_gqa, raise_like_pytorch=True)
            or cpu_flash_safety_reasons(q, k, v))
     if why:
         raise RuntimeError("No available kernel. Aborting execution. flash: " + "; ".join(why))
+
+
+def _cpu_flash(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa):
     return torch._scaled_dot_product_flash_attention_for_cpu(q, k, v, dropout_p, is_causal,
                                                              attn_mask=bool_to_additive(mask, q.dtype),
                                                              scale=scale)[0]
@@ -186,8 +221,13 @@ def _guard_cuda(name, q, k, v, mask, is_causal, enable_gqa) -> None:
         raise RuntimeError(f"No available kernel. Aborting execution. {name}: {why}")
 
 
+def _cuda_guard_of(name):
+    def guard(q, k, v, mask, dropout_p, is_causal, enable_gqa) -> None:
+        _guard_cuda(name, q, k, v, mask if name == "flash" else None, is_causal, enable_gqa)
+    return guard
+
+
 def _cuda_flash(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa):
-    _guard_cuda("flash", q, k, v, mask, is_causal, enable_gqa)
     return _flash_padded(q, k, v, dropout_p, is_causal, scale)
 
 
@@ -210,7 +250,6 @@ def _needs_lse(q, k, v) -> bool:
 
 
 def _cuda_efficient(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa):
-    _guard_cuda("efficient", q, k, v, None, is_causal, enable_gqa)
     mask = bool_to_additive(mask, q.dtype)
     if mask is not None:
         mask = _efficient_mask(mask, q, k)
@@ -219,14 +258,14 @@ def _cuda_efficient(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa):
 
 
 def _cuda_cudnn(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa):
-    _guard_cuda("cudnn", q, k, v, None, is_causal, enable_gqa)
     mask = bool_to_additive(mask, q.dtype, _CUDNN_BOOL_FILL)
     return torch._scaled_dot_product_cudnn_attention(q, k, v, mask, _needs_lse(q, k, v), dropout_p, is_causal,
                                                       False, scale=scale)[0]
 
 
-_CPU = {"math": _math, "flash": _cpu_flash}
-_CUDA = {"math": _math, "flash": _cuda_flash, "efficient": _cuda_efficient, "cudnn": _cuda_cudnn}
+_CPU = {"math": (_unguarded, _math), "flash": (_guard_cpu_flash, _cpu_flash)}
+_CUDA = {"math": (_unguarded, _math), "flash": (_cuda_guard_of("flash"), _cuda_flash),
+         "efficient": (_cuda_guard_of("efficient"), _cuda_efficient), "cudnn": (_cuda_guard_of("cudnn"), _cuda_cudnn)}
 
 
 # -- CausalBias -------------------------------------------------------------------------------------------------
