@@ -14,7 +14,7 @@ from torch.nn.attention.bias import CausalBias
 
 from .backends import torch_backends
 from .backends.torch_layout import output_order, restride
-from .backends.base import Backend
+from .backends.base import Backend, safe_runner
 from .calls import make_call
 from .eligibility import ForcedBackendError, eligibility, reasons_text
 
@@ -123,7 +123,7 @@ class Plan:
                 self.backend.name]
             if reasons and self.forced:
                 raise ForcedBackendError.for_names([self.backend.name], {self.backend.name: "; ".join(reasons)})
-            verdict = (None, None) if reasons else (self.backend.runner(call), self._order(call))
+            verdict = (None, None) if reasons else (safe_runner(self.backend, call), self._order(call))
         if len(self._layouts) >= _MAX_LAYOUTS:
             self._layouts.clear()
         self._layouts[sig] = verdict

@@ -5,8 +5,8 @@ and without padding masks; diffusion self- and cross-attention; training forward
 device runs well), side by side in one process with interleaved rounds:
 
 - ``default``: PyTorch's own ``F.scaled_dot_product_attention``;
-- ``backend:NAME``: each eligible backend alone, called through its backend object
-  (``autosdpa.backends.get(NAME).run``);
+- ``backend:NAME``: each eligible backend alone, run as a plan runs it (the runner its backend object sets up
+  for these inputs, ``backend.runner(call)``);
 - ``autosdpa``: ``autosdpa.sdpa`` after its first-sight tuning, on a fresh database.
 
 Ratios are medians of per-round paired ratios (both timed in the same round), so drift between rounds cancels.
@@ -145,13 +145,22 @@ def make_runner(fn, call, attn_mask, train: bool) -> Callable[[], object]:
 
 
 def backend_fn(name: str):
-    """``F.sdpa``'s signature, run by one backend object alone."""
+    """``F.sdpa``'s signature, run by one backend object alone as a plan runs it: through the runner set up on
+    the first call with each set of input tensors and grad mode (a benchmark calls it on fixed inputs)."""
     from . import backends
+    from .backends.base import Call, safe_runner
 
     b = backends.get(name)
+    runners: dict = {}  # (ids of the inputs, grad needed) -> (runner, the inputs: alive, so no id is reused)
 
     def fn(q, k, v, m=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-        return b.run(q, k, v, m, dropout_p, is_causal, scale, enable_gqa)
+        grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+        key = (id(q), id(k), id(v), id(m), grad)
+        got = runners.get(key)
+        if got is None:
+            got = runners[key] = (safe_runner(b, Call(q, k, v, m, dropout_p, is_causal, scale, enable_gqa, grad)),
+                                  (q, k, v, m))
+        return got[0](q, k, v, m, dropout_p, is_causal, scale, enable_gqa)
     return fn
 
 
@@ -415,9 +424,9 @@ def run_sweep(device: torch.device | str = "cpu", *, quick: bool = False, dry: b
 
 
 METHOD = ("Side by side in one process: each round samples every contender once (order rotated per round); a sample "
-          "is back-to-back calls then a device sync. 'backend:X' runs backend X's object alone "
-          "(autosdpa.backends.get(X).run). autosdpa is autosdpa.sdpa after its first call on a fresh database "
-          "(first_sight_s: that first call, tuning included). Ratios are medians of per-round paired ratios "
+          "is back-to-back calls then a device sync. 'backend:X' runs backend X's object alone, as a plan runs it "
+          "(the runner autosdpa.backends.get(X).runner(call) sets up for these inputs). autosdpa is autosdpa.sdpa "
+          "after its first call on a fresh database (first_sight_s: that first call, tuning included). Ratios are medians of per-round paired ratios "
           "(time / time: below 1 is faster); noise = half the IQR of the per-round autosdpa/default ratios; "
           "regression = median ratio > 1 + noise. oracle = the fastest single backend on that problem. 'of minima': the "
           "ratio of each contender's fastest sample (an estimate of the undisturbed cost; with few samples under "

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from . import nested
-from .backends.base import Backend, Call
+from .backends.base import Backend, Call, safe_runner
 from .backends.torch_backends import pytorch_choice as _pytorch_choice
 from .checks import Check, InvalidInputs, is_oom
 from .rounds import Rounds, run_rounds
@@ -169,9 +169,10 @@ def _inputs(call: Call):
 
 
 def _timed_fn(b: Backend, call: Call, qkv, xs, grad_out, finish) -> Callable[[], tuple[Tensor, tuple]]:
-    """One call of ``b`` as the user pays it: run, finish (layout copy), and backward when training."""
-    name, run = b.name, b.run
+    """One call of ``b`` as the user pays it: its runner for these inputs (what a plan runs), finish (layout
+    copy), and backward when training."""
     rest = (call.attn_mask, call.dropout_p, call.is_causal, call.scale, call.enable_gqa)
+    name, run = b.name, safe_runner(b, Call(*(xs or qkv), *rest, needs_grad=xs is not None))
     if xs is not None:
         def fn():
             out = run(*xs, *rest)

@@ -182,3 +182,37 @@ def test_e2e_targets_table():
             "e": [{"overhead_us": 0.9}]}
     got = [(t["value"], t["met"]) for t in e2e.evaluate(runs)]
     assert got == [(1.9, True), (1.1, True), (pytest.approx(-0.2), True), (3.5, False), (0.45, False), (0.9, True)]
+
+
+def test_a_backend_alone_runs_one_runner_per_set_of_inputs_and_grad_mode():
+    from autosdpa.backends import Backend, register, unregister
+    from autosdpa.backends.torch_backends import MATH
+
+    class Recording(Backend):
+        name = "recording"
+        made = []
+
+        def not_supported_reasons(self, call):
+            return []
+
+        def run(self, *args):
+            return MATH.run(*args)
+
+        def runner(self, call):
+            self.made.append(call.needs_grad)
+            return MATH.runner(call)
+
+    register(Recording())
+    try:
+        fn = sweep.backend_fn("recording")
+        q, k, v = (torch.randn(1, 2, 5, 8, requires_grad=True) for _ in range(3))
+        with torch.no_grad():
+            fn(q, k, v), fn(q, k, v)
+        out = fn(q, k, v)
+        torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v))
+        assert out.requires_grad  # the runner set up for grad, not the no-grad one
+        fn(q, k, v)
+        fn(*(t.detach().clone() for t in (q, k, v)))
+        assert Recording.made == [False, True, False]
+    finally:
+        unregister("recording")

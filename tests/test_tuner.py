@@ -322,3 +322,21 @@ def test_dropout_outputs_are_not_compared_but_must_be_finite():
                 call=_call(1, 2, 8, 16, dropout_p=0.5))
     assert meas["a"].ok and meas["a"].detail == "dropout: output not compared"
     assert meas["nan"].status == "rejected" and "non-finite" in meas["nan"].detail
+
+
+def test_each_candidate_is_timed_as_a_plan_runs_it_through_its_runner():
+    """A backend whose runner is cheaper than its checked path is ranked by the runner: that is what runs."""
+    clock = FakeClock()
+
+    class SetUpOnce(FakeBackend):
+        def runner(self, call):
+            self.set_up = getattr(self, "set_up", 0) + 1
+            cheap = FakeBackend(self.name + "-runner", clock, 0.5 * MS)
+            return cheap.run
+
+    fast_when_set_up = SetUpOnce("set_up_once", clock, 2 * MS)
+    plain = FakeBackend("plain", clock, 1 * MS)
+    meas = _run([fast_when_set_up, plain], clock)
+    assert fast_when_set_up.set_up == 1 and fast_when_set_up.calls == 0  # never the checked path
+    assert meas["set_up_once"].median_s == pytest.approx(0.5 * MS)
+    assert choose(meas, ["set_up_once", "plain"], None)[0] == "set_up_once"

@@ -93,6 +93,15 @@ class Backend:
         return f"<backend {self.name}>"
 
 
+def safe_runner(backend: Backend, call: Call) -> Callable[..., Tensor]:
+    """``backend.runner(call)``, or ``backend.run`` when setting a runner up fails: the checked path then raises
+    what it raises, where the caller can judge it."""
+    try:
+        return backend.runner(call)
+    except Exception:  # noqa: BLE001
+        return backend.run
+
+
 _REGISTRY: dict[str, Backend] = {}
 _listeners: list[Callable[[], None]] = []
 

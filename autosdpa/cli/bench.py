@@ -60,16 +60,6 @@ def _make_fn(fn, call, train: bool):
     return run_train
 
 
-def _backend_fn(name: str):
-    from .. import backends
-
-    b = backends.get(name)
-
-    def fn(q, k, v, m, dp, ic, scale=None, enable_gqa=False):
-        return b.run(q, k, v, m, dp, ic, scale, enable_gqa)
-    return fn
-
-
 def _versions(device) -> dict:
     import importlib.metadata as md
     import sys
@@ -298,6 +288,7 @@ def _time_one(r: dict, single: str | None, dev, seconds: float) -> dict:
 
     import autosdpa
 
+    from ..sweep import backend_fn
     from ..timing import summarize, time_interleaved
 
     it, d = r["item"], r["decision"]
@@ -307,7 +298,7 @@ def _time_one(r: dict, single: str | None, dev, seconds: float) -> dict:
         fns = {"pytorch": _make_fn(F.scaled_dot_product_attention, call, it.problem.train),
                "autosdpa": _make_fn(autosdpa.scaled_dot_product_attention, call, it.problem.train)}
         if single_here:
-            fns["single"] = _make_fn(_backend_fn(single_here), call, it.problem.train)
+            fns["single"] = _make_fn(backend_fn(single_here), call, it.problem.train)
         samples = time_interleaved(fns, dev, budget_s=seconds, min_rounds=5, max_rounds=1000)
     med = {k: summarize(v)[0] for k, v in samples.items()}
     spread = {k: summarize(v)[1] for k, v in samples.items()}
