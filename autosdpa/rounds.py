@@ -1,5 +1,6 @@
-"""The tuner's timing rounds: candidates sampled round-robin (so drift hits all alike) under a hard deadline,
-stopped as soon as the ranking is settled, with clearly dominated candidates dropped after a cheap look.
+"""The tuner's timing rounds: each candidate sampled once per round, in a new order each round (so drift and
+what ran just before hit all alike), under a hard deadline, stopped as soon as the ranking is settled, with
+clearly dominated candidates dropped after a cheap look.
 
 A round starts only if its estimated cost (each candidate's last sample, wall clock) fits before the deadline,
 so the rounds overshoot it by at most the error of that estimate. After them, a candidate without a sample
@@ -10,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, Protocol
 
-from .timing import Timer, summarize
+from .timing import Timer, round_order, summarize
 
 DOMINANCE_ROUNDS = 2  # after each of the first rounds, up to this many, clearly slower candidates are dropped
 
@@ -60,7 +61,7 @@ def run_rounds(fns: dict[str, Callable[[], object]], est: dict[str, float], time
         if timer.now() + sum(cost[n] for n in active) > deadline:
             res.stopped = "deadline"
             break
-        for n in list(active):
+        for n in round_order(active, r):
             t0 = timer.now()
             try:
                 res.samples[n].append(timer.sample(fns[n], reps[n]))

@@ -30,6 +30,7 @@ from typing import Callable
 import torch
 
 from .problem import Problem
+from .timing import round_order
 from .workload import parse_shape
 
 #: The GPU targets of issue 10 (the oracle is the fastest single backend on each problem).
@@ -182,7 +183,7 @@ def _reps(fn, sync, sample_s: float) -> int:
 def time_side_by_side(fns: dict[str, Callable[[], object]], device: torch.device, *, seconds: float = 1.0,
                       min_rounds: int = 15, max_rounds: int = 400, sample_s: float = 2e-3
                       ) -> dict[str, list[float]]:
-    """Per-call seconds of each function, one sample each per round, the order rotated every round.
+    """Per-call seconds of each function, one sample each per round, in a new order every round (``round_order``).
 
     A sample is back-to-back calls (enough for ~``sample_s``) then a device sync: what a caller pays,
     host overhead included; no cache flush between calls."""
@@ -192,7 +193,7 @@ def time_side_by_side(fns: dict[str, Callable[[], object]], device: torch.device
     samples: dict[str, list[float]] = {n: [] for n in names}
     start = time.perf_counter()
     for r in range(max_rounds):
-        for n in names[r % len(names):] + names[: r % len(names)]:
+        for n in round_order(names, r):
             fn, k = fns[n], reps[n]
             sync()
             t0 = time.perf_counter()
@@ -423,14 +424,14 @@ def run_sweep(device: torch.device | str = "cpu", *, quick: bool = False, dry: b
     return doc
 
 
-METHOD = ("Side by side in one process: each round samples every contender once (order rotated per round); a sample "
-          "is back-to-back calls then a device sync. 'backend:X' runs backend X's object alone, as a plan runs it "
-          "(the runner autosdpa.backends.get(X).runner(call) sets up for these inputs). autosdpa is autosdpa.sdpa "
-          "after its first call on a fresh database (first_sight_s: that first call, tuning included). Ratios are medians of per-round paired ratios "
-          "(time / time: below 1 is faster); noise = half the IQR of the per-round autosdpa/default ratios; "
-          "regression = median ratio > 1 + noise. oracle = the fastest single backend on that problem. 'of minima': the "
-          "ratio of each contender's fastest sample (an estimate of the undisturbed cost; with few samples under "
-          "heavy load it is itself noisy).")
+METHOD = ("Side by side in one process: each round samples every contender once, in a new random order every "
+          "round; a sample is back-to-back calls then a device sync. 'backend:X' runs backend X's object alone, as "
+          "a plan runs it (the runner autosdpa.backends.get(X).runner(call) sets up for these inputs). autosdpa is "
+          "autosdpa.sdpa after its first call on a fresh database (first_sight_s: that first call, tuning "
+          "included). Ratios are medians of per-round paired ratios (time / time: below 1 is faster); noise = half "
+          "the IQR of the per-round autosdpa/default ratios; regression = median ratio > 1 + noise. oracle = the "
+          "fastest single backend on that problem. 'of minima': the ratio of each contender's fastest sample (an "
+          "estimate of the undisturbed cost; with few samples under heavy load it is itself noisy).")
 
 
 def summarize(results: list[dict], hot: dict, budget_s: float) -> dict:

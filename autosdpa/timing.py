@@ -14,6 +14,7 @@ the two: what a user's eager loop pays per call.
 from __future__ import annotations
 
 import contextlib
+import random
 import statistics
 import time
 from typing import Callable, Protocol
@@ -152,10 +153,20 @@ def summarize(samples: list[float]) -> tuple[float, float]:
     return med, q[2] - q[0]
 
 
+def round_order(names, r: int) -> list:
+    """The order of round ``r``: a new permutation each round, seeded by ``r`` (reproducible). A fixed or rotated
+    order gives a contender the same predecessor round after round, which biases its times (CPU sweep: a
+    backend alone measured 3-25% slower than F.sdpa running the same kernel; in random order, within noise)."""
+    order = list(names)
+    random.Random(r).shuffle(order)
+    return order
+
+
 def time_interleaved(fns: dict[str, Callable[[], object]], device: torch.device, *, budget_s: float = 1.0,
                      min_rounds: int = 5, max_rounds: int = 50, timer: Timer | None = None
                      ) -> dict[str, list[float]]:
-    """Per-call seconds of each function, sampled round-robin so drift hits all of them alike: at least
+    """Per-call seconds of each function, one sample each per round (``round_order``), so drift hits all of them
+    alike: at least
     ``min_rounds`` rounds, then more until ``budget_s`` is spent or ``max_rounds`` (for benchmarks; the tuner
     has its own capped, adaptive rounds)."""
     if not fns:
@@ -173,8 +184,8 @@ def time_interleaved(fns: dict[str, Callable[[], object]], device: torch.device,
     samples: dict[str, list[float]] = {n: [] for n in fns}
     start = timer.now()
     for r in range(max_rounds):
-        for name, fn in fns.items():
-            samples[name].append(timer.sample(fn, reps[name]))
+        for name in round_order(fns, r):
+            samples[name].append(timer.sample(fns[name], reps[name]))
         if r + 1 >= min_rounds and timer.now() - start > budget_s:
             break
     return samples

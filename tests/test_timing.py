@@ -111,3 +111,15 @@ def test_gpu_first_call_compile_is_not_its_time(budget, compiled_status):
         assert choose(meas, ["jit", "eager"], "eager")[0] == "jit"
     else:
         assert meas["jit"].detail.startswith("too slow") and meas["eager"].ok
+
+
+def test_rounds_change_the_order_so_no_contender_keeps_one_predecessor():
+    from autosdpa.timing import round_order
+    names = ["default", "autosdpa", "flash", "math"]
+    orders = [round_order(names, r) for r in range(40)]
+    assert all(sorted(o) == sorted(names) for o in orders)
+    assert orders == [round_order(names, r) for r in range(40)]  # seeded: a rerun samples in the same order
+    for n in names:
+        before = {o[o.index(n) - 1] for o in orders if o.index(n) > 0}
+        assert len(before) == 3, (n, before)  # every other contender ran just before it in some round
+        assert sum(o[0] == n for o in orders) >= 4
