@@ -166,9 +166,8 @@ def time_interleaved(fns: dict[str, Callable[[], object]], device: torch.device,
                      min_rounds: int = 5, max_rounds: int = 50, timer: Timer | None = None
                      ) -> dict[str, list[float]]:
     """Per-call seconds of each function, one sample each per round (``round_order``), so drift hits all of them
-    alike: at least
-    ``min_rounds`` rounds, then more until ``budget_s`` is spent or ``max_rounds`` (for benchmarks; the tuner
-    has its own capped, adaptive rounds)."""
+    alike: at least ``min_rounds`` rounds, then more until ``budget_s`` is spent or ``max_rounds`` (for
+    benchmarks; the tuner has its own capped, adaptive rounds)."""
     if not fns:
         return {}
     timer = timer or timer_for(device)

@@ -152,6 +152,22 @@ def prepare_mask(attn_mask, B, H, Lq, Lk):
     return m, kind, tuple(m.stride())
 
 
+def runner_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """For a runner set up on (q, k, v): a function that gives each later call's (q, k, v) as the kernels take
+    them (the last dim copied to unit stride where these needed it), and raises ValueError once the user's TF32
+    setting no longer gives the dot precision chosen now (a constexpr of the kernels set up)."""
+    copy = tuple(last_dim_contiguous(t) is not t for t in (q, k, v))
+    fp32, precision = q.dtype == torch.float32, dot_precision(q.dtype)
+
+    def inputs(q, k, v):
+        if fp32 and dot_precision(torch.float32) != precision:
+            raise ValueError("the TF32 setting changed since this runner was made")
+        if copy == (False, False, False):
+            return q, k, v
+        return tuple(t.contiguous() if c else t for t, c in zip((q, k, v), copy))
+    return inputs
+
+
 def mask_pointer(attn_mask: torch.Tensor) -> torch.Tensor:
     """What a kernel gets for a mask whose broadcast strides are already known: the mask itself (its
     unsqueezed and expanded views start at the same address), bool as uint8."""

@@ -144,7 +144,7 @@ def forward_runner(q, k, v, attn_mask=None, causal="none", enable_gqa=False, *, 
     """``attention`` set up once for inputs laid out like these (as ``flash.forward_runner``): returns
     ``run(q, k, v, attn_mask, scale) -> output``, which checks nothing and launches both kernels with the
     split plan and configs chosen here."""
-    copy = tuple(C.last_dim_contiguous(t) is not t for t in (q, k, v))
+    inputs = C.runner_inputs(q, k, v)
     q, k, v, mask, kind, mstr, _ = _prepare(q, k, v, attn_mask, causal, None, enable_gqa)
     dev, D, dtype = q.device, q.shape[3], q.dtype
     split, combine, o = _launches(q, k, v, mask, kind, mstr, causal, 1.0, num_splits,
@@ -152,13 +152,9 @@ def forward_runner(q, k, v, attn_mask=None, causal="none", enable_gqa=False, *, 
     po_shape, plse_shape, o_shape = split.args["PO"].shape, split.args["PLSE"].shape, o.shape
     K = _kernels()
     go_split, go_combine = L.bind(split, K), L.bind(combine, K)
-    precision = split.meta["PRECISION"]
 
     def run(q, k, v, attn_mask, scale):
-        if dtype == torch.float32 and C.dot_precision(dtype) != precision:
-            raise ValueError("the TF32 setting changed since this runner was made")
-        if copy != (False, False, False):
-            q, k, v = (t.contiguous() if c else t for t, c in zip((q, k, v), copy))
+        q, k, v = inputs(q, k, v)
         po = torch.empty(po_shape, device=dev, dtype=torch.float32)
         plse = torch.empty(plse_shape, device=dev, dtype=torch.float32)
         o = torch.empty(o_shape, device=dev, dtype=dtype)

@@ -223,20 +223,16 @@ def forward_runner(q, k, v, attn_mask=None, causal="none", enable_gqa=False):
     device, mask shape and strides): returns ``run(q, k, v, attn_mask, scale) -> output``, which checks
     nothing and launches with the config chosen here. The caller guarantees the layout (autosdpa's plans key
     their runners on it); ``run`` gives up (ValueError) if the user's TF32 setting changed since."""
-    copy = tuple(C.last_dim_contiguous(t) is not t for t in (q, k, v))
+    inputs = C.runner_inputs(q, k, v)
     q, k, v, mask, kind, mstr, _, G = _prepare(q, k, v, attn_mask, causal, None, enable_gqa)
     B, Hq, Lq, D = q.shape
     o_shape, lse_shape, dev, dtype = (B, Hq, Lq, v.shape[3]), (B, Hq, Lq), q.device, q.dtype
     launch = _fwd_launch(q, k, v, mask, kind, mstr, causal, 1.0, G, _empty(o_shape, q),
                          _empty(lse_shape, q, torch.float32))
     go = L.bind(launch, _kernels())
-    precision = launch.meta["PRECISION"]
 
     def run(q, k, v, attn_mask, scale):
-        if dtype == torch.float32 and C.dot_precision(dtype) != precision:
-            raise ValueError("the TF32 setting changed since this runner was made")
-        if copy != (False, False, False):
-            q, k, v = (t.contiguous() if c else t for t, c in zip((q, k, v), copy))
+        q, k, v = inputs(q, k, v)
         o = torch.empty(o_shape, device=dev, dtype=dtype)
         go({"Q": q, "K": k, "V": v, "Msk": q if attn_mask is None else C.mask_pointer(attn_mask), "O": o,
             "LSE": torch.empty(lse_shape, device=dev, dtype=torch.float32),

@@ -115,7 +115,9 @@ def _launcher(launch: Launch, kmod):
         kw = c.kwargs()
         return functools.partial(getattr(kmod, launch.kernel)[launch.grid(kw)], **launch.meta, **kw,
                                  num_warps=c.num_warps, num_stages=c.num_stages)
-    return functools.partial(kmod.AUTOTUNED[launch.tune][launch.grid], **launch.meta)
+    # the grid rule of a copy without the arguments: a runner keeps this partial, and must not keep tensors alive
+    grid = dataclasses.replace(launch, args={}).grid
+    return functools.partial(kmod.AUTOTUNED[launch.tune][grid], **launch.meta)
 
 
 def run(launch: Launch, kmod) -> None:
@@ -129,9 +131,11 @@ def bind(launch: Launch, kmod):
     device: the config, grid and compiled-kernel key are worked out once here; the returned function launches
     with the template's arguments updated by ``changes`` (name -> value: the tensors, the scale). Recorded for
     ``ready()`` on its first launch (under the template's key: a later call with other pointer alignments is
-    then "not ready", which is the safe answer)."""
+    then "not ready", which is the safe answer). Every tensor argument must be among the ``changes``: the
+    template keeps none (a KV cache freed by its owner must not stay alive in a cached runner)."""
     start = _launcher(launch, kmod)
-    template, key = launch.args, launch.key()
+    key = launch.key()
+    template = {n: None if isinstance(a, torch.Tensor) else a for n, a in launch.args.items()}
     recorded = False
 
     def go(changes: dict) -> None:
