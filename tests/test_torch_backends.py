@@ -852,3 +852,16 @@ def test_cuda_lower_right_bias_takes_flash_then_efficient_paths(fake_cuda, monke
 
 def lower_right_reference(lq, lk):
     return torch.ones(lq, lk, dtype=torch.bool).tril(lk - lq)
+
+
+def test_cuda_runners_are_set_up_only_for_calls_their_guard_lets_through(fake_cuda, monkeypatch):
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    monkeypatch.setattr(torch.Tensor, "device", property(lambda self: torch.device("cuda")))
+    q, k, v = qkv(torch.float16, False)  # Lq != Lk
+    assert torch_ops.runner_for("flash", q, k, v, None, 0.0, True) is None   # causal, Lq != Lk: refused
+    assert torch_ops.runner_for("efficient", *qkv(torch.float16, False, hkv=2), enable_gqa=True) is None
+    run = torch_ops.runner_for("flash", q, k, v)
+    assert run is not None
+    out = run(q, k, v, None, 0.0, False, None, False)
+    assert fake_cuda.calls[-1]["name"] == "flash" and out.shape == q.shape
+    torch.testing.assert_close(out, _math_ref(q.float(), k.float(), v.float()).half(), atol=2e-3, rtol=2e-3)
