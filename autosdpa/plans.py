@@ -26,12 +26,12 @@ _MAX_LAYOUTS = 64
 _INF = float("inf")
 # PyTorch before 2.6 has no priority order: a constant stands in, so "no priority order set" always holds.
 _get_priority = getattr(torch._C, "_get_sdp_priority_order", lambda: [])
-_DEFAULT_PRIORITY = list(_get_priority())
+_DEFAULT_PRIORITY = _get_priority()
 
 
 def priority_set() -> bool:
     """Whether the user set a PyTorch priority order (``sdpa_kernel(..., set_priority=True)``)."""
-    return list(_get_priority()) != _DEFAULT_PRIORITY
+    return _get_priority() != _DEFAULT_PRIORITY
 
 
 def _is_autocast(device_type: str) -> bool:

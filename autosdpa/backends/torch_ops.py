@@ -51,21 +51,26 @@ def run(name: str, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=F
 
 
 def _run_plain(name, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
-    validate(query, key, value, attn_mask)
-    if empty_call(query, key, value):
+    core = _checked_core(name, query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
+    if core is None:
         return _empty_result(query, key, value)
-    guard, core = _runner(name, query)
-    guard(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
     return core(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
 
 
-def _runner(name, query):
-    """(guard, core) of backend ``name`` for ``query``'s device: the guard raises where F.sdpa would refuse the
-    inputs for this backend; the core runs them as F.sdpa runs them past that point."""
-    runner = (_CUDA if query.is_cuda else _CPU if query.is_cpu else {}).get(name)
-    if runner is None:
+def _checked_core(name, query, key, value, attn_mask, dropout_p, is_causal, enable_gqa):
+    """The core of backend ``name`` for these inputs once F.sdpa's validation and the backend's guard passed
+    (both raise where F.sdpa would), or None for empty inputs (F.sdpa returns zeros without a backend)."""
+    validate(query, key, value, attn_mask)
+    if empty_call(query, key, value):
+        return None
+    # (guard, core): the guard raises where F.sdpa would refuse the inputs for this backend; the core runs
+    # them as F.sdpa runs them past that point
+    pair = (_CUDA if query.is_cuda else _CPU if query.is_cpu else {}).get(name)
+    if pair is None:
         raise RuntimeError(f"PyTorch has no {name} attention kernel for {query.device.type} tensors")
-    return runner
+    guard, core = pair
+    guard(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
+    return core
 
 
 def runner_for(name: str, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
@@ -78,14 +83,9 @@ def runner_for(name: str, query, key, value, attn_mask=None, dropout_p=0.0, is_c
     if isinstance(attn_mask, CausalBias):
         return None
     try:
-        validate(query, key, value, attn_mask)
-        if empty_call(query, key, value):
-            return None
-        guard, core = _runner(name, query)
-        guard(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
+        return _checked_core(name, query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
     except (RuntimeError, IndexError):
         return None
-    return core
 
 
 def validate(query, key, value, attn_mask) -> None:
