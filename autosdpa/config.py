@@ -35,11 +35,21 @@ VARIABLES = {
     "AUTOSDPA_LOG": "level of the autosdpa logger (DEBUG, INFO, ...)",
     "AUTOSDPA_COMPILE": "dispatch (default: compiled graphs run the tuned winner) | pytorch (plain F.sdpa)",
     "AUTOSDPA_TRITON_INTERPRET": "1: allow the Triton kernels on the CPU interpreter (tests only)",
+    "AUTOSDPA_NATIVE": "0: use the Python fast key even where the C one is built (default 1)",
 }
 
 
-def _warn(name: str, value: str, why: str, used) -> None:
-    warnings.warn(f"autosdpa: {name}={value!r} {why}; using {used!r}", RuntimeWarning, stacklevel=4)
+def _warn(name: str, value: str, why: str, used, stacklevel: int = 4) -> None:
+    warnings.warn(f"autosdpa: {name}={value!r} {why}; using {used!r}", RuntimeWarning, stacklevel=stacklevel)
+
+
+def _switch(env: Mapping[str, str], name: str, default: bool) -> bool:
+    """A 0/1 variable; unset or empty means ``default``, anything else warns and means ``default``."""
+    value = env.get(name, "").strip()
+    if value not in ("", "0", "1"):
+        _warn(name, value, "is not 0 or 1", str(int(default)), stacklevel=5)
+        return default
+    return default if value == "" else value == "1"
 
 
 def parse_bucketing(spec: str | None) -> int | None:
@@ -102,6 +112,7 @@ class Settings:
     compile: str = "dispatch"                  # AUTOSDPA_COMPILE
     triton_interpret: bool = False             # AUTOSDPA_TRITON_INTERPRET=1 and TRITON_INTERPRET=1
     warm_start: bool = True                    # AUTOSDPA_WARM_START (autosdpa.warm)
+    native: bool = True                        # AUTOSDPA_NATIVE (autosdpa.fastkey)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
@@ -124,14 +135,6 @@ class Settings:
             _warn("AUTOSDPA_COMPILE", env["AUTOSDPA_COMPILE"], f"is not one of {', '.join(COMPILE_MODES)}",
                   "dispatch")
             compile_mode = "dispatch"
-        interp = env.get("AUTOSDPA_TRITON_INTERPRET", "0").strip()
-        if interp not in ("", "0", "1"):
-            _warn("AUTOSDPA_TRITON_INTERPRET", interp, "is not 0 or 1", "0")
-            interp = "0"
-        warm = env.get("AUTOSDPA_WARM_START", "1").strip()
-        if warm not in ("", "0", "1"):
-            _warn("AUTOSDPA_WARM_START", warm, "is not 0 or 1", "1")
-            warm = "1"
         return cls(
             db=(env.get("AUTOSDPA_DB") or "").strip() or None,
             mode=mode,
@@ -142,8 +145,10 @@ class Settings:
             db_timeout_s=_seconds(env, "AUTOSDPA_DB_TIMEOUT", DEFAULT_DB_TIMEOUT_S, MAX_DB_TIMEOUT_S),
             log_level=level,
             compile=compile_mode,
-            triton_interpret=interp == "1" and env.get("TRITON_INTERPRET", "0") == "1",
-            warm_start=warm != "0",
+            triton_interpret=(_switch(env, "AUTOSDPA_TRITON_INTERPRET", False)
+                              and env.get("TRITON_INTERPRET", "0") == "1"),
+            warm_start=_switch(env, "AUTOSDPA_WARM_START", True),
+            native=_switch(env, "AUTOSDPA_NATIVE", True),
         )
 
     def all_shared_dbs(self) -> tuple[str, ...]:

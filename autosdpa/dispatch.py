@@ -2,7 +2,8 @@
 
 Hot path: a tuple of cheap call properties (the *fast key*: shapes, dtype, device, mask kind, flags, grad,
 overrides) is looked up in a dict. Its value is the *plan*: ``None`` means "call F.sdpa directly" (PyTorch's
-own pick won, or PyTorch decides); otherwise a ``plans.Plan`` that runs the winner.
+own pick won, or PyTorch decides); otherwise a ``plans.Plan`` that runs the winner. Where the C extension is
+built, a hit runs in C (``fastkey``); a miss comes back to the Python path, which does the same in Python.
 
 A miss goes through the layers in order (DESIGN §1), each in its own function:
 ``policy.resolve`` (overrides) -> ``eligibility`` (these tensors) -> measurements (memory, then the user's
@@ -24,9 +25,9 @@ import torch.nn.functional as F
 from torch.nn.attention.bias import CausalBias
 
 from . import backends as _backends
-from . import compiled, consensus, nested, warm
+from . import compiled, consensus, fastkey, nested, warm
 from .backends.base import Backend, Call
-from .backends.torch_backends import FLAG_GETTERS as _FLAG_GETTERS, pytorch_choice, torch_flags
+from .backends.torch_backends import pytorch_choice, torch_flags
 from .backends.torch_layout import output_order, restride
 from .calls import degenerate_reason, invalid_reason, make_call
 from .claims import check_claim
@@ -43,9 +44,9 @@ log = logging.getLogger("autosdpa")
 
 _sdpa = pytorch_sdpa = F.scaled_dot_product_attention  # the original, even after autosdpa.patch()
 _C = torch._C
-_gf, _ge, _gm, _gc = _FLAG_GETTERS  # bound to module names: the hot path reads them on every call
-_det = _C._get_deterministic_algorithms
-_tracing = torch.jit.is_tracing
+_tracing = _C._is_tracing  # torch.jit.is_tracing outside TorchScript, minus a Python frame
+_key = fastkey.key_function()           # the fast key: C when built (fastkey), set again by configure()
+_hit, _MISS = None, None                # the C cache-hit path (fastkey.hit_function), set by configure()
 
 _MAX_PLANS = 4096
 _plans: dict = {}                       # fast key -> plan (None: F.sdpa)
@@ -59,21 +60,17 @@ _FK_FLAGS = slice(10, 14)               # where the fast key holds PyTorch's fou
 _FK_OVERRIDES = 15
 
 
-def _mask_sig(m):
-    if m.__class__ is CausalBias:
-        return (m.variant, m.seq_len_q, m.seq_len_kv)
-    return (m.shape, m.dtype, m.__class__, m.requires_grad, m.get_device())
-
-
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                                  enable_gqa=False):
     """Drop-in for ``torch.nn.functional.scaled_dot_product_attention`` that runs the measured-fastest
     correct backend for these inputs on this device. Same arguments, same results, same exceptions."""
+    if _hit is not None:  # the C hit path; a miss (or inputs it does not key) comes back here
+        out = _hit(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, _overrides_key)
+        if out is not _MISS:
+            return out
     global _last
     try:
-        fk = (query.shape, key.shape, value.shape, query.dtype, query.get_device(),
-              None if attn_mask is None else _mask_sig(attn_mask), dropout_p, is_causal, enable_gqa,
-              query.requires_grad, _gf(), _ge(), _gm(), _gc(), _det(), _overrides_key)
+        fk = _key(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa, _overrides_key)
         last = _last
         if fk == last[0]:
             plan = last[1]
@@ -163,7 +160,10 @@ class Dispatcher:
 
     # -- state ---------------------------------------------------------------------------------------------
     def _apply(self, settings: Settings) -> None:
+        global _key, _hit, _MISS
         self.settings = settings
+        _key = fastkey.key_function(settings.native)
+        _hit, _MISS = fastkey.hit_function(_plans, _sdpa, settings.native)
         self.config = TuneConfig(budget_s=settings.budget_s)
         self._memory: dict[tuple, dict[str, Measurement]] = {}  # (fingerprints, key) -> {backend: row}
         self._claims: dict[tuple, set[str]] = {}    # rows from shared layers, not yet checked in this process
@@ -197,6 +197,7 @@ class Dispatcher:
     def clear_plans(self) -> None:
         global _last
         _last = ((), None)
+        fastkey.forget()
         _plans.clear()
         _bucket_plans.clear()
 

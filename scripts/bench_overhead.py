@@ -75,9 +75,13 @@ def main() -> int:
 
 def run_case(case, args, kwargs, winner, ours_ctx, torch_ctx, a, sync, dev):
     import autosdpa
+    from autosdpa import fastkey
+    from autosdpa.timing import round_order
 
     contenders = {"torch": (F.scaled_dot_product_attention, torch_ctx),
                   "autosdpa": (autosdpa.sdpa, ours_ctx)}
+    if fastkey.native_available():  # the same dispatcher with the Python key, to show what the C key saves
+        contenders["autosdpa_pykey"] = (autosdpa.sdpa, lambda: _python_key(ours_ctx()))
 
     def timed(who):
         fn, ctx = contenders[who]
@@ -85,26 +89,45 @@ def run_case(case, args, kwargs, winner, ours_ctx, torch_ctx, a, sync, dev):
             return per_call(fn, args, kwargs, a.calls, sync)
 
     for _ in range(3):  # warm-up
-        timed("torch"), timed("autosdpa")
-    samples = {"torch": [], "autosdpa": []}
-    diffs = []
+        for who in contenders:
+            timed(who)
+    samples = {who: [] for who in contenders}
+    diffs = {who: [] for who in contenders if who != "torch"}
     for r in range(a.rounds):
-        order = ("torch", "autosdpa") if r % 2 == 0 else ("autosdpa", "torch")
-        got = {who: timed(who) for who in order}
+        got = {who: timed(who) for who in round_order(list(contenders), r)}
         for who, t in got.items():
             samples[who].append(t)
-        diffs.append(got["autosdpa"] - got["torch"])
-    q = statistics.quantiles(diffs, n=4)
+            if who != "torch":
+                diffs[who].append(t - got["torch"])
+    q = statistics.quantiles(diffs["autosdpa"], n=4)
     row = {"case": case, "device": str(dev), "winner": winner,
            "torch_us": statistics.median(samples["torch"]) * 1e6,
            "autosdpa_us": statistics.median(samples["autosdpa"]) * 1e6,
-           "overhead_us": statistics.median(diffs) * 1e6, "overhead_p25_us": q[0] * 1e6,
+           "overhead_us": statistics.median(diffs["autosdpa"]) * 1e6, "overhead_p25_us": q[0] * 1e6,
            "overhead_p75_us": q[2] * 1e6,
            # the least-disturbed samples of each: an estimate of the intrinsic cost, free of scheduler noise
-           "overhead_of_minima_us": (min(samples["autosdpa"]) - min(samples["torch"])) * 1e6}
+           "overhead_of_minima_us": (min(samples["autosdpa"]) - min(samples["torch"])) * 1e6,
+           "key": "C" if "autosdpa_pykey" in contenders else "Python",
+           "python_key_overhead_us": (statistics.median(diffs["autosdpa_pykey"]) * 1e6
+                                      if "autosdpa_pykey" in diffs else None)}
     print(f"{case:40s} torch {row['torch_us']:8.2f} us  autosdpa {row['autosdpa_us']:8.2f} us  "
-          f"overhead {row['overhead_us']:6.2f} us [{q[0] * 1e6:.2f}, {q[2] * 1e6:.2f}]  winner={winner}")
+          f"overhead {row['overhead_us']:6.2f} us [{q[0] * 1e6:.2f}, {q[2] * 1e6:.2f}]  winner={winner}  "
+          f"(Python key: {row['python_key_overhead_us'] or float('nan'):.2f} us)")
     return row
+
+
+@contextlib.contextmanager
+def _python_key(ctx):
+    """The dispatcher's Python hit path and key in place of the C ones (a benchmark-only switch)."""
+    from autosdpa import dispatch, fastkey
+
+    saved = dispatch._key, dispatch._hit
+    dispatch._key, dispatch._hit = fastkey.py_key, None
+    try:
+        with ctx:
+            yield
+    finally:
+        dispatch._key, dispatch._hit = saved
 
 
 def write(results, a, dev):
@@ -114,7 +137,8 @@ def write(results, a, dev):
             "machine": platform.node(), "cpu": cpu_name(),
             "python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
             "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU {cpu_name()}",
-            "target_us": 1.0, "method": "median of per-round differences, rounds interleaved A/B, "
+            "target_us": 1.0, "method": "median of per-round differences from F.sdpa, contenders in a new random "
+            "order each round, "
             f"{a.calls} calls per sample, {a.rounds} rounds"}
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -123,12 +147,14 @@ def write(results, a, dev):
     lines = [f"# autosdpa per-call overhead ({tag})", "",
              f"{meta['date']}, {meta['device_name']}, torch {meta['torch']}, python {meta['python']}, "
              f"{meta['threads']} threads. {meta['method']}. Target: ≤ {meta['target_us']} µs.", "",
-             "| case | winner | F.sdpa µs | autosdpa µs | overhead µs, median (p25–p75) | overhead of minima µs |",
-             "|---|---|---|---|---|---|"]
+             "| case | winner | F.sdpa µs | autosdpa µs | overhead µs, median (p25–p75) | overhead of minima µs "
+             "| key | overhead with the Python key µs |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in results:
+        py = "—" if r["python_key_overhead_us"] is None else f"{r['python_key_overhead_us']:.2f}"
         lines.append(f"| {r['case']} | {r['winner']} | {r['torch_us']:.2f} | {r['autosdpa_us']:.2f} | "
                      f"{r['overhead_us']:.2f} ({r['overhead_p25_us']:.2f}–{r['overhead_p75_us']:.2f}) | "
-                     f"{r['overhead_of_minima_us']:.2f} |")
+                     f"{r['overhead_of_minima_us']:.2f} | {r['key']} | {py} |")
     (out / f"overhead_{tag}.md").write_text("\n".join(lines) + "\n")
 
 

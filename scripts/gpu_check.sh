@@ -59,6 +59,12 @@ if ls .gpu_wheels/*.whl >/dev/null 2>&1 && { [ "$DEV" != cpu ] || [ "${GPU_CHECK
     >"$WORK/logs/install.log" 2>&1 || note "wheel install failed: $(tail -n 1 "$WORK/logs/install.log")"
 fi
 export PYTHONPATH="$SITE:$REPO:$SHIM${PYTHONPATH:+:$PYTHONPATH}"
+# The C hot path (setup.py) for this Python, built in place when missing (a few seconds); without it the
+# Python one runs and the overhead figures are that path's.
+if ! python3 -c "import autosdpa._fastkey" >/dev/null 2>&1; then
+  python3 setup.py -q build_ext --inplace >"$WORK/logs/native.log" 2>&1 \
+    || note "C fast key not built: $(tail -n 1 "$WORK/logs/native.log")"
+fi
 export OPENBLAS_NUM_THREADS=1 PYTHONUNBUFFERED=1 AUTOSDPA_KERNEL_CONFIGS=${AUTOSDPA_KERNEL_CONFIGS:-one}
 export AUTOSDPA_DB="$WORK/user.sqlite"   # the working DB; tuning_db/ gets only the export
 export TRITON_CACHE_DIR="$WORK/triton_cache"   # empty: its entries at the end = kernels compiled by this run
@@ -67,7 +73,8 @@ if ! err=$(python3 -c "import autosdpa, sqlalchemy, platformdirs, triton, autosd
   archive
   exit 3
 fi
-note "date: $(date -u +%FT%TZ)  device: $DEV  kernel configs: $AUTOSDPA_KERNEL_CONFIGS"
+note "date: $(date -u +%FT%TZ)  device: $DEV  kernel configs: $AUTOSDPA_KERNEL_CONFIGS  hot path: $(python3 -c \
+  'from autosdpa import fastkey; print(fastkey.describe())' 2>&1 | tail -n 1)"
 
 # --- (a) versions and device facts; the GPU's tag (h100, h200, ...) names the shipped DB ------------------
 FACTS='

@@ -29,7 +29,9 @@ def doctor(device: str | None, as_json: bool) -> None:
 
     Example: autosdpa doctor --device cpu
     """
+    from .. import fastkey
     from ..api import available_backends, unavailable_reasons
+    from ..dispatch import dispatcher
     from ..environment import environment
 
     dev = resolve_device(device)
@@ -39,12 +41,15 @@ def doctor(device: str | None, as_json: bool) -> None:
     backends = [{"backend": n, "available": n not in why, "why_not": why.get(n, "")}
                 for n in available_backends(dev) + list(why)]
     db = _database_report(current_store())
+    hot_path = fastkey.describe(dispatcher.settings.native)
     if as_json:
         print_json({"device": str(dev), "environment": {"fingerprint": fp, **info},
-                    "kernels_environment": {"fingerprint": kfp, **kinfo}, "backends": backends, **db})
+                    "kernels_environment": {"fingerprint": kfp, **kinfo}, "hot_path": hot_path, "backends": backends,
+                    **db})
         return
     t = Table(title="environment", show_header=False)
-    for k, v in {"fingerprint (PyTorch's backends)": fp, "fingerprint (autosdpa's kernels)": kfp, **kinfo}.items():
+    for k, v in {"fingerprint (PyTorch's backends)": fp, "fingerprint (autosdpa's kernels)": kfp, **kinfo,
+                 "hot path": hot_path}.items():
         t.add_row(k, str(v))
     out.print(t)
     t = Table(title=f"backends on {dev}")

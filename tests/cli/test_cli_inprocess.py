@@ -207,3 +207,16 @@ def test_bench_with_an_unwritable_out_fails_before_any_timing(tmp_path, monkeypa
         r = invoke("bench", "--shape", "hq=2,lq=16,d=16", "--device", "cpu", "--out", bad)
         assert r.exit_code == 1 and "cannot write results to" in r.output
     assert tuned == []
+
+
+def test_doctor_says_which_hot_path_runs(monkeypatch):
+    import autosdpa
+    from autosdpa import fastkey
+
+    def hot_path():
+        return json.loads(invoke("doctor", "--device", "cpu", "--json").output)["hot_path"]
+
+    assert hot_path().startswith("C fast key" if fastkey.native_available() else "Python (the C fast key is not")
+    monkeypatch.setenv("AUTOSDPA_NATIVE", "0")
+    autosdpa.reset()
+    assert hot_path().startswith("Python (")
