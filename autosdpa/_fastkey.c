@@ -6,8 +6,8 @@
  * the attributes); everything else is handed to the Python key, so both always agree. The getters are
  * PyTorch's own, so __torch_function__ modes and errors behave exactly as in Python.
  *
- * hit() is the whole cache-hit path: key, lookup, and the call of F.sdpa or of the plan. Anything else (a key
- * not in the plans, inputs whose key cannot be built) returns MISS and the Python dispatcher takes over.
+ * hit() is the whole cache-hit path: key, lookup, and the call of F.sdpa or of the plan. On a miss it returns
+ * the key it built (or () when it could not build one) and the Python dispatcher takes over.
  *
  * Uses only CPython's API (no PyTorch headers): init() and bind() receive what they use from Python.
  */
@@ -32,7 +32,6 @@ static PyObject *mask_sig;               /* autosdpa.fastkey.mask_sig: masks tha
 static PyObject *plans;                  /* the dispatcher's fast key -> plan dict (None: F.sdpa) */
 static PyObject *sdpa;                   /* PyTorch's own F.scaled_dot_product_attention */
 static PyObject *last_key, *last_plan;   /* the last key found in plans: a model's layers mostly repeat it */
-static PyObject *miss;                   /* MISS: "not a cache hit, let Python decide" */
 static PyObject *kw_causal, *kw_scale_gqa;
 
 static int take_getter(PyTypeObject *tt, PyObject *descr, Getter *out, const char *name)
@@ -227,9 +226,19 @@ static PyObject *find(PyObject *fk)
     return plan;
 }
 
-/* hit(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, overrides_key): the output of a cache hit,
- * or MISS. Errors from F.sdpa or the plan propagate; errors while keying mean MISS (Python redoes it and
- * handles them as it always does). */
+/* An Exception while keying: () so that Python redoes it and handles it as always (``except Exception``).
+ * Anything else (KeyboardInterrupt, SystemExit) propagates, as it does from the Python path. */
+static PyObject *retry_in_python(void)
+{
+    if (!PyErr_ExceptionMatches(PyExc_Exception))
+        return NULL;
+    PyErr_Clear();
+    return PyTuple_New(0);
+}
+
+/* hit(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, overrides_key): the output of a cache hit;
+ * on a miss the fast key (a tuple: outputs never are), or () where keying or the lookup raised (Python redoes
+ * them and handles the error as it always does). Errors from F.sdpa or the plan propagate. */
 static PyObject *hit(PyObject *mod, PyObject *const *a, Py_ssize_t n)
 {
     if (n != 9) {
@@ -239,16 +248,20 @@ static PyObject *hit(PyObject *mod, PyObject *const *a, Py_ssize_t n)
     if (!ready())
         return NULL;
     if (plans == NULL)
-        return Py_NewRef(miss);
+        return PyTuple_New(0);
     PyObject *q = a[0], *k = a[1], *v = a[2], *m = a[3], *dp = a[4], *ic = a[5], *sc = a[6], *gqa = a[7];
     PyObject *ka[8] = {q, k, v, m, dp, ic, gqa, a[8]};
     PyObject *fk = build_key(ka);
-    PyObject *plan = fk == NULL ? NULL : find(fk);
-    Py_XDECREF(fk);
+    if (fk == NULL)
+        return retry_in_python();
+    PyObject *plan = find(fk);
     if (plan == NULL) {
-        PyErr_Clear();
-        return Py_NewRef(miss);
+        if (!PyErr_Occurred())
+            return fk;
+        Py_DECREF(fk);
+        return retry_in_python();
     }
+    Py_DECREF(fk);
     PyObject *out;
     if (plan != Py_None) {
         out = PyObject_Vectorcall(plan, a, 8, NULL);
@@ -273,8 +286,8 @@ static PyMethodDef methods[] = {
     {"bind", bind, METH_VARARGS, "bind(plans, sdpa): the plans hit() looks up and PyTorch's F.sdpa."},
     {"forget", forget, METH_NOARGS, "forget(): drop the last key found (call when the plans are cleared)."},
     {"hit", (PyCFunction)(void (*)(void))hit, METH_FASTCALL,
-     "hit(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, overrides_key): a cache hit's output, "
-     "or MISS."},
+     "hit(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, overrides_key): a cache hit's output; "
+     "on a miss the fast key, or () where it could not be built."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -283,16 +296,15 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_fastkey", "The disp
 
 PyMODINIT_FUNC PyInit__fastkey(void)
 {
-    if (miss == NULL) {
+    if (kw_causal == NULL) {
         kw_causal = Py_BuildValue("(N)", PyUnicode_InternFromString("is_causal"));
         kw_scale_gqa = Py_BuildValue("(NN)", PyUnicode_InternFromString("scale"),
                                      PyUnicode_InternFromString("enable_gqa"));
-        miss = PyObject_CallNoArgs((PyObject *)&PyBaseObject_Type);
-        if (kw_causal == NULL || kw_scale_gqa == NULL || miss == NULL)
+        if (kw_causal == NULL || kw_scale_gqa == NULL) {
+            Py_CLEAR(kw_causal);
+            Py_CLEAR(kw_scale_gqa);
             return NULL;
+        }
     }
-    PyObject *mod = PyModule_Create(&module);
-    if (mod != NULL && PyModule_AddObjectRef(mod, "MISS", miss) < 0)
-        Py_CLEAR(mod);
-    return mod;
+    return PyModule_Create(&module);
 }

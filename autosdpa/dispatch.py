@@ -46,7 +46,8 @@ _sdpa = pytorch_sdpa = F.scaled_dot_product_attention  # the original, even afte
 _C = torch._C
 _tracing = _C._is_tracing  # torch.jit.is_tracing outside TorchScript, minus a Python frame
 _key = fastkey.key_function()           # the fast key: C when built (fastkey), set again by configure()
-_hit, _MISS = None, None                # the C cache-hit path (fastkey.hit_function), set by configure()
+_hit = None                             # the C cache-hit path (fastkey.hit_function), set by configure()
+_ABSENT = object()                      # "no plan cached for this key"
 
 _MAX_PLANS = 4096
 _plans: dict = {}                       # fast key -> plan (None: F.sdpa)
@@ -64,25 +65,30 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
                                  enable_gqa=False):
     """Drop-in for ``torch.nn.functional.scaled_dot_product_attention`` that runs the measured-fastest
     correct backend for these inputs on this device. Same arguments, same results, same exceptions."""
-    if _hit is not None:  # the C hit path; a miss (or inputs it does not key) comes back here
-        out = _hit(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, _overrides_key)
-        if out is not _MISS:
-            return out
     global _last
-    try:
-        fk = _key(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa, _overrides_key)
-        last = _last
-        if fk == last[0]:
-            plan = last[1]
-        else:
-            plan = _plans[fk]
-            # only keys found in _plans: a plan not cached must not be reused. (A clear_plans() from another
-            # thread between the lookup and this line leaves the older plan here until the next other key.)
-            _last = (fk, plan)
-    except KeyError:
+    fk = ()
+    if _hit is not None:  # the C hit path: the output, or on a miss the key (() where it could build none)
+        fk = _hit(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, _overrides_key)
+        if fk.__class__ is not tuple:
+            return fk
+    plan = _ABSENT  # a key from C was just looked up: decide
+    if not fk:
+        try:
+            fk = _key(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa, _overrides_key)
+            last = _last
+            if fk == last[0]:
+                plan = last[1]
+            else:
+                plan = _plans.get(fk, _ABSENT)
+                if plan is not _ABSENT:
+                    # only keys found in _plans: a plan not cached must not be reused. (A clear_plans() from
+                    # another thread between the lookup and this line leaves the older plan here until the next
+                    # other key.)
+                    _last = (fk, plan)
+        except Exception:  # inputs we cannot key (nested tensors, odd types): PyTorch handles (or rejects) them
+            plan = None
+    if plan is _ABSENT:
         plan = dispatcher.miss(fk, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
-    except Exception:  # inputs we cannot key (nested tensors, odd types): PyTorch handles (or rejects) them
-        plan = None
     if plan is None:
         # Forward only what differs from the defaults: PyTorch's argument parsing costs ~0.25 us for the
         # explicit (None, 0.0, False) alone.
@@ -160,10 +166,10 @@ class Dispatcher:
 
     # -- state ---------------------------------------------------------------------------------------------
     def _apply(self, settings: Settings) -> None:
-        global _key, _hit, _MISS
+        global _key, _hit
         self.settings = settings
         _key = fastkey.key_function(settings.native)
-        _hit, _MISS = fastkey.hit_function(_plans, _sdpa, settings.native)
+        _hit = fastkey.hit_function(_plans, _sdpa, settings.native)
         self.config = TuneConfig(budget_s=settings.budget_s)
         self._memory: dict[tuple, dict[str, Measurement]] = {}  # (fingerprints, key) -> {backend: row}
         self._claims: dict[tuple, set[str]] = {}    # rows from shared layers, not yet checked in this process

@@ -76,15 +76,15 @@ def key_function(native: bool = True):
 
 
 def hit_function(plans: dict, sdpa, native: bool = True):
-    """(C hit function bound to ``plans`` and PyTorch's ``sdpa``, its MISS sentinel), or (None, None) where
-    the C key is not in use. ``hit(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, overrides_key)``
-    returns the output of a cache hit or MISS."""
+    """The C hit function bound to ``plans`` and PyTorch's ``sdpa``, or None where the C key is not in use.
+    ``hit(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, overrides_key)`` returns the output of a
+    cache hit; on a miss, a tuple: the fast key, or () where it could not be built."""
     if not native or _native is None:
-        return None, None
+        return None
     from . import _fastkey
 
     _fastkey.bind(plans, sdpa)
-    return _fastkey.hit, _fastkey.MISS
+    return _fastkey.hit
 
 
 def forget() -> None:

@@ -140,7 +140,8 @@ def test_bad_spec_exit_code_in_a_child(cli_db):
 # The real CLI, except that tuning the second problem first waits: SIGINT then always lands mid-run,
 # however fast the machine tunes (a fast CI runner once finished all three before the signal arrived).
 STALLING_CLI = """
-import sys, time
+import signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)  # a suite run in the background inherits SIGINT ignored
 from autosdpa import api
 from autosdpa.cli import main
 real_tune, seen = api.tune, []
