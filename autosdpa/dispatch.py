@@ -71,8 +71,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         fk = _hit(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, _overrides_key)
         if fk.__class__ is not tuple:
             return fk
-    plan = _ABSENT  # a key from C was just looked up: decide
-    if not fk:
+    plan = _ABSENT  # a key from C was just looked up and is not cached: decide
+    if not fk:  # no C path, or C could not key these inputs: the same lookup in Python
         try:
             fk = _key(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa, _overrides_key)
             last = _last

@@ -54,7 +54,7 @@ def _load_native():
         from . import _fastkey
     except ImportError as e:
         log.debug("autosdpa: the C fast key is not built (%s); using the Python one", e)
-        return None, f"not built ({e})"
+        return None, "not built (it is compiled when autosdpa is installed where a C compiler is found)"
     T = torch.Tensor
     try:
         _fastkey.init(T, *(inspect.getattr_static(T, a) for a in ("shape", "dtype", "requires_grad")),
