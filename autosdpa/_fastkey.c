@@ -98,70 +98,67 @@ static PyObject *init(PyObject *mod, PyObject *args)
     Py_RETURN_NONE;
 }
 
+#define GET(g, obj) ((g).get((obj), (g).closure))
+
+/* Item i of the new tuple t := x (a new reference); 0 when x is NULL (its error is set). */
+static inline int put(PyObject *t, Py_ssize_t i, PyObject *x)
+{
+    if (x == NULL)
+        return 0;
+    PyTuple_SET_ITEM(t, i, x);
+    return 1;
+}
+
+static PyObject *device_of(PyObject *t)
+{
+    return PyObject_Vectorcall(get_device, &t, 1, NULL);
+}
+
 /* (m.shape, m.dtype, m.__class__, m.requires_grad, m.get_device()) for a plain tensor mask */
 static PyObject *tensor_mask_sig(PyObject *m)
 {
-    PyObject *t = PyTuple_New(5), *x;
+    PyObject *t = PyTuple_New(5);
     if (t == NULL)
         return NULL;
-    if ((x = g_shape.get(m, g_shape.closure)) == NULL) goto fail;
-    PyTuple_SET_ITEM(t, 0, x);
-    if ((x = g_dtype.get(m, g_dtype.closure)) == NULL) goto fail;
-    PyTuple_SET_ITEM(t, 1, x);
-    PyTuple_SET_ITEM(t, 2, Py_NewRef((PyObject *)Py_TYPE(m)));
-    if ((x = g_grad.get(m, g_grad.closure)) == NULL) goto fail;
-    PyTuple_SET_ITEM(t, 3, x);
-    if ((x = PyObject_Vectorcall(get_device, &m, 1, NULL)) == NULL) goto fail;
-    PyTuple_SET_ITEM(t, 4, x);
+    if (!put(t, 0, GET(g_shape, m)) || !put(t, 1, GET(g_dtype, m)) || !put(t, 2, Py_NewRef(Py_TYPE(m))) ||
+        !put(t, 3, GET(g_grad, m)) || !put(t, 4, device_of(m))) {
+        Py_DECREF(t);  /* items not yet set are NULL, which a tuple's deallocation skips */
+        return NULL;
+    }
     return t;
-fail:
-    Py_DECREF(t);  /* items not yet set are NULL, which a tuple's deallocation skips */
-    return NULL;
+}
+
+static PyObject *mask_key(PyObject *m)
+{
+    if (m == Py_None)
+        return Py_NewRef(Py_None);
+    if (Py_TYPE(m) == tensor_type)
+        return tensor_mask_sig(m);
+    return PyObject_Vectorcall(mask_sig, &m, 1, NULL);
 }
 
 /* The key of a = (q, k, v, attn_mask, dropout_p, is_causal, enable_gqa, overrides_key). */
 static PyObject *build_key(PyObject *const *a)
 {
-    PyObject *q = a[0], *k = a[1], *v = a[2], *m = a[3];
+    PyObject *q = a[0], *k = a[1], *v = a[2];
     if (Py_TYPE(q) != tensor_type || Py_TYPE(k) != tensor_type || Py_TYPE(v) != tensor_type)
         return PyObject_Vectorcall(slow_key, a, 8, NULL);
 
-    PyObject *t = PyTuple_New(KEY_LEN), *x;
+    PyObject *t = PyTuple_New(KEY_LEN);
     if (t == NULL)
         return NULL;
-    /* the order of the reads is Python's, so the first error raised is the same */
-    if ((x = g_shape.get(q, g_shape.closure)) == NULL) goto fail;
-    PyTuple_SET_ITEM(t, 0, x);
-    if ((x = g_shape.get(k, g_shape.closure)) == NULL) goto fail;
-    PyTuple_SET_ITEM(t, 1, x);
-    if ((x = g_shape.get(v, g_shape.closure)) == NULL) goto fail;
-    PyTuple_SET_ITEM(t, 2, x);
-    if ((x = g_dtype.get(q, g_dtype.closure)) == NULL) goto fail;
-    PyTuple_SET_ITEM(t, 3, x);
-    if ((x = PyObject_Vectorcall(get_device, &q, 1, NULL)) == NULL) goto fail;
-    PyTuple_SET_ITEM(t, 4, x);
-    if (m == Py_None)
-        x = Py_NewRef(Py_None);
-    else if (Py_TYPE(m) == tensor_type)
-        x = tensor_mask_sig(m);
-    else
-        x = PyObject_Vectorcall(mask_sig, &m, 1, NULL);
-    if (x == NULL) goto fail;
-    PyTuple_SET_ITEM(t, 5, x);
-    PyTuple_SET_ITEM(t, 6, Py_NewRef(a[4]));
-    PyTuple_SET_ITEM(t, 7, Py_NewRef(a[5]));
-    PyTuple_SET_ITEM(t, 8, Py_NewRef(a[6]));
-    if ((x = g_grad.get(q, g_grad.closure)) == NULL) goto fail;
-    PyTuple_SET_ITEM(t, 9, x);
-    for (int i = 0; i < N_FLAGS; i++) {
-        if ((x = PyObject_Vectorcall(flag_fns[i], NULL, 0, NULL)) == NULL) goto fail;
-        PyTuple_SET_ITEM(t, 10 + i, x);
+    /* in Python's order, so the first error raised is the same */
+    int ok = put(t, 0, GET(g_shape, q)) && put(t, 1, GET(g_shape, k)) && put(t, 2, GET(g_shape, v)) &&
+             put(t, 3, GET(g_dtype, q)) && put(t, 4, device_of(q)) && put(t, 5, mask_key(a[3])) &&
+             put(t, 6, Py_NewRef(a[4])) && put(t, 7, Py_NewRef(a[5])) && put(t, 8, Py_NewRef(a[6])) &&
+             put(t, 9, GET(g_grad, q));
+    for (int i = 0; ok && i < N_FLAGS; i++)
+        ok = put(t, 10 + i, PyObject_Vectorcall(flag_fns[i], NULL, 0, NULL));
+    if (!ok || !put(t, 15, Py_NewRef(a[7]))) {
+        Py_DECREF(t);
+        return NULL;
     }
-    PyTuple_SET_ITEM(t, 15, Py_NewRef(a[7]));
     return t;
-fail:
-    Py_DECREF(t);
-    return NULL;
 }
 
 static int ready(void)

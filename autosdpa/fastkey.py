@@ -49,7 +49,7 @@ def _samples():
 
 
 def _load_native():
-    """(the C key, set up and checked against ``py_key``, or None; why not)."""
+    """(the C module, set up and its key checked against ``py_key``, or None; why not)."""
     try:
         from . import _fastkey
     except ImportError as e:
@@ -64,7 +64,7 @@ def _load_native():
     except Exception as e:  # a PyTorch whose Tensor is laid out differently: the Python key is always right
         log.warning("autosdpa: not using the C fast key (%s); using the Python one", e)
         return None, f"not usable with this PyTorch ({e})"
-    return _fastkey.key, ""
+    return _fastkey, ""
 
 
 _native, _why_not = _load_native()
@@ -72,7 +72,7 @@ _native, _why_not = _load_native()
 
 def key_function(native: bool = True):
     """The key the hot path calls: the C one when asked for and available, else ``py_key``."""
-    return _native if native and _native is not None else py_key
+    return _native.key if native and _native is not None else py_key
 
 
 def hit_function(plans: dict, sdpa, native: bool = True):
@@ -81,18 +81,14 @@ def hit_function(plans: dict, sdpa, native: bool = True):
     cache hit; on a miss, a tuple: the fast key, or () where it could not be built."""
     if not native or _native is None:
         return None
-    from . import _fastkey
-
-    _fastkey.bind(plans, sdpa)
-    return _fastkey.hit
+    _native.bind(plans, sdpa)
+    return _native.hit
 
 
 def forget() -> None:
     """The plans were cleared: the C hit path must not reuse the last plan it found."""
     if _native is not None:
-        from . import _fastkey
-
-        _fastkey.forget()
+        _native.forget()
 
 
 def native_available() -> bool:

@@ -150,12 +150,13 @@ def backend_fn(name: str):
     the first call with each set of input tensors and grad mode (a benchmark calls it on fixed inputs)."""
     from . import backends
     from .backends.base import Call, safe_runner
+    from .calls import needs_grad
 
     b = backends.get(name)
     runners: dict = {}  # (ids of the inputs, grad needed) -> (runner, the inputs: alive, so no id is reused)
 
     def fn(q, k, v, m=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-        grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+        grad = needs_grad(q, k, v)
         key = (id(q), id(k), id(v), id(m), grad)
         got = runners.get(key)
         if got is None:
