@@ -212,8 +212,8 @@ def candidates(c, q, k, v, mask):
     except ImportError:
         import importlib.util
         spec = importlib.util.spec_from_file_location(
-            "autosdpa_kernels", os.path.join(ROOT, "kernels", "__init__.py"),
-            submodule_search_locations=[os.path.join(ROOT, "kernels")])
+            "autosdpa_kernels", os.path.join(ROOT, "kernels", "autosdpa_kernels", "__init__.py"),
+            submodule_search_locations=[os.path.join(ROOT, "kernels", "autosdpa_kernels")])
         ak = importlib.util.module_from_spec(spec)
         sys.modules["autosdpa_kernels"] = ak
         spec.loader.exec_module(ak)

@@ -60,7 +60,7 @@ def forbid_driver() -> None:
 def _import_kernels():
     """This checkout's ``kernels/`` as ``autosdpa_kernels`` (not whichever copy is installed)."""
     import importlib.util
-    pkg = os.path.join(ROOT, "kernels")
+    pkg = os.path.join(ROOT, "kernels", "autosdpa_kernels")
     spec = importlib.util.spec_from_file_location("autosdpa_kernels", os.path.join(pkg, "__init__.py"),
                                                   submodule_search_locations=[pkg])
     ak = importlib.util.module_from_spec(spec)

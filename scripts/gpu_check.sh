@@ -50,9 +50,8 @@ step() {  # step NAME SECONDS CMD...: run under min(SECONDS*SCALE, time left), l
 
 # --- packages: the image lacks SQLAlchemy and platformdirs; nothing can be downloaded there -------------
 SITE=$WORK/site     # the wheels, installed fresh each run
-SHIM=$WORK/shim     # autosdpa_kernels -> kernels/, so no (editable) install is needed
-mkdir -p "$SITE" "$SHIM"
-ln -sfn "$REPO/kernels" "$SHIM/autosdpa_kernels"
+SHIM=$REPO/kernels  # holds the autosdpa_kernels package: importable with no (editable) install
+mkdir -p "$SITE"
 # (the CPU rehearsal's Python is not the image's 3.12: it uses its own packages unless GPU_CHECK_WHEELS=1)
 if ls .gpu_wheels/*.whl >/dev/null 2>&1 && { [ "$DEV" != cpu ] || [ "${GPU_CHECK_WHEELS:-0}" = 1 ]; }; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target "$SITE" .gpu_wheels/*.whl \

@@ -76,6 +76,24 @@ def test_missing_transformers_gives_a_clear_import_error(monkeypatch):
         hf.register()
 
 
+def test_a_broken_transformers_reports_its_real_import_error(monkeypatch):
+    """An installed, recent transformers whose import fails (e.g. a shadowed dependency) is reported as that
+    error, not as "needs transformers >= 4.56"."""
+    monkeypatch.setitem(sys.modules, "transformers.masking_utils", None)  # its import raises ImportError
+    with pytest.raises(ImportError) as err:
+        hf.register()
+    msg = str(err.value)
+    assert f"transformers {transformers.__version__} is installed" in msg and "masking_utils" in msg
+    assert ">= 4.56" not in msg
+
+
+def test_an_old_transformers_is_told_to_upgrade(monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers.masking_utils", None)
+    monkeypatch.setattr(transformers, "__version__", "4.40.2")
+    with pytest.raises(ImportError, match=r"needs transformers >= 4.56.*4\.40\.2 is installed"):
+        hf.register()
+
+
 class _Attn(torch.nn.Module):
     def __init__(self, groups, is_causal=True):
         super().__init__()

@@ -13,6 +13,7 @@ does not know gets no mask at all, which would silently drop padding).
 from __future__ import annotations
 
 import logging
+import re
 
 import torch
 
@@ -26,17 +27,41 @@ _warned_output_attentions = False
 def register(name: str = NAME) -> str:
     """Make ``attn_implementation=name`` (default ``"autosdpa"``) available to every transformers model that
     supports ``"sdpa"``. Safe to call more than once. Returns the name."""
-    try:
-        from transformers import AttentionInterface
-        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-    except ImportError as e:
-        raise ImportError(
-            "autosdpa.integrations.hf needs transformers >= 4.56 (AttentionInterface and AttentionMaskInterface): "
-            "pip install 'autosdpa[hf]'  (or: pip install 'transformers>=4.56')") from e
+    AttentionInterface, ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface = _interfaces()
     # Both are class-wide registries: every model, already built or not, sees the new name.
     AttentionInterface.register(name, attention_forward)
     AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
     return name
+
+
+_MIN_VERSION = (4, 56)
+
+
+def _interfaces():
+    """transformers' attention and mask registries. Raises ImportError saying what is wrong: transformers
+    missing or too old, or (the real error, never a version guess) an installed one that fails to import."""
+    try:
+        import transformers
+    except ImportError as e:
+        raise ImportError("autosdpa.integrations.hf needs transformers >= 4.56: pip install 'autosdpa[hf]'  "
+                          f"(or: pip install 'transformers>=4.56'); importing it failed: {e}") from e
+    version = getattr(transformers, "__version__", "0")
+    try:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    except ImportError as e:
+        if _version_tuple(version) < _MIN_VERSION:
+            raise ImportError(f"autosdpa.integrations.hf needs transformers >= 4.56 (AttentionInterface and "
+                              f"AttentionMaskInterface); transformers {version} is installed: "
+                              "pip install 'transformers>=4.56'") from e
+        raise ImportError(f"transformers {version} is installed but its attention interfaces failed to import "
+                          f"({type(e).__name__}: {e})") from e
+    return AttentionInterface, ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    m = re.match(r"(\d+)\.(\d+)", version)
+    return (int(m[1]), int(m[2])) if m else (0, 0)
 
 
 def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

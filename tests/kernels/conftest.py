@@ -56,7 +56,7 @@ def _alias_kernels() -> None:
         return
     except ImportError:
         pass
-    pkg_dir = os.path.join(_ROOT, "kernels")
+    pkg_dir = os.path.join(_ROOT, "kernels", "autosdpa_kernels")
     spec = importlib.util.spec_from_file_location("autosdpa_kernels", os.path.join(pkg_dir, "__init__.py"),
                                                   submodule_search_locations=[pkg_dir])
     mod = importlib.util.module_from_spec(spec)

@@ -89,7 +89,7 @@ def test_decode_workspace_follows_the_split_rule():
 FAR = textwrap.dedent("""
     import importlib.util, os, sys, torch
     sys.path[:0] = [{here!r}]
-    pkg = os.path.join({root!r}, "kernels")
+    pkg = os.path.join({root!r}, "kernels", "autosdpa_kernels")
     spec = importlib.util.spec_from_file_location("autosdpa_kernels", os.path.join(pkg, "__init__.py"),
                                                   submodule_search_locations=[pkg])
     ak = sys.modules["autosdpa_kernels"] = importlib.util.module_from_spec(spec)
