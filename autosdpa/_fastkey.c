@@ -23,9 +23,8 @@ typedef struct {
 #define KEY_LEN 16
 
 static PyTypeObject *tensor_type;        /* torch.Tensor */
-static PyObject *descrs[3];              /* shape, dtype, requires_grad: kept alive for their getters */
-static Getter g_shape, g_dtype, g_grad;
-static PyObject *get_device;             /* torch.Tensor.get_device, a method descriptor */
+static PyObject *descrs[4];              /* shape, dtype, requires_grad, device: kept alive for their getters */
+static Getter g_shape, g_dtype, g_grad, g_device;
 static PyObject *flag_fns[N_FLAGS];      /* PyTorch's sdp flag getters and the deterministic-algorithms one */
 static PyObject *slow_key;               /* autosdpa.fastkey.py_key: every input that is not a plain tensor */
 static PyObject *mask_sig;               /* autosdpa.fastkey.mask_sig: masks that are not plain tensors */
@@ -53,44 +52,45 @@ static int take_getter(PyTypeObject *tt, PyObject *descr, Getter *out, const cha
 static void clear(void)
 {
     Py_CLEAR(tensor_type);
-    for (int i = 0; i < 3; i++)
+    for (int i = 0; i < 4; i++)
         Py_CLEAR(descrs[i]);
-    Py_CLEAR(get_device);
     for (int i = 0; i < N_FLAGS; i++)
         Py_CLEAR(flag_fns[i]);
     Py_CLEAR(slow_key);
     Py_CLEAR(mask_sig);
 }
 
-/* init(tensor_type, shape, dtype, requires_grad, get_device, flag_fns, slow_key, mask_sig) */
+/* init(tensor_type, shape, dtype, requires_grad, device, flag_fns, slow_key, mask_sig) */
 static PyObject *init(PyObject *mod, PyObject *args)
 {
-    PyObject *tt, *shape, *dtype, *grad, *gd, *flags, *slow, *msig;
-    if (!PyArg_ParseTuple(args, "O!OOOOO!OO:init", &PyType_Type, &tt, &shape, &dtype, &grad, &gd,
+    PyObject *tt, *shape, *dtype, *grad, *device, *flags, *slow, *msig;
+    if (!PyArg_ParseTuple(args, "O!OOOOO!OO:init", &PyType_Type, &tt, &shape, &dtype, &grad, &device,
                           &PyTuple_Type, &flags, &slow, &msig))
         return NULL;
     if (PyTuple_GET_SIZE(flags) != N_FLAGS) {
         PyErr_Format(PyExc_ValueError, "init: %d flag getters expected", N_FLAGS);
         return NULL;
     }
-    if (!PyCallable_Check(gd) || !PyCallable_Check(slow) || !PyCallable_Check(msig)) {
-        PyErr_SetString(PyExc_TypeError, "init: get_device, slow_key and mask_sig must be callable");
+    if (!PyCallable_Check(slow) || !PyCallable_Check(msig)) {
+        PyErr_SetString(PyExc_TypeError, "init: slow_key and mask_sig must be callable");
         return NULL;
     }
-    Getter gs, gt, gg;  /* checked before anything is replaced: a failed init leaves the last good one */
+    Getter gs, gt, gg, gd;  /* checked before anything is replaced: a failed init leaves the last good one */
     if (take_getter((PyTypeObject *)tt, shape, &gs, "shape") < 0 ||
         take_getter((PyTypeObject *)tt, dtype, &gt, "dtype") < 0 ||
-        take_getter((PyTypeObject *)tt, grad, &gg, "requires_grad") < 0)
+        take_getter((PyTypeObject *)tt, grad, &gg, "requires_grad") < 0 ||
+        take_getter((PyTypeObject *)tt, device, &gd, "device") < 0)
         return NULL;
     clear();
     tensor_type = (PyTypeObject *)Py_NewRef(tt);
     descrs[0] = Py_NewRef(shape);
     descrs[1] = Py_NewRef(dtype);
     descrs[2] = Py_NewRef(grad);
+    descrs[3] = Py_NewRef(device);
     g_shape = gs;
     g_dtype = gt;
     g_grad = gg;
-    get_device = Py_NewRef(gd);
+    g_device = gd;
     for (int i = 0; i < N_FLAGS; i++)
         flag_fns[i] = Py_NewRef(PyTuple_GET_ITEM(flags, i));
     slow_key = Py_NewRef(slow);
@@ -109,19 +109,14 @@ static inline int put(PyObject *t, Py_ssize_t i, PyObject *x)
     return 1;
 }
 
-static PyObject *device_of(PyObject *t)
-{
-    return PyObject_Vectorcall(get_device, &t, 1, NULL);
-}
-
-/* (m.shape, m.dtype, m.__class__, m.requires_grad, m.get_device()) for a plain tensor mask */
+/* (m.shape, m.dtype, m.__class__, m.requires_grad, m.device) for a plain tensor mask */
 static PyObject *tensor_mask_sig(PyObject *m)
 {
     PyObject *t = PyTuple_New(5);
     if (t == NULL)
         return NULL;
     if (!put(t, 0, GET(g_shape, m)) || !put(t, 1, GET(g_dtype, m)) || !put(t, 2, Py_NewRef(Py_TYPE(m))) ||
-        !put(t, 3, GET(g_grad, m)) || !put(t, 4, device_of(m))) {
+        !put(t, 3, GET(g_grad, m)) || !put(t, 4, GET(g_device, m))) {
         Py_DECREF(t);  /* items not yet set are NULL, which a tuple's deallocation skips */
         return NULL;
     }
@@ -149,7 +144,7 @@ static PyObject *build_key(PyObject *const *a)
         return NULL;
     /* in Python's order, so the first error raised is the same */
     int ok = put(t, 0, GET(g_shape, q)) && put(t, 1, GET(g_shape, k)) && put(t, 2, GET(g_shape, v)) &&
-             put(t, 3, GET(g_dtype, q)) && put(t, 4, device_of(q)) && put(t, 5, mask_key(a[3])) &&
+             put(t, 3, GET(g_dtype, q)) && put(t, 4, GET(g_device, q)) && put(t, 5, mask_key(a[3])) &&
              put(t, 6, Py_NewRef(a[4])) && put(t, 7, Py_NewRef(a[5])) && put(t, 8, Py_NewRef(a[6])) &&
              put(t, 9, GET(g_grad, q));
     for (int i = 0; ok && i < N_FLAGS; i++)
@@ -276,7 +271,7 @@ static PyObject *hit(PyObject *mod, PyObject *const *a, Py_ssize_t n)
 }
 
 static PyMethodDef methods[] = {
-    {"init", init, METH_VARARGS, "init(tensor_type, shape, dtype, requires_grad, get_device, flag_fns, "
+    {"init", init, METH_VARARGS, "init(tensor_type, shape, dtype, requires_grad, device, flag_fns, "
                                  "slow_key, mask_sig): what key() reads, from Python."},
     {"key", (PyCFunction)(void (*)(void))key, METH_FASTCALL,
      "key(q, k, v, attn_mask, dropout_p, is_causal, enable_gqa, overrides_key): the dispatcher's fast key."},

@@ -48,10 +48,14 @@ class Block:
         return t[self.b:self.b + 1, self.h:self.h + 1]
 
     def mask(self, m: Tensor) -> Tensor:
+        """The block of a mask that broadcasts to (B, Hq, Lq, Lk): each of its first two dims is cut only
+        where it is not 1 (a per-head mask (1, H, Lq, Lk) keeps its one batch entry)."""
         m = m.reshape((1,) * (4 - m.dim()) + tuple(m.shape))
         if m.shape[0] > 1:
             m = m[self.b:self.b + 1]
-        return self.q(m) if m.shape[1] > 1 else m
+        if m.shape[1] > 1:
+            m = m[:, self.h * self.group:(self.h + 1) * self.group]
+        return m
 
 
 @dataclasses.dataclass(frozen=True)

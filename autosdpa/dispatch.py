@@ -28,7 +28,7 @@ from . import backends as _backends
 from . import compiled, consensus, fastkey, nested, warm
 from .backends.base import Backend, Call
 from .backends.torch_backends import pytorch_choice, torch_flags
-from .backends.torch_layout import output_order, restride
+from .backends.torch_layout import output_strides, restride
 from .calls import degenerate_reason, invalid_reason, make_call
 from .claims import check_claim
 from .config import Settings, configure_logging
@@ -107,7 +107,7 @@ sdpa = scaled_dot_product_attention
 def _mask_bucket(m):
     if m.__class__ is CausalBias:
         return (m.variant, m.seq_len_q == m.seq_len_kv)
-    return (tuple(n == 1 for n in m.shape), m.dim(), m.dtype, m.__class__, m.requires_grad, m.get_device())
+    return (tuple(n == 1 for n in m.shape), m.dim(), m.dtype, m.__class__, m.requires_grad, m.device)
 
 
 def _bucket_key(fk: tuple, q, m, threshold: int | None):
@@ -145,7 +145,7 @@ def _finisher(call: Call):
     pick = pytorch_choice(call)
     if pick is None:
         return None
-    want = output_order(call, pick)
+    want = output_strides(call, pick)
     return lambda out, name: restride(out, want)  # ``out`` itself when it already has that layout
 
 
@@ -160,6 +160,7 @@ class Dispatcher:
 
     def __init__(self, settings: Settings | None = None):
         self._lock = threading.RLock()  # one decision at a time: each new problem is tuned once
+        self._generation = 0  # bumped whenever the plans are cleared
         self._local = threading.local()  # .busy: re-entry from inside a backend, per thread
         self._store: Store | None = None
         self._apply(settings or Settings.from_env())
@@ -201,6 +202,11 @@ class Dispatcher:
         _overrides, _overrides_key = overrides, _override_sets.index(value)
 
     def clear_plans(self) -> None:
+        with self._lock:
+            self._generation += 1  # a decision still running in another thread must not cache its plan
+            self._clear_plans()
+
+    def _clear_plans(self) -> None:
         global _last
         _last = ((), None)
         fastkey.forget()
@@ -272,11 +278,12 @@ class Dispatcher:
             bk = nested.bucket_key(fk, q, k, v, thr) if nested.is_jagged(q) else _bucket_key(fk, q, m, thr)
         except Exception:  # odd inputs: decided (or passed to PyTorch) the long way
             bk = None
+        generation = self._generation
         if bk is not None and bk in _bucket_plans:
             plan = _bucket_plans[bk]
             if isinstance(plan, Plan):
                 plan = plan.sibling()
-            _plans[fk] = plan
+            self._cache(generation, fk, plan)
             return plan
         local.busy = True
         try:
@@ -291,12 +298,20 @@ class Dispatcher:
         finally:
             local.busy = False
         if cacheable:
+            self._cache(generation, fk, plan, None if isinstance(plan, InvalidPlan) else bk)
+        return plan
+
+    def _cache(self, generation: int, fk: tuple, plan, bk: tuple | None = None) -> None:
+        """Cache ``plan`` for the hot path, unless the plans were cleared (configure, reset, a new backend)
+        since it was decided: it would then be a decision under the old settings."""
+        with self._lock:
+            if generation != self._generation:
+                return
             if len(_plans) >= _MAX_PLANS:
                 self.clear_plans()
             _plans[fk] = plan
-            if bk is not None and not isinstance(plan, InvalidPlan):
+            if bk is not None:
                 _bucket_plans[bk] = plan
-        return plan
 
     def _plan(self, fk, q, k, v, m, dp, ic, sc, gqa):
         """(plan, whether it may be cached under the fast key)."""
@@ -315,8 +330,8 @@ class Dispatcher:
         # PyTorch's CUDA checks read the flags: another thread's sdpa_kernel meanwhile may have coloured the
         # eligibility, so such a decision serves this call only.
         cacheable = cacheable and torch_flags() == flags
-        if decision.source == "invalid":
-            return InvalidPlan(_backends.get("math")), False
+        if decision.source == "invalid":  # shapes (the fast key) are what the reference rejects: cache it
+            return InvalidPlan(_backends.get("math")), cacheable
         forced = policy.forced and len(policy.allowed or ()) == 1
         return plan_for(backend, decision.pytorch_choice, forced), cacheable
 
@@ -366,7 +381,7 @@ class Dispatcher:
                                                          config, force)
         except InvalidInputs as e:
             return (Decision("math", f"inputs rejected by the reference ({e}): PyTorch's math backend raises "
-                             "its error", source="invalid", **base), None, False)
+                             "its error", source="invalid", **base), None, True)
         winner, reason, source = self._choose(call, problem, envs, mkey, eligible, torch_pick, policy, source)
         for n, row in meas.items():
             if not row.ok and n not in rejected:

@@ -20,20 +20,26 @@ log = logging.getLogger("autosdpa")
 
 _gf, _ge, _gm, _gc = FLAG_GETTERS
 _det = torch._C._get_deterministic_algorithms
+_Tensor = torch.Tensor
 
 
 def mask_sig(m):
     if m.__class__ is CausalBias:
         return (m.variant, m.seq_len_q, m.seq_len_kv)
-    return (m.shape, m.dtype, m.__class__, m.requires_grad, m.get_device())
+    return (m.shape, m.dtype, m.__class__, m.requires_grad, m.device)
 
 
 def py_key(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa, overrides_key):
     """Shapes, dtype, device, mask kind, flags, grad, PyTorch's sdp flags and autosdpa's overrides: what
-    decides a plan (strides are the plan's own business, see ``plans``)."""
-    return (query.shape, key.shape, value.shape, query.dtype, query.get_device(),
-            None if attn_mask is None else mask_sig(attn_mask), dropout_p, is_causal, enable_gqa,
-            query.requires_grad, _gf(), _ge(), _gm(), _gc(), _det(), overrides_key)
+    decides a plan (strides are the plan's own business, see ``plans``). The device, not its index: a meta
+    tensor's index is a CPU tensor's (-1). Inputs that are not plain tensors (subclasses with their own
+    ``__torch_function__``, numpy arrays) add their classes, so they never share a plain call's plan."""
+    fk = (query.shape, key.shape, value.shape, query.dtype, query.device,
+          None if attn_mask is None else mask_sig(attn_mask), dropout_p, is_causal, enable_gqa,
+          query.requires_grad, _gf(), _ge(), _gm(), _gc(), _det(), overrides_key)
+    if query.__class__ is not _Tensor or key.__class__ is not _Tensor or value.__class__ is not _Tensor:
+        return (*fk, (query.__class__, key.__class__, value.__class__))
+    return fk
 
 
 def _samples():
@@ -58,7 +64,7 @@ def _load_native():
     T = torch.Tensor
     try:
         _fastkey.init(T, *(inspect.getattr_static(T, a) for a in ("shape", "dtype", "requires_grad")),
-                      inspect.getattr_static(T, "get_device"), (_gf, _ge, _gm, _gc, _det), py_key, mask_sig)
+                      inspect.getattr_static(T, "device"), (_gf, _ge, _gm, _gc, _det), py_key, mask_sig)
         if any(_fastkey.key(*s) != py_key(*s) for s in _samples()):
             raise ValueError("its keys differ from the Python key's")
     except Exception as e:  # a PyTorch whose Tensor is laid out differently: the Python key is always right

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch.nn.attention.bias import CausalBias
 
 from .backends import torch_backends
-from .backends.torch_layout import output_order, restride
+from .backends.torch_layout import output_strides, restride
 from .backends.base import Backend, safe_runner
 from .calls import make_call
 from .eligibility import ForcedBackendError, eligibility, reasons_text
@@ -62,7 +62,7 @@ def _autocast_inputs(device_type, q, k, v, m):
 def _mask_layout(m):
     if type(m) is CausalBias:
         return (m.variant, m.seq_len_q, m.seq_len_kv)
-    return (m.stride(), m.get_device(), m.dtype)
+    return (m.stride(), m.device, m.dtype)
 
 
 class Plan:
@@ -72,7 +72,7 @@ class Plan:
 
     def __init__(self, backend: Backend, forced: bool):
         self.backend, self.forced = backend, forced
-        # layout signature -> (the backend's runner for it, or None: F.sdpa; output order to restride to or None)
+        # layout signature -> (the backend's runner for it, or None: F.sdpa; output strides to restride to or None)
         self._layouts: dict = {}
 
     def __call__(self, q, k, v, m, dp, ic, sc, gqa):
@@ -96,7 +96,7 @@ class Plan:
 
     def _run(self, q, k, v, m, dp, ic, sc, gqa):
         # calls.needs_grad inlined in the last item: one Python frame less per call
-        sig = (q.stride(), k.stride(), v.stride(), k.dtype, v.dtype, k.get_device(), v.get_device(),
+        sig = (q.stride(), k.stride(), v.stride(), k.dtype, v.dtype, k.device, v.device,
                None if m is None else _mask_layout(m),
                _grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
         verdict = self._layouts.get(sig)
@@ -135,10 +135,10 @@ class Plan:
         pick = torch_backends.pytorch_choice(call)
         if pick is None:  # F.sdpa would raise or run nothing here: the backend's own layout
             return None
-        want = output_order(call, pick)
-        if self.backend.torch_backend is not None and want == output_order(call, self.backend.name):
+        want = output_strides(call, pick)
+        if self.backend.torch_backend is not None and want == output_strides(call, self.backend.name):
             return None
-        return want  # restride() returns the output itself when it already has this order
+        return want  # restride() returns the output itself when it already has these strides
 
     def _ready(self, q, k, v, m, dp, ic, sc, gqa) -> bool:
         """During CUDA-graph capture nothing may compile or autotune: only a kernel already built runs."""

@@ -82,14 +82,29 @@ def test_exact_bucketing(monkeypatch):
     assert len(calls) == 2
 
 
-def test_hit_path_does_not_touch_the_database(monkeypatch):
+@pytest.mark.parametrize("native", ["1", "0"])
+def test_hit_path_does_not_touch_the_database(monkeypatch, native):
+    """Any use of a Store (every method of the class: lookups, snapshots, saves, the user's DB and shared
+    layers alike) on a cache hit fails the test."""
+    import inspect
+
+    from autosdpa.store import Store
+
+    monkeypatch.setenv("AUTOSDPA_NATIVE", native)
+    autosdpa.reset()
     q = torch.randn(1, 2, 16, 8)
+    with autosdpa.backend("math", "flash"):  # a Plan on the hot path too, not only plain F.sdpa
+        autosdpa.sdpa(q, q, q)
     autosdpa.sdpa(q, q, q)
-    store = dispatch.get_store()
-    monkeypatch.setattr(store, "lookup", lambda *a: pytest.fail("database read on a cache hit"))
-    monkeypatch.setattr(store, "save", lambda *a: pytest.fail("database write on a cache hit"))
+    used = []
+    for name, fn in inspect.getmembers(Store, inspect.isfunction):
+        if name not in ("__del__", "__repr__"):
+            monkeypatch.setattr(Store, name, lambda *a, _n=name, **k: used.append(_n))
     for _ in range(3):
         autosdpa.sdpa(q, q, q)
+        with autosdpa.backend("math", "flash"):
+            autosdpa.sdpa(q, q, q)
+    assert used == []
 
 
 def _check_fallback(recwarn_list):

@@ -19,7 +19,8 @@ from autosdpa.backends import Call
 from autosdpa.backends import torch_ops
 from autosdpa.backends.torch_backends import get_torch, pytorch_choice, torch_flags
 from autosdpa.backends.torch_checks import cpu_flash_reasons
-from autosdpa.backends.torch_layout import dense_order, has_order, output_order, restride, strides_match
+from autosdpa.backends.torch_layout import (dense_order, has_order, order_strides, output_order, output_strides,
+                                           restride, strides_match)
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -488,8 +489,8 @@ def test_restrided_output_has_pytorchs_strides_whoever_wins(case_id):
             except RuntimeError:  # e.g. math refuses is_causal with a mask, which CPU flash takes
                 continue
             assert has_order(raw, output_order(call, name)), (case_id, name, raw.stride(), output_order(call, name))
-            out = restride(raw, output_order(call, pick))
-            assert strides_match(out, ref), (case_id, dtype, name, pick, out.stride(), ref.stride())
+            out = restride(raw, output_strides(call, pick))
+            assert out.stride() == ref.stride(), (case_id, dtype, name, pick, out.stride(), ref.stride())
             assert out.is_contiguous() == ref.is_contiguous()
             if kw.get("dropout_p", 0.0) == 0.0 and ref.isfinite().all():  # (CPU flash: NaN for some scales)
                 torch.testing.assert_close(out, ref, atol=3e-2, rtol=3e-2, equal_nan=True)
@@ -502,7 +503,7 @@ def test_nanogpt_view_works_whoever_wins():
     math_out = get_torch("math").run(q, k, v, **kw)
     with pytest.raises(RuntimeError):
         math_out.transpose(1, 2).view(4, 16, 64)  # the issue: math's contiguous layout breaks the tutorial
-    y = restride(math_out, output_order(call, "flash"))
+    y = restride(math_out, output_strides(call, "flash"))
     torch.testing.assert_close(y.transpose(1, 2).view(4, 16, 64),
                                F.scaled_dot_product_attention(q, k, v, **kw).transpose(1, 2).view(4, 16, 64))
 
@@ -536,16 +537,42 @@ def test_dense_order_is_the_order_empty_like_allocates():
 
 def test_restride_returns_the_same_tensor_or_a_differentiable_copy():
     x = torch.randn(2, 3, 4, 5, requires_grad=True)
-    assert restride(x, (0, 1, 2, 3)) is x
-    y = restride(x, (0, 2, 1, 3))
+    assert restride(x, x.stride()) is x
+    y = restride(x, order_strides(x.shape, (0, 2, 1, 3)))
     assert y is not x and torch.equal(y, x) and has_order(y, (0, 2, 1, 3))
     assert y.stride() == (60, 5, 15, 1)
     w = torch.randn(2, 3, 4, 5)
     (y * w).sum().backward()
     assert torch.equal(x.grad, w)
-    assert restride(y, (0, 2, 1, 3)) is y
+    assert restride(y, (60, 5, 15, 1)) is y
     empty = torch.empty(0, 3, 4, 5)
-    assert restride(empty, (3, 2, 1, 0)) is empty
+    assert restride(empty, (1, 1, 1, 1)) is empty
+    # dims of size 1: a view of the same memory with PyTorch's strides on them
+    z = torch.randn(2, 1, 4, 5, requires_grad=True)
+    zz = restride(z, (20, 999, 5, 1))
+    assert zz.stride() == (20, 999, 5, 1) and zz.data_ptr() == z.data_ptr() and torch.equal(zz, z)
+    zz.sum().backward()
+    assert torch.equal(z.grad, torch.ones_like(z))
+
+
+@pytest.mark.parametrize("b,h,lq,transposed", [(2, 1, 8, True), (1, 1, 8, True), (2, 2, 1, True), (1, 2, 8, False),
+                                               (2, 1, 8, False), (1, 1, 1, True)])
+def test_output_strides_of_size_one_dims_are_pytorchs_whoever_wins(b, h, lq, transposed):
+    """F.sdpa's output has exact strides even on dims of size 1 (flash returns empty_like(query)); a forced
+    backend that is not PyTorch's pick returns the same strides."""
+    import autosdpa
+
+    q = torch.randn(b, lq, h, 4).transpose(1, 2) if transposed else torch.randn(b, h, lq, 4)
+    k, v = torch.randn(b, h, 8, 4), torch.randn(b, h, 8, 4)
+    odd = torch.randn(b, h, lq, 4).as_strided((b, h, lq, 4), (h * lq * 4, 999 if h == 1 else lq * 4, 4, 1)) \
+        if h == 1 else None
+    for query in (q, odd) if odd is not None else (q,):
+        ref = F.scaled_dot_product_attention(query, k, v)
+        for name in ("math", "flash"):
+            with autosdpa.backend(name):
+                out = autosdpa.sdpa(query, k, v)
+            assert out.stride() == ref.stride(), (name, query.stride(), out.stride(), ref.stride())
+            torch.testing.assert_close(out, ref)
 
 
 def test_output_order_knows_pytorchs_backends_only():
@@ -709,7 +736,7 @@ def test_output_order_and_restride_on_cuda(case_id):
         raw = get_torch(name).run(q, k, v, **kw)
         padded_flash = name == "flash" and q.shape[-1] % 8  # F.sdpa returns a slice of a padded buffer
         assert padded_flash or has_order(raw, output_order(call, name)), (case_id, name, raw.stride())
-        out = restride(raw, output_order(call, pick))
+        out = restride(raw, output_strides(call, pick))
         ref_padded = pick == "flash" and q.shape[-1] % 8
         assert ref_padded or strides_match(out, ref), (case_id, name, pick, out.stride(), ref.stride())
 

@@ -14,7 +14,6 @@ from . import torch_ops
 from .base import Backend, Call, register
 from .torch_checks import (FLAG_GETTERS, FLAG_OFF_PREFIX, cpu_flash_reasons, cuda_can_use,  # noqa: F401
                            cuda_reasons, torch_flags)
-from .torch_layout import output_order, restride  # noqa: F401  (the dispatcher's layout helpers)
 from .torch_ops import is_lower_right, lower_right_mask
 
 #: Until dispatch.py imports FLAG_GETTERS (the old private name it uses today).

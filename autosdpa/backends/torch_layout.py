@@ -4,12 +4,13 @@ copy that gives another backend's output that layout.
 F.sdpa's output strides depend on which backend ran: math returns a contiguous tensor; the flash kernels
 (CPU and CUDA) allocate ``empty_like(query)`` and so follow the query's memory order (a query viewed from
 a (B, L, H, D) buffer gives a (B, L, H, D)-ordered output, which ``y.transpose(1, 2).view(B, L, E)`` relies
-on); CUDA efficient attention always returns (B, L, H, D) order; cuDNN follows the query like the meta
-function ``alloc_with_matching_layout``. A drop-in must hand back what PyTorch's own pick would:
-``restride(out, output_order(call, pick))``.
+on) and, for a dense query, its very strides (dims of size 1 included); CUDA efficient attention always
+returns (B, L, H, D) order; cuDNN follows the query like the meta function ``alloc_with_matching_layout``.
+A drop-in must hand back exactly what PyTorch's own pick would: ``restride(out, output_strides(call, pick))``.
 """
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from .base import Call
@@ -64,6 +65,35 @@ def output_order(call: Call, backend_name: str) -> tuple[int, ...]:
     return _cudnn_order(q, call.value)
 
 
+def output_strides(call: Call, backend_name: str) -> tuple[int, ...]:
+    """The exact strides of the output PyTorch's ``backend_name`` returns for ``call`` (4-D and 3-D calls; the
+    output has q's shape with v's head dim)."""
+    q = call.query
+    shape = (*q.shape[:-1], call.value.shape[-1])
+    if _empty_like_query(call, backend_name) and has_order(q, dense_order(q.shape, q.stride())):
+        return tuple(q.stride())  # empty_like keeps a dense tensor's strides, even those of size-1 dims
+    return order_strides(shape, output_order(call, backend_name))
+
+
+def _empty_like_query(call: Call, backend_name: str) -> bool:
+    """Whether the backend allocates its output as ``empty_like`` of the query itself."""
+    q = call.query
+    if backend_name != "flash" or q.dim() != 4 or q.is_nested or call.value.shape[-1] != q.shape[-1]:
+        return False
+    return q.device.type == "cpu"
+
+
+def order_strides(sizes, order: tuple[int, ...]) -> tuple[int, ...]:
+    """The strides of a dense tensor laid out in ``order`` (outermost first), as PyTorch computes them: a dim
+    of size 1 gets the product of the sizes inside it."""
+    strides = [0] * len(sizes)
+    inner = 1
+    for d in reversed(order):
+        strides[d] = inner
+        inner *= sizes[d]
+    return tuple(strides)
+
+
 def _cudnn_order(q: Tensor, v: Tensor) -> tuple[int, ...]:
     if v.shape[-1] == q.shape[-1]:
         return dense_order(q.shape, q.stride())  # empty_like(query)
@@ -83,15 +113,14 @@ def has_order(t: Tensor, order: tuple[int, ...]) -> bool:
     return True
 
 
-def restride(out: Tensor, order: tuple[int, ...]) -> Tensor:
-    """``out`` itself when it is already dense in ``order``; else a copy laid out in ``order`` (same values,
-    differentiable)."""
-    if out.numel() == 0 or has_order(out, order):
+def restride(out: Tensor, strides: tuple[int, ...]) -> Tensor:
+    """``out`` itself when it has exactly these strides; a view when it differs only on dims of size 1 (which
+    address no other memory); else a copy with these strides. Same values, differentiable."""
+    if out.numel() == 0 or out.stride() == strides:
         return out
-    inverse = [0] * len(order)
-    for i, d in enumerate(order):
-        inverse[d] = i
-    return out.permute(order).contiguous().permute(inverse)
+    if all(a == b for n, a, b in zip(out.shape, out.stride(), strides) if n != 1):
+        return out.as_strided(out.shape, strides)
+    return torch.empty_strided(out.shape, strides, dtype=out.dtype, device=out.device).copy_(out)
 
 
 def strides_match(a: Tensor, b: Tensor) -> bool:
@@ -103,4 +132,5 @@ def strides_match(a: Tensor, b: Tensor) -> bool:
     return all(sa == sb for n, sa, sb in zip(a.shape, a.stride(), b.stride()) if n != 1)
 
 
-__all__ = ["dense_order", "has_order", "output_order", "restride", "strides_match"]
+__all__ = ["dense_order", "has_order", "order_strides", "output_order", "output_strides", "restride",
+           "strides_match"]
