@@ -11,8 +11,10 @@ The fake (meta) implementation is F.sdpa's own, so shapes and strides are what P
 what the dispatcher returns too. Gradients: the backward op recomputes the forward through the dispatcher with
 grad enabled (the training-tuned winner) and differentiates it: correct for every backend, at the price of one
 extra forward in the backward pass. Calls the op cannot express go to plain F.sdpa in the graph: dropout (its
-random stream would have to be replayed), a CausalBias or a mask that needs its own gradient, and everything
-when ``AUTOSDPA_COMPILE=pytorch`` (the opt-out).
+random stream would have to be replayed), a CausalBias or a mask that needs its own gradient, forward-mode AD
+and torch.func transforms (the op defines a backward only), and everything when ``AUTOSDPA_COMPILE=pytorch``
+(the opt-out). Under autocast the traced call casts the inputs as F.sdpa's autocast rule does before the op
+(``autocast``), so a compiled model computes in the same dtype as with F.sdpa.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import contextlib
 from typing import Optional
 
 import torch
+import torch.autograd.forward_ad as _fwAD
 import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention.bias import CausalBias
@@ -89,7 +92,18 @@ sdpa_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def expressible(query, attn_mask, dropout_p, is_causal, enable_gqa) -> bool:
-    """Whether the custom op can stand for this call in a graph (else the graph calls plain F.sdpa)."""
+    """Whether the custom op can stand for this call in a graph (else the graph calls plain F.sdpa). Not
+    under forward-mode AD or a torch.func transform: the op defines a backward only (a tangent would be
+    silently lost, and functorch cannot lift its autograd rule)."""
     return (dropout_p == 0.0 and not isinstance(attn_mask, CausalBias) and not query.is_nested
             and not (attn_mask is not None and attn_mask.requires_grad)
-            and isinstance(is_causal, bool) and isinstance(enable_gqa, bool))
+            and isinstance(is_causal, bool) and isinstance(enable_gqa, bool)
+            and not _forward_ad() and not _functorch_active())
+
+
+def _forward_ad() -> bool:
+    return getattr(_fwAD, "_current_level", -1) >= 0
+
+
+def _functorch_active() -> bool:
+    return torch._C._are_functorch_transforms_active()

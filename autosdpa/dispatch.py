@@ -26,6 +26,7 @@ from torch.nn.attention.bias import CausalBias
 
 from . import backends as _backends
 from . import compiled, consensus, fastkey, nested, warm
+from .autocast import autocast_inputs
 from .backends.base import Backend, Call
 from .backends.torch_backends import pytorch_choice, torch_flags
 from .backends.torch_layout import output_strides, restride
@@ -590,6 +591,8 @@ def _traced(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, s
     calls the op cannot express. Nothing is tuned while tracing."""
     if dispatcher.settings.compile == "dispatch" and compiled.expressible(query, attn_mask, dropout_p, is_causal,
                                                                           enable_gqa):
+        if torch.is_autocast_enabled(query.device.type):  # the op has no autocast rule: cast as F.sdpa's has
+            query, key, value, attn_mask = autocast_inputs(query.device.type, query, key, value, attn_mask)
         return compiled.sdpa_op(query, key, value, attn_mask, float(dropout_p), is_causal,
                                 None if scale is None else float(scale), enable_gqa)
     return _sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)

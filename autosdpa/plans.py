@@ -12,6 +12,7 @@ import torch.autograd.forward_ad as _fwAD
 import torch.nn.functional as F
 from torch.nn.attention.bias import CausalBias
 
+from .autocast import autocast_inputs
 from .backends import torch_backends
 from .backends.torch_layout import output_strides, restride
 from .backends.base import Backend, safe_runner
@@ -51,14 +52,6 @@ def _forward_ad() -> bool:
     return _HAS_FWAD_LEVEL and _fwAD._current_level >= 0
 
 
-def _autocast_inputs(device_type, q, k, v, m):
-    """What autocast hands F.sdpa: floating tensors in the autocast dtype."""
-    dt = torch.get_autocast_dtype(device_type)
-    cast = [t.to(dt) if isinstance(t, torch.Tensor) and t.is_floating_point() and type(t) is not CausalBias else t
-            for t in (q, k, v, m)]
-    return tuple(cast)
-
-
 def _mask_layout(m):
     if type(m) is CausalBias:
         return (m.variant, m.seq_len_q, m.seq_len_kv)
@@ -91,7 +84,7 @@ class Plan:
             # does forward-mode AD
             return _sdpa(q, k, v, m, dp, ic, scale=sc, enable_gqa=gqa)
         if autocast:  # a forced backend runs on what autocast would hand F.sdpa
-            q, k, v, m = _autocast_inputs(q.device.type, q, k, v, m)
+            q, k, v, m = autocast_inputs(q.device.type, q, k, v, m)
         return self._run(q, k, v, m, dp, ic, sc, gqa)
 
     def _run(self, q, k, v, m, dp, ic, sc, gqa):
@@ -157,7 +150,7 @@ class InvalidPlan:
 
     def __call__(self, q, k, v, m, dp, ic, sc, gqa):
         if _is_autocast(q.device.type):  # what autocast would hand F.sdpa's op
-            q, k, v, m = _autocast_inputs(q.device.type, q, k, v, m)
+            q, k, v, m = autocast_inputs(q.device.type, q, k, v, m)
         return self.math.run(q, k, v, m, dp, ic, sc, gqa)
 
 

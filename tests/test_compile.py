@@ -120,3 +120,53 @@ def test_jit_trace_records_pytorchs_op_without_autosdpa_warnings():
         traced = torch.jit.trace(lambda q: autosdpa.sdpa(q, q, q), (q,))
     assert not [w for w in caught if "autosdpa" in str(w.message) or issubclass(w.category, torch.jit.TracerWarning)]
     torch.testing.assert_close(traced(q), F.scaled_dot_product_attention(q, q, q))
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager", "inductor"])
+def test_compiled_op_follows_autocast(backend):
+    """Under autocast F.sdpa computes in the autocast dtype (its floating inputs cast, float64 left alone);
+    the compiled op must too, eager and compiled, and mixed input dtypes that autocast unifies must run."""
+    def plain(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    def ours(q, k, v):
+        return autosdpa.sdpa(q, k, v, is_causal=True)
+    q, k, v = qkv(L=32, D=16)
+    compiled = torch.compile(ours, backend=backend, fullgraph=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for args in ((q, k, v), (q, k, v.bfloat16())):  # a compiled HF Llama under autocast hands such calls
+            ref = plain(*args)
+            for out in (ours(*args), compiled(*args)):
+                assert out.dtype == ref.dtype == torch.bfloat16
+                torch.testing.assert_close(out, ref, atol=2e-2, rtol=2e-2)
+        q64, k64, v64 = (t.double() for t in (q, k, v))
+        assert compiled(q64, k64, v64).dtype == plain(q64, k64, v64).dtype == torch.float64
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_forward_mode_ad_through_a_compiled_graph_gives_the_tangent(backend):
+    import torch.autograd.forward_ad as fwAD
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q, k, v = (t.double() for t in qkv(L=16, D=8))
+    tangent = torch.randn_like(q)
+
+    def jvp(fn):
+        with fwAD.dual_level(), sdpa_kernel(SDPBackend.MATH):  # CPU flash has no forward AD (F.sdpa raises)
+            out = fn(fwAD.make_dual(q, tangent), k, v)
+            return fwAD.unpack_dual(out)
+    ours = jvp(torch.compile(lambda q, k, v: autosdpa.sdpa(q, k, v), backend=backend))
+    theirs = jvp(lambda q, k, v: F.scaled_dot_product_attention(q, k, v))
+    assert ours.tangent is not None
+    torch.testing.assert_close(ours.primal, theirs.primal)
+    torch.testing.assert_close(ours.tangent, theirs.tangent)
+
+
+def test_compiled_func_grad_works_as_with_sdpa():
+    q, k, v = qkv(L=16, D=8)
+
+    def loss(fn):
+        return lambda q: fn(q, k, v, is_causal=True).square().sum()
+    ours = torch.compile(torch.func.grad(loss(autosdpa.sdpa)))(q)
+    theirs = torch.func.grad(loss(F.scaled_dot_product_attention))(q)
+    torch.testing.assert_close(ours, theirs)
