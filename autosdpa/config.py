@@ -11,9 +11,10 @@ import logging
 import math
 import os
 import re
-import warnings
 from pathlib import Path
 from typing import Mapping
+
+from .text import warn_at_caller
 
 MODES = ("tune", "lookup", "off")
 COMPILE_MODES = ("dispatch", "pytorch")
@@ -39,15 +40,15 @@ VARIABLES = {
 }
 
 
-def _warn(name: str, value: str, why: str, used, stacklevel: int = 4) -> None:
-    warnings.warn(f"autosdpa: {name}={value!r} {why}; using {used!r}", RuntimeWarning, stacklevel=stacklevel)
+def _warn(name: str, value: str, why: str, used) -> None:
+    warn_at_caller(f"autosdpa: {name}={value!r} {why}; using {used!r}")
 
 
 def _switch(env: Mapping[str, str], name: str, default: bool) -> bool:
     """A 0/1 variable; unset or empty means ``default``, anything else warns and means ``default``."""
     value = env.get(name, "").strip()
     if value not in ("", "0", "1"):
-        _warn(name, value, "is not 0 or 1", str(int(default)), stacklevel=5)
+        _warn(name, value, "is not 0 or 1", str(int(default)))
         return default
     return default if value == "" else value == "1"
 

@@ -18,7 +18,6 @@ import logging
 import math
 import threading
 import time
-import warnings
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +38,7 @@ from .plans import InvalidPlan, Plan, plan_for, priority_set
 from .policy import NO_OVERRIDES, Overrides, Policy, resolve
 from .problem import DECODE_LQ, Problem, bucket, layout_class
 from .store import Measurement, Store, StoreError
+from .text import warn_at_caller
 from .tuner import Decision, InvalidInputs, TuneConfig, choose, measure
 
 log = logging.getLogger("autosdpa")
@@ -264,7 +264,7 @@ class Dispatcher:
     def warn_once(self, kind: str, message: str) -> None:
         if kind not in self._warned:
             self._warned.add(kind)
-            warnings.warn(message, RuntimeWarning, stacklevel=5)
+            warn_at_caller(message)
 
     # -- the first-sight path ------------------------------------------------------------------------------
     def miss(self, fk: tuple, q, k, v, m, dp, ic, sc, gqa):

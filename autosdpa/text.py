@@ -1,7 +1,9 @@
 """Small formatting and reporting helpers shared by the library and the command line (no torch)."""
 from __future__ import annotations
 
+import os
 import re
+import sys
 import threading
 import warnings
 
@@ -24,6 +26,18 @@ def printable(value):
     return _CONTROL_RE.sub("?", value) if isinstance(value, str) else value
 
 
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def warn_at_caller(message: str, category: type[Warning] = RuntimeWarning) -> None:
+    """``warnings.warn`` attributed to the first frame outside autosdpa: the user's call (or the library's
+    that called autosdpa), not an internal line the user can do nothing about."""
+    level, frame = 2, sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)
+
+
 class WarnOnce:
     """One warning per kind for the life of this object (thread-safe); ``reset()`` forgets what was said."""
 
@@ -32,13 +46,14 @@ class WarnOnce:
         self._said: set[str] = set()
         self._lock = threading.Lock()
 
-    def __call__(self, kind: str, message: str, *, stacklevel: int = 3) -> bool:
-        """Warn ``message`` unless a warning of ``kind`` was given already; whether it warned."""
+    def __call__(self, kind: str, message: str) -> bool:
+        """Warn ``message`` (at the caller outside autosdpa) unless a warning of ``kind`` was given already;
+        whether it warned."""
         with self._lock:
             if kind in self._said:
                 return False
             self._said.add(kind)
-        warnings.warn(message, self.category, stacklevel=stacklevel)
+        warn_at_caller(message, self.category)
         return True
 
     def reset(self) -> None:

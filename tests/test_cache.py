@@ -239,3 +239,19 @@ def test_a_plan_shared_in_a_bucket_checks_each_new_shape_even_with_the_same_stri
         assert fake.runs == 2
     finally:
         unregister("upto20")
+
+
+def test_warnings_point_at_the_users_call(tmp_path, monkeypatch):
+    """A warning from deep inside autosdpa is attributed to the line that called it, not to an internal one."""
+    path = tmp_path / "db.sqlite"
+    path.write_bytes(os.urandom(4096))  # unusable: one warning, then memory
+    monkeypatch.setenv("AUTOSDPA_DB", str(path))
+    monkeypatch.setenv("AUTOSDPA_NATIVE", "maybe")  # a bad setting: warned when the settings are read
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        autosdpa.reset()
+        q = torch.randn(1, 2, 16, 8)
+        autosdpa.sdpa(q, q, q)
+    ours = [w for w in caught if "autosdpa" in str(w.message)]
+    assert {str(w.message).split(":")[1].strip()[:12] for w in ours} >= {"AUTOSDPA_NAT", "tuning datab"}
+    assert all(w.filename == __file__ for w in ours), [(w.filename, w.lineno) for w in ours]
