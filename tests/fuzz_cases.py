@@ -295,6 +295,7 @@ class Failure:
     kind: str     # e.g. "values", "exception type", "strides"
     stage: str    # "first", "cached", "pair-first", "pair-second", "pair-second-cached"
     detail: str
+    excess: float = math.inf  # values and grads: max |autosdpa - F.sdpa| / max(1, max |F.sdpa|) over the tolerance
 
     def __str__(self) -> str:
         return f"[{self.stage}] {self.kind}: {self.detail}"
@@ -378,7 +379,8 @@ def _compare_tensors(ref: Outcome, got: Outcome, case: Case, stage: str, truth) 
     why = _close(a, b, tol)
     if why:
         note = _verdict(a, b, exact.out(a.dtype), tol)
-        fails.append(Failure(note + ("nan pattern" if why.startswith("NaN") else "values"), stage, why))
+        fails.append(Failure(note + ("nan pattern" if why.startswith("NaN") else "values"), stage, why,
+                             _excess(a, b, tol)))
     if b.numel() and any(sa != sb for n, sa, sb in zip(b.shape, a.stride(), b.stride()) if n != 1):
         fails.append(Failure("strides", stage, f"F.sdpa {b.stride()}, autosdpa {a.stride()} for shape "
                              f"{tuple(b.shape)}"))
@@ -431,7 +433,8 @@ def _compare_grads(ref: Outcome, got: Outcome, stage: str, tol: float) -> list[t
             continue
         why = None if ga is None else _close(ga, gb, tol * GRAD_FACTOR)
         if why:
-            fails.append((Failure("grads", stage, f"{name} input requiring grad (or tangent): {why}"), i))
+            fails.append((Failure("grads", stage, f"{name} input requiring grad (or tangent): {why}",
+                                  _excess(ga, gb, tol * GRAD_FACTOR)), i))
     return fails
 
 
@@ -498,6 +501,15 @@ def math64(case: Case, q, k, v, kw):
         g = torch.Generator().manual_seed(case.seed + 7)
         grad_out = torch.randn(out.shape, generator=g, dtype=torch.float64).to(q.dtype).double()
         return out, torch.autograd.grad(out, inputs, grad_out, allow_unused=True)
+
+
+def _excess(a: torch.Tensor, b: torch.Tensor, tol: float) -> float:
+    """How many tolerances apart ``a`` is from ``b``, relative to max(1, max |b|) (inf for NaN patterns)."""
+    a64, b64 = a.detach().double(), b.detach().double()
+    if not torch.equal(a64.isnan(), b64.isnan()):
+        return math.inf
+    diff = (a64 - b64).abs().nan_to_num(0.0, posinf=math.inf).max().item()
+    return diff / max(1.0, b64.abs().nan_to_num(0.0).max().item()) / tol
 
 
 def _close(a: torch.Tensor, b: torch.Tensor, tol: float) -> str | None:
@@ -861,13 +873,20 @@ def check_themed(theme: str, case) -> list[Failure]:
     return check_pair(*case) if theme == "pairs" else check(case)
 
 
+#: How far (in tolerances of the dtype, relative to max(1, max |F.sdpa|)) the huge-scale difference may go: the
+#: saturated softmax of two correct kernels differs by ~14 tolerances at fp32 (seen: 2.9e-4 at |out| 2.1); a
+#: wrong result (a wrong scale, 2 * out + 1) is thousands of tolerances off.
+HUGE_SCALE_EXCESS = 200.0
+
 #: Differences found by fuzzing and left to fix: name -> (does this failure of this case match, why).
 #: Each has a strict xfail repro in tests/test_fuzz.py; the fuzz tests skip the failures they match.
 KNOWN: dict[str, tuple[Callable[[Case, Failure], bool], str]] = {
     "huge scale": (
-        lambda c, f: isinstance(c.scale, (int, float)) and abs(c.scale) >= 1e3 and f.kind in ("values", "grads"),
+        lambda c, f: isinstance(c.scale, (int, float)) and abs(c.scale) >= 1e3 and f.kind in ("values", "grads")
+        and f.excess <= HUGE_SCALE_EXCESS,
         "with |scale| >= 1e3 a math plan (the key leaves scale out) is further from float64 than PyTorch's CPU "
-        "flash at fp32/fp16: softmax saturates and math's unfused rounding shows"),
+        f"flash at fp32/fp16: softmax saturates and math's unfused rounding shows (up to {HUGE_SCALE_EXCESS:g} "
+        "tolerances; beyond that it is a failure)"),
 }
 
 

@@ -46,12 +46,18 @@ def test_a_degenerate_call_does_not_decide_for_normal_ones():
     assert d.backend == d.pytorch_choice == "flash" and "flash" not in d.rejected
 
 
-def test_an_empty_call_is_quiet_and_matches():
-    q = torch.randn(1, 2, 0, 8)
+@pytest.mark.parametrize("qs,ks", [((1, 2, 0, 8), (1, 2, 0, 8)), ((1, 2, 4, 8), (1, 2, 0, 8)),
+                                   ((0, 2, 4, 8), (0, 2, 4, 8)), ((1, 2, 4, 0), (1, 2, 4, 0))],
+                         ids=["no queries", "no keys", "no batch", "no head dim"])
+def test_an_empty_call_is_quiet_and_matches(qs, ks):
+    q, k = torch.randn(qs, requires_grad=True), torch.randn(ks, requires_grad=True)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        out = autosdpa.sdpa(q, q, q)
-    assert out.shape == F.scaled_dot_product_attention(q, q, q).shape
+        out = autosdpa.sdpa(q, k, k)
+    ref = F.scaled_dot_product_attention(q, k, k)
+    assert (out.shape, out.stride(), out.dtype, out.requires_grad) == (ref.shape, ref.stride(), ref.dtype,
+                                                                       ref.requires_grad)
+    torch.testing.assert_close(out, ref, equal_nan=True)  # e.g. no keys: every row fully masked
 
 
 def test_invalid_heads_raise_pytorchs_error_quietly():
