@@ -8,6 +8,8 @@ from torch.nn.attention.bias import CausalBias
 
 from . import nested
 from .backends.base import Call
+from .forms.structure import trusted_structure
+from .masks import StructuredMask
 from .problem import DTYPE_NAMES
 
 _Tensor = torch.Tensor
@@ -35,10 +37,18 @@ def make_call(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
     lead = -2 if query.dim() == 3 else -3  # batch dims: (N, L, E) or (..., H, L, E)
     if not (query.dim() == key.dim() == value.dim() and query.shape[:lead] == key.shape[:lead] == value.shape[:lead]):
         return None  # broadcast batch dims: PyTorch's math backend takes them; the key does not describe them
-    if attn_mask is not None and not (type(attn_mask) in _PLAIN or type(attn_mask) is CausalBias):
+    structure = None
+    if attn_mask is None or type(attn_mask) is CausalBias:
+        pass
+    elif type(attn_mask) in _PLAIN:
+        structure = trusted_structure(attn_mask)  # checked by the dispatcher on this call, if it was
+    elif type(attn_mask) is StructuredMask:  # its structure said, not read: the dense mask for the backends
+        structure, attn_mask = attn_mask.structure, attn_mask.materialize(query.device)
+    else:
         return None
     grad = needs_grad(query, key, value) if grad is None else grad
-    return Call(query, key, value, attn_mask, float(dropout_p), is_causal, scale, enable_gqa, bool(grad))
+    return Call(query, key, value, attn_mask, float(dropout_p), is_causal, scale, enable_gqa, bool(grad),
+                structure)
 
 
 def degenerate_reason(call: Call) -> str | None:

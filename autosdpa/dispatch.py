@@ -13,6 +13,7 @@ The ``Dispatcher`` object owns all of this state; other modules change it only t
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -34,7 +35,9 @@ from .claims import check_claim
 from .config import Settings, configure_logging
 from .eligibility import ForcedBackendError, eligibility, reasons_text
 from .environment import environment
-from .plans import InvalidPlan, Plan, plan_for, priority_set
+from .forms.structure import candidate_shape, detect, trusted
+from .masks import StructuredMask
+from .plans import InvalidPlan, Plan, Router, plan_for, priority_set
 from .policy import NO_OVERRIDES, Overrides, Policy, resolve
 from .problem import DECODE_LQ, Problem, bucket, layout_class
 from .store import Measurement, Store, StoreError
@@ -108,6 +111,8 @@ sdpa = scaled_dot_product_attention
 def _mask_bucket(m):
     if m.__class__ is CausalBias:
         return (m.variant, m.seq_len_q == m.seq_len_kv)
+    if m.__class__ is StructuredMask:
+        return (StructuredMask, m.structure.word, len(m.structure.lengths) > 1, m.mask_device)
     return (tuple(n == 1 for n in m.shape), m.dim(), m.dtype, m.__class__, m.requires_grad, m.device)
 
 
@@ -124,6 +129,21 @@ def _bucket_key(fk: tuple, q, m, threshold: int | None):
     shape = (len(qs), bucket(batch, threshold), heads, bucket(lq, threshold),
              bucket(lk, 0 if threshold is not None and lq <= DECODE_LQ else threshold), qs[-1], vs[-1])
     return (shape, layout_class(q), None if m is None else _mask_bucket(m), *fk[3:5], *fk[6:])
+
+
+#: Attention work (Lq x Lk) below which a dense mask's structure is not looked for: a rewrite could save less
+#: than the look costs.
+STRUCTURE_MIN_WORK = 4096
+
+
+def _may_have_structure(call: Call, m) -> bool:
+    """Whether this call's mask may have a structure worth a rewrite: a StructuredMask says so; a dense one
+    must be readable here (CPU), one for every head, and the call big enough."""
+    if m.__class__ is StructuredMask:
+        return True
+    q, k = call.query, call.key
+    return (call.structure is None and not call.is_causal and call.dropout_p == 0 and q.dim() == 4
+            and q.shape[2] * k.shape[2] >= STRUCTURE_MIN_WORK and candidate_shape(m, q, k) is not None)
 
 
 def _tuning_forbidden(call: Call) -> str | None:
@@ -284,6 +304,8 @@ class Dispatcher:
             plan = _bucket_plans[bk]
             if isinstance(plan, Plan):
                 plan = plan.sibling()
+            elif isinstance(plan, Router):
+                plan = plan.sibling(fk)
             self._cache(generation, fk, plan)
             return plan
         local.busy = True
@@ -314,8 +336,9 @@ class Dispatcher:
             if bk is not None:
                 _bucket_plans[bk] = plan
 
-    def _plan(self, fk, q, k, v, m, dp, ic, sc, gqa):
-        """(plan, whether it may be cached under the fast key)."""
+    def _plan(self, fk, q, k, v, m, dp, ic, sc, gqa, routing: bool = False):
+        """(plan, whether it may be cached under the fast key). ``routing``: deciding for one structure of a
+        Router's calls (never another Router)."""
         call = make_call(q, k, v, m, dp, ic, sc, gqa)
         if call is None or degenerate_reason(call):  # PyTorch handles (or rejects) them; they decide nothing
             return None, False
@@ -326,6 +349,8 @@ class Dispatcher:
             kv_mismatch = call.key.shape[-2] != call.value.shape[-2]
             return (InvalidPlan(_backends.get("math")) if flags[2] or kv_mismatch else None), True
         policy = resolve(Overrides(*_override_sets[fk[_FK_OVERRIDES]]), self.settings.mode, flags, priority_set())
+        if not routing and not policy.passthrough and _may_have_structure(call, m):
+            return Router(fk, self._route, self._give_up), torch_flags() == flags  # decides per structure
         with self._lock:
             decision, backend, cacheable = self.decide(call, policy)
         # PyTorch's CUDA checks read the flags: another thread's sdpa_kernel meanwhile may have coloured the
@@ -335,6 +360,38 @@ class Dispatcher:
             return InvalidPlan(_backends.get("math")), cacheable
         forced = policy.forced and len(policy.allowed or ()) == 1
         return plan_for(backend, decision.pytorch_choice, forced), cacheable
+
+    def _route(self, router: Router, key, s, q, k, v, m, dp, ic, sc, gqa):
+        """The plan for ``router``'s calls of structure ``s`` (None: no structure), cached in the router."""
+        generation = self._generation
+        local = self._local
+        local.busy = True
+        try:
+            with trusted(m, s):
+                plan, cacheable = self._plan(router.fk, q, k, v, m, dp, ic, sc, gqa, routing=True)
+        except ForcedBackendError:
+            raise
+        except Exception as e:  # as in miss(): never break the caller's run
+            self.warn_once(f"decide:{type(e).__name__}",
+                           f"autosdpa: could not decide ({type(e).__name__}: {e}); using PyTorch's SDPA")
+            log.debug("decide failed", exc_info=True)
+            plan, cacheable = None, True
+        finally:
+            local.busy = False
+        if cacheable:
+            with self._lock:
+                if generation == self._generation:
+                    router.routes[key] = plan
+        return plan
+
+    def _give_up(self, router: Router, plan) -> None:
+        """``router``'s masks showed no structure: its fast key gets the plain plan, with no look per call."""
+        global _last
+        with self._lock:
+            if _plans.get(router.fk) is router:
+                _plans[router.fk] = plan
+                _last = ((), None)
+                fastkey.forget()
 
     def explain(self, q, k, v, m=None, dp=0.0, ic=False, sc=None, gqa=False) -> Decision:
         call = make_call(q, k, v, m, dp, ic, sc, gqa)
@@ -349,14 +406,16 @@ class Dispatcher:
             return Decision("math", f"invalid inputs ({why}): PyTorch's math backend raises its error",
                             source="invalid")
         policy = resolve(_overrides, self.settings.mode, torch_flags(), priority_set())
-        with self._lock:
+        if call.structure is None and m is not None and _may_have_structure(call, m):
+            call = dataclasses.replace(call, structure=detect(call.attn_mask, call.query, call.key))
+        with self._lock, trusted(call.attn_mask, call.structure):
             return self.decide(call, policy)[0]
 
     def tune_problem(self, problem: Problem, device, *, force: bool = False,
                      config: TuneConfig | None = None) -> Decision:
         """Tune ``problem`` on synthetic inputs of its shape (offline tuning); returns the Decision."""
         call = problem.make_call(device)
-        with self._lock, deterministic(problem.deterministic):
+        with self._lock, deterministic(problem.deterministic), trusted(call.attn_mask, call.structure):
             return self.decide(call, Policy(mode="tune"), config=config, force=force)[0]
 
     def decide(self, call: Call, policy: Policy, *, config: TuneConfig | None = None, force: bool = False
@@ -389,6 +448,10 @@ class Dispatcher:
                 rejected[n] = row.detail or row.status
         if policy.reason:
             reason = f"{reason}; {policy.reason}"
+        if call.structure is not None:
+            b = _backends.get(winner)
+            run_as = f", run as {b.does} ({b.tolerance} to F.sdpa)" if getattr(b, "rewrite", False) else ""
+            reason = f"{reason}; the mask is {call.structure.describe()}{run_as}"
         timings = {n: (meas[n].median_s if n in meas and meas[n].ok else None) for n in elig}
         decision = Decision(winner, reason, timings, rejected, problem.key, torch_pick, source)
         return decision, _backends.get(winner), cacheable
@@ -397,7 +460,7 @@ class Dispatcher:
         """(allowed backends, backends to time, eligibility of both): every eligible default candidate is
         timed even under a restriction, so the store holds every backend's measurement."""
         device = call.query.device
-        everyone = [b for b in _backends.all_backends() if b.candidate_by_default(device)]
+        everyone = [b for b in _backends.all_backends() if b.candidate_by_default(device) and call.form in b.forms]
         if policy.allowed is None:
             allowed = everyone
         else:

@@ -15,6 +15,7 @@ import torch
 from torch.nn.attention.bias import CausalBias, causal_lower_right
 
 from .backends.torch_checks import FLAG_GETTERS
+from .masks import StructuredMask
 
 log = logging.getLogger("autosdpa")
 
@@ -26,6 +27,9 @@ _Tensor = torch.Tensor
 def mask_sig(m):
     if m.__class__ is CausalBias:
         return (m.variant, m.seq_len_q, m.seq_len_kv)
+    if m.__class__ is StructuredMask:  # its lengths vary per batch: the plan reads them per call
+        s = m.structure
+        return (StructuredMask, s.word, s.lq, s.lk, len(s.lengths), m.mask_device)
     return (m.shape, m.dtype, m.__class__, m.requires_grad, m.device)
 
 

@@ -18,6 +18,8 @@ from .backends.torch_layout import output_strides, restride
 from .backends.base import Backend, safe_runner
 from .calls import make_call
 from .eligibility import ForcedBackendError, eligibility, reasons_text
+from .forms.structure import detect, trusted
+from .masks import StructuredMask
 
 _sdpa = F.scaled_dot_product_attention
 _capturing = torch.cuda.is_current_stream_capturing
@@ -139,6 +141,50 @@ class Plan:
         return ready is None or bool(ready(make_call(q, k, v, m, dp, ic, sc, gqa)))
 
 
+class Router:
+    """What a cache hit runs for a masked call whose mask may have a structure (``forms.structure``): per call,
+    the structure (a ``StructuredMask`` says it; a dense CPU mask is read and checked on all of its values,
+    so the verdict is never stale), then the plan decided for that structure (``route``: the dispatcher's,
+    once per structure and share of valid keys), run with the structure trusted for this call. A fast key whose
+    dense masks showed no structure ``GIVE_UP`` times in a row is handed back to the dispatcher (``give_up``),
+    which caches its plain plan instead: a model with arbitrary masks pays the O(Lk) look only at first."""
+
+    GIVE_UP = 3
+    __slots__ = ("fk", "routes", "_route", "_give_up", "_misses")
+
+    def __init__(self, fk: tuple, route, give_up):
+        self.fk, self._route, self._give_up = fk, route, give_up
+        self.routes: dict = {}  # (word, fill) or None -> plan (None: F.sdpa)
+        self._misses = 0
+
+    def __call__(self, q, k, v, m, dp, ic, sc, gqa):
+        if m.__class__ is StructuredMask:
+            s, m = m.structure, m.materialize(q.device)
+        else:
+            s = detect(m, q, k)
+        key = None if s is None else (s.word, s.fill)
+        plan = self.routes.get(key, _ABSENT)
+        if plan is _ABSENT:
+            plan = self._route(self, key, s, q, k, v, m, dp, ic, sc, gqa)
+        if s is None and not any(self.routes.keys() - {None}):
+            self._misses += 1
+            if self._misses == self.GIVE_UP:
+                self._give_up(self, plan)
+        if plan is None:
+            return _sdpa(q, k, v, m, dp, ic, scale=sc, enable_gqa=gqa)
+        with trusted(m, s):
+            return plan(q, k, v, m, dp, ic, sc, gqa)
+
+    def sibling(self, fk: tuple) -> "Router":
+        """The same routes for another fast key of its bucket (plans re-check each new layout)."""
+        other = Router(fk, self._route, self._give_up)
+        other.routes = {key: p.sibling() if isinstance(p, Plan) else p for key, p in self.routes.items()}
+        return other
+
+
+_ABSENT = object()
+
+
 class InvalidPlan:
     """Inputs PyTorch must reject: run its math backend, which raises PyTorch's own error (F.sdpa's CPU flash
     kernel would instead read past v when k and v lengths differ and return garbage)."""
@@ -160,4 +206,4 @@ def plan_for(backend: Backend | None, pytorch_choice: str | None, forced: bool) 
     return Plan(backend, forced)
 
 
-__all__ = ["Plan", "InvalidPlan", "plan_for", "reasons_text"]
+__all__ = ["Plan", "InvalidPlan", "Router", "plan_for", "reasons_text"]

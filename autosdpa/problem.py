@@ -13,6 +13,7 @@ import torch
 
 from .config import parse_bucketing  # noqa: F401  (re-exported)
 from .backends.base import CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE, CAUSAL_TOP_LEFT, Call
+from .forms.structure import KINDS as STRUCTURES, PADDED, Structure, expected_mask
 
 DTYPES = {"fp64": torch.float64, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
@@ -127,6 +128,10 @@ FIELDS: tuple[Field, ...] = (
     Field("layout", "layout", "layout", " | ".join(LAYOUTS)),
     Field("deterministic", "det", "det", "deterministic algorithms on"),
     Field("tokens", "tok", "tokens", "jagged (NestedTensor) inputs: total query tokens, bucketed", optional=True),
+    Field("structure", "struct", "struct", "the mask's structure (" + " | ".join(STRUCTURES) + "), if it has one",
+          _words({w: w for w in ("none", *STRUCTURES)}), optional=True),
+    Field("fill", "fill", "fill", "padded structures: valid keys in quarters (1: <= 25% ... 4: > 75%)",
+          optional=True),
 )
 
 
@@ -148,6 +153,8 @@ class Problem:
     layout: str = "bhld"
     deterministic: bool = False
     tokens: int = 0  # jagged inputs only: total query tokens (0 for dense inputs)
+    structure: str = "none"  # a dense mask's structure (forms.structure), "none" for unstructured or no mask
+    fill: int = 0  # padded structures: the share of valid keys in quarters, 1..4 (0 otherwise)
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -166,6 +173,11 @@ class Problem:
             raise ValueError(f"hq={self.hq} is not a multiple of hkv={self.hkv}")
         if (self.layout == "jagged") != (self.tokens > 0) or not isinstance(self.tokens, int) or self.tokens > 1 << 40:
             raise ValueError("tokens (total tokens) is set exactly for the jagged layout")
+        if self.structure != "none" and (self.structure not in STRUCTURES or self.mask == "none"):
+            raise ValueError(f"structure {self.structure!r} needs a mask and one of {', '.join(STRUCTURES)}")
+        if not isinstance(self.fill, int) or isinstance(self.fill, bool) or not (
+                1 <= self.fill <= 4 if self.structure in PADDED else self.fill == 0):
+            raise ValueError(f"fill is 1..4 for padded structures and 0 otherwise, got {self.fill!r}")
 
     @property
     def key(self) -> str:
@@ -182,8 +194,17 @@ class Problem:
         required = [f for f in FIELDS if not f.optional]
         if not len(required) <= len(parts) <= len(FIELDS):
             raise ValueError(f"malformed problem key {str(key)[:200]!r}: expected {len(required)} fields")
+        # required fields by position, then the optional ones present, by label and in the key's order
+        optional = iter(f for f in FIELDS if f.optional)
+        fields = list(required)
+        for part in parts[len(required):]:
+            label = part.partition("=")[0]
+            f = next((f for f in optional if f.label == label), None)
+            if f is None:
+                raise ValueError(f"malformed problem key {key[:200]!r}: unexpected field {label[:40]!r}")
+            fields.append(f)
         values = {}
-        for f, part in zip(FIELDS, parts):
+        for f, part in zip(fields, parts):
             try:
                 values[f.attr] = f.parse(part)
             except ValueError as e:
@@ -217,7 +238,9 @@ class Problem:
         exact = cls(dtype=dtype, batch=batch, hq=hq, hkv=hkv, lq=q.shape[-2], lk=k.shape[-2], d=q.shape[-1],
                     dv=v.shape[-1], causal=call.causal, mask=_mask_kind(call), dropout=call.dropout_p > 0,
                     gqa=bool(call.enable_gqa), train=call.needs_grad, layout=layout_class(q),
-                    deterministic=torch.are_deterministic_algorithms_enabled())
+                    deterministic=torch.are_deterministic_algorithms_enabled(),
+                    structure=call.structure.word if call.structure is not None else "none",
+                    fill=call.structure.fill if call.structure is not None else 0)
         return exact.bucketed(threshold)
 
     def with_(self, **changes) -> "Problem":
@@ -254,7 +277,7 @@ class Problem:
                 q, k, v = (rand(self.batch, self.hq, self.lq, 2 * self.d)[..., : self.d],
                            rand(self.batch, self.hkv, self.lk, 2 * self.d)[..., : self.d],
                            rand(self.batch, self.hkv, self.lk, 2 * self.dv)[..., : self.dv])
-        mask = None
+        mask = structure = None
         is_causal = self.causal == CAUSAL_TOP_LEFT
         if self.causal == CAUSAL_BOTTOM_RIGHT:
             from torch.nn.attention.bias import causal_lower_right
@@ -267,7 +290,10 @@ class Problem:
                 shape = [shape[0], shape[2], shape[3]]
             elif self.layout == "nd5+":
                 shape = [shape[0], 1, *shape[1:]]
-            if kind == "bool":
+            structure = self.synthetic_structure(shape[0]) if self.structure != "none" else None
+            if structure is not None:
+                mask = expected_mask(structure, tuple(shape), torch.bool if kind == "bool" else dt)
+            elif kind == "bool":
                 mask = torch.rand(*shape, generator=g) > 0.25
                 mask[..., 0] = True  # no fully masked rows
             else:
@@ -275,7 +301,22 @@ class Problem:
             mask = mask.to(dev)
         if self.train:
             q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
-        return Call(q, k, v, mask, 0.1 if self.dropout else 0.0, is_causal, None, self.gqa, self.train)
+        return Call(q, k, v, mask, 0.1 if self.dropout else 0.0, is_causal, None, self.gqa, self.train,
+                    structure=structure if self.mask != "none" else None)
+
+    def synthetic_structure(self, mask_batch: int) -> Structure:
+        """This problem's mask structure with valid lengths of its ``fill``: the first sequence full (a batch
+        is padded to its longest), the others alike, the share of valid keys in the middle of its quarter."""
+        if self.structure not in PADDED:
+            return Structure(self.structure, (), self.lq, self.lk)
+        share = (self.fill - 0.5) / 4
+        n = mask_batch
+        rest = self.lk if n == 1 else (share * n * self.lk - self.lk) / (n - 1)
+        if n == 1:
+            lengths = (max(1, round(share * self.lk)),)
+        else:
+            lengths = (self.lk, *[min(self.lk, max(0, round(rest)))] * (n - 1))
+        return Structure(self.structure, lengths, self.lq, self.lk)
 
     @property
     def flops(self) -> float:

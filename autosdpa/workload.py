@@ -85,7 +85,7 @@ _SPEC_HELP = {
 _SPEC_DEFAULTS = {"train": "off", "dtype": "bf16 on CUDA, fp32 on CPU", "batch": "1", "hq": "1", "hkv": "hq",
                   "lq": "required", "lk": "lq", "d": "64", "dv": "d", "causal": "none", "mask": "none",
                   "dropout": "off", "gqa": "auto (hq != hkv)", "layout": "bhld", "deterministic": "off",
-                  "tokens": "-"}
+                  "tokens": "-", "structure": "none", "fill": "- (padded structures: 1..4)"}
 #: spec name -> (help, default): one row per field of the problem key, in the key's order.
 FIELDS: dict[str, tuple[str, str]] = {f.spec: (_SPEC_HELP.get(f.attr, f.help), _SPEC_DEFAULTS[f.attr])
                                       for f in KEY_FIELDS}

@@ -61,13 +61,13 @@ def _padded(batch=3, length=9, vocab=96, side="left"):
     return ids, mask
 
 
-def test_register_is_idempotent_and_gives_sdpa_masks():
+def test_register_is_idempotent_and_registers_the_mask_builder():
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
     assert hf.register() == hf.register() == "autosdpa"
     assert AttentionInterface()["autosdpa"] is hf.attention_forward
-    assert ALL_MASK_ATTENTION_FUNCTIONS["autosdpa"] is ALL_MASK_ATTENTION_FUNCTIONS["sdpa"]
+    assert ALL_MASK_ATTENTION_FUNCTIONS["autosdpa"] is hf.mask_builder
 
 
 def test_missing_transformers_gives_a_clear_import_error(monkeypatch):
@@ -209,3 +209,69 @@ def test_t5_position_bias_and_generation_equal_sdpa():
                                    ref(ids, attention_mask=mask, decoder_input_ids=dec).logits, **TOL)
         kw = dict(attention_mask=mask, max_new_tokens=4, do_sample=False)
         assert torch.equal(ours.generate(ids, **kw), ref.generate(ids, **kw))
+
+
+def _seen_masks(monkeypatch):
+    """The masks "autosdpa" hands autosdpa.sdpa: their structure words (or the dense mask's class)."""
+    from autosdpa.masks import StructuredMask
+
+    seen = []
+    real = hf._autosdpa
+
+    def spy(q, k, v, attn_mask=None, **kw):
+        seen.append(attn_mask.structure.word if isinstance(attn_mask, StructuredMask) else
+                    (None if attn_mask is None else type(attn_mask).__name__))
+        return real(q, k, v, attn_mask=attn_mask, **kw)
+    monkeypatch.setattr(hf, "_autosdpa", spy)
+    return seen
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_padded_batches_reach_autosdpa_as_mask_objects(llama, monkeypatch, side):
+    """transformers hands "autosdpa" a StructuredMask for a padded batch (lengths read once per forward), with
+    the same logits as "sdpa"; then decode steps over the padded cache are key padding."""
+    ref, ours = llama
+    ids, mask = _padded(side=side)
+    seen = _seen_masks(monkeypatch)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids, attention_mask=mask).logits, ref(ids, attention_mask=mask).logits,
+                                   **TOL)
+    assert seen == ["cpad_" + side[0]] * 2  # both layers, one mask object
+    if side == "left":
+        seen.clear()
+        kw = dict(attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0)
+        with torch.no_grad():
+            assert torch.equal(ours.generate(ids, **kw), ref.generate(ids, **kw))
+        assert seen[:2] == ["cpad_l"] * 2 and set(seen[2:]) == {"kpad_l"}
+
+
+@pytest.mark.skipif(not _HF5, reason="BERT uses AttentionInterface from transformers 5 on")
+def test_bert_padding_reaches_autosdpa_as_key_padding(monkeypatch):
+    cfg = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=64, max_position_embeddings=32)
+    ref, ours = _pair(transformers.BertModel, cfg)
+    ids, mask = _padded(vocab=64, side="right")
+    seen = _seen_masks(monkeypatch)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids, attention_mask=mask).last_hidden_state,
+                                   ref(ids, attention_mask=mask).last_hidden_state, **TOL)
+    assert seen == ["kpad_r"] * 2
+
+
+def test_the_mask_builder_gives_sdpas_mask_where_no_object_describes_it():
+    from transformers import masking_utils as mu
+
+    from autosdpa.masks import StructuredMask
+
+    pad = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    holes = torch.tensor([[1, 0, 1, 1], [1, 1, 1, 1]])
+    kw = dict(batch_size=2, q_length=4, kv_length=4)
+    assert isinstance(hf.mask_builder(**kw, attention_mask=pad), StructuredMask)
+    for extra in (dict(attention_mask=holes), dict(attention_mask=torch.ones(2, 4, dtype=torch.long)),
+                  dict(attention_mask=pad, mask_function=mu.sliding_window_causal_mask_function(2)),
+                  dict(attention_mask=pad, q_offset=1)):
+        got, want = hf.mask_builder(**kw, **extra), mu.sdpa_mask(**kw, **extra)
+        assert not isinstance(got, StructuredMask)
+        assert (got is None and want is None) or torch.equal(got, want), extra
+    m = hf.mask_builder(**kw, attention_mask=pad)
+    assert torch.equal(m.materialize(), mu.sdpa_mask(**kw, attention_mask=pad))

@@ -29,6 +29,7 @@ class Call:
     scale: float | None = None
     enable_gqa: bool = False
     needs_grad: bool = False
+    structure: object = None  # the mask's structure (forms.structure.Structure) where one is known
 
     @property
     def causal(self) -> str:
@@ -39,6 +40,14 @@ class Call:
                 return CAUSAL_BOTTOM_RIGHT
             return CAUSAL_TOP_LEFT
         return CAUSAL_TOP_LEFT if self.is_causal else CAUSAL_NONE
+
+    @property
+    def form(self) -> str:
+        """What the call is, for the backends that take it (``Backend.forms``): "jagged" (NestedTensor
+        inputs), "structured" (a mask with a known structure), or "dense"."""
+        if self.query.is_nested:
+            return "jagged"
+        return "dense" if self.structure is None else "structured"
 
     @property
     def dense_mask(self) -> Tensor | None:
@@ -62,6 +71,9 @@ class Backend:
     #: Whether its timings depend on Triton and this project's kernels (its rows are then filed under the
     #: environment that fingerprints them); False for anything made of PyTorch's ops only.
     uses_kernels: ClassVar[bool] = True
+    #: The call forms (``Call.form``) it takes: a backend is a candidate only for those, and is not listed
+    #: (not even as rejected) for the others.
+    forms: ClassVar[frozenset[str]] = frozenset({"dense", "structured"})
 
     def unavailable_reason(self, device: torch.device) -> str | None:
         """Why this backend can never run on ``device`` (None when it can run there at all)."""

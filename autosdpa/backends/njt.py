@@ -72,6 +72,7 @@ class NJTBackend(Backend):
     uses_kernels = False  # compositions of PyTorch ops
 
     takes_jagged = True  # dense backends lack it: eligibility keeps NJT calls away from them
+    forms = frozenset({"jagged"})
 
     def not_supported_reasons(self, call: Call) -> list[str]:
         if not is_jagged(call.query):

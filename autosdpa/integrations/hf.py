@@ -18,6 +18,7 @@ import re
 import torch
 
 from .. import scaled_dot_product_attention as _autosdpa
+from ..masks import StructuredMask, key_padding
 
 NAME = "autosdpa"
 log = logging.getLogger("autosdpa")
@@ -30,8 +31,56 @@ def register(name: str = NAME) -> str:
     AttentionInterface, ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface = _interfaces()
     # Both are class-wide registries: every model, already built or not, sees the new name.
     AttentionInterface.register(name, attention_forward)
-    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    AttentionMaskInterface.register(name, mask_builder)
     return name
+
+
+def mask_builder(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset=0, mask_function=None,
+                 attention_mask: torch.Tensor | None = None, local_size=None, **kwargs):
+    """transformers' mask interface for "autosdpa": the mask "sdpa" gets, except that a padded batch of a plain
+    causal or bidirectional model gets a ``StructuredMask`` (``autosdpa.masks.key_padding``) standing for the
+    same dense mask. autosdpa then runs the padded batch as shorter sequences where that measures faster, and
+    never reads a mask's values per layer: the padding's lengths are read here, once per forward (one host sync
+    on CUDA). Everything else -- other mask functions, sliding windows, offsets it cannot express, tracing and
+    compiling -- gets "sdpa"'s own mask."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    args = dict(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+                kv_offset=kv_offset, attention_mask=attention_mask, local_size=local_size, **kwargs)
+    if mask_function is not None:
+        args["mask_function"] = mask_function
+    structured = _structured(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask,
+                             local_size, kwargs)
+    return structured if structured is not None else ALL_MASK_ATTENTION_FUNCTIONS["sdpa"](**args)
+
+
+def _structured(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask, local_size,
+                kwargs):
+    from transformers import masking_utils as mu
+
+    causal = mask_function is mu.causal_mask_function or mask_function is None
+    if not (causal or mask_function is mu.bidirectional_mask_function) or attention_mask is None:
+        return None
+    if (local_size is not None or kwargs.get("use_vmap") or torch.compiler.is_compiling()
+            or not all(isinstance(x, int) for x in (q_offset, kv_offset)) or attention_mask.dim() != 2):
+        return None
+    if causal and q_offset - kv_offset >= kv_length - 1:
+        causal = False  # every query may see every key (a decode step): padding is all that is left
+    elif causal and not (q_length == kv_length and q_offset == kv_offset):
+        return None  # a causal offset that key padding objects do not describe
+    pad = mu.prepare_padding_mask(attention_mask, kv_length, kv_offset)[:, kv_offset:kv_offset + kv_length]
+    if pad.shape != (batch_size, kv_length):
+        return None
+    pad = pad.bool()
+    n = pad.sum(-1)
+    j = torch.arange(kv_length, device=pad.device)
+    right = (pad == (j[None] < n[:, None])).all(-1)
+    left = (pad == (j[None] >= kv_length - n[:, None])).all(-1)
+    lengths, right_ok, left_ok = n.tolist(), bool(right.all()), bool(left.all())  # once per forward
+    if min(lengths) == kv_length or not (right_ok or left_ok):
+        return None  # no padding ("sdpa" may skip the mask altogether), or holes: the dense mask
+    return key_padding(lengths, q_length, kv_length, causal=causal, side="right" if right_ok else "left",
+                       device=kwargs.get("device", attention_mask.device))
 
 
 _MIN_VERSION = (4, 56)
@@ -77,9 +126,14 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     q_len = query.shape[2]
     groups = getattr(module, "num_key_value_groups", 1)
     gqa = False
+    structured = isinstance(attention_mask, StructuredMask)
+    if structured and (position_bias is not None or groups > 1 and not key.shape[-1] == value.shape[-1] <= 256):
+        attention_mask, structured = attention_mask.materialize(query.device), False  # the dense mask's paths
     if groups > 1:
-        if attention_mask is None and key.shape[-1] == value.shape[-1] <= 256:
-            gqa = True  # the fused kernels read shared kv heads themselves, but take no mask with them
+        if (attention_mask is None or structured) and key.shape[-1] == value.shape[-1] <= 256:
+            # the fused kernels read shared kv heads themselves, but take no mask with them: a structured
+            # mask is rewritten away where that is faster
+            gqa = True
         elif q_len == 1 and not torch.compiler.is_compiling():
             # One query token: fold the query heads that share a kv head into query rows of that kv head,
             # so no kv copy is made (the decode step of generation).
