@@ -652,6 +652,8 @@ def _traced(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, s
     """What torch.compile traces in place of the dispatcher: the custom op ``autosdpa::sdpa``, which runs the
     tuned winner when the graph runs (see ``compiled``), or plain F.sdpa under AUTOSDPA_COMPILE=pytorch and for
     calls the op cannot express. Nothing is tuned while tracing."""
+    if isinstance(attn_mask, StructuredMask):  # a graph takes the dense mask it stands for
+        attn_mask = attn_mask.materialize(query.device)
     if dispatcher.settings.compile == "dispatch" and compiled.expressible(query, attn_mask, dropout_p, is_causal,
                                                                           enable_gqa):
         if torch.is_autocast_enabled(query.device.type):  # the op has no autocast rule: cast as F.sdpa's has

@@ -302,7 +302,8 @@ def test_the_compiled_op_keeps_the_result(monkeypatch):
         return autosdpa.sdpa(q, k, v, attn_mask=m)
     compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
     for lens in (LENS, (96, 96, 50, 1)):
-        m = _keep("cpad_r", lens)
-        torch.testing.assert_close(compiled(q, k, v, m), F.scaled_dot_product_attention(q, k, v, attn_mask=m),
-                                   atol=1e-6, rtol=1e-6)
+        for m in (_keep("cpad_r", lens), key_padding(lens, L, L, causal=True)):  # a mask object: materialised
+            dense = m.materialize() if isinstance(m, StructuredMask) else m
+            torch.testing.assert_close(compiled(q, k, v, m), F.scaled_dot_product_attention(
+                q, k, v, attn_mask=dense), atol=1e-6, rtol=1e-6)
     torch._dynamo.reset()
