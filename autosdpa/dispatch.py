@@ -142,8 +142,8 @@ def _may_have_structure(call: Call, m) -> bool:
     if m.__class__ is StructuredMask:
         return True
     q, k = call.query, call.key
-    return (call.structure is None and not call.is_causal and call.dropout_p == 0 and q.dim() == 4
-            and q.shape[2] * k.shape[2] >= STRUCTURE_MIN_WORK and candidate_shape(m, q, k) is not None)
+    return (call.structure is None and not call.is_causal and call.dropout_p == 0 and call.form == "dense"
+            and candidate_shape(m, q, k) is not None and q.shape[2] * k.shape[2] >= STRUCTURE_MIN_WORK)
 
 
 def _tuning_forbidden(call: Call) -> str | None:
