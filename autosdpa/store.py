@@ -532,6 +532,11 @@ def _sqlite_upsert(con: sqlite3.Connection, where: str, fingerprint: str, info: 
     return eid
 
 
+def _data_version_of(con: sqlite3.Connection) -> int:
+    """SQLite's counter of commits by *other* connections, as ``con`` sees it (its own commits leave it)."""
+    return con.execute("PRAGMA data_version").fetchone()[0]
+
+
 def _row_to_measurement(r) -> Measurement:
     return Measurement(backend=r["backend"], status=r["status"], median_s=r["median_s"], spread_s=r["spread_s"],
                        samples=r["samples"], max_error=r["max_error"],
@@ -620,6 +625,7 @@ class Store:
         self._watch_lock = threading.Lock()
         self._writer: sqlite3.Connection | None = None  # a plain connection kept for writing a file
         self._writer_lock = threading.Lock()
+        self._save_lock = threading.Lock()
         try:
             self._open()
         except OSError as e:  # the file vanished or changed under us between the checks
@@ -956,10 +962,17 @@ class Store:
             return
 
         if self.kind == "file":
-            before = self._data_version()
-            self._env_ids[fingerprint] = self._sqlite_write(
-                lambda con: _sqlite_upsert(con, self.display_url, fingerprint, info, rows))
-            self._after_own_write(before, fingerprint, rows)
+            with self._save_lock:  # one own write at a time: each sees only its own commit as "ours"
+                before = self._data_version()
+
+                def write(con):
+                    # Under the write lock nobody else can commit: was there a commit since ``before`` (while
+                    # we waited for the lock)? And the writer's own counter, which our commit leaves alone.
+                    quiet = self._data_version() == before
+                    eid = _sqlite_upsert(con, self.display_url, fingerprint, info, rows)
+                    return eid, quiet, _data_version_of(con)
+                self._env_ids[fingerprint], quiet, mine = self._sqlite_write(write)
+                self._after_own_write(before, quiet, mine, fingerprint, rows)
             return
 
         def write():
@@ -975,11 +988,15 @@ class Store:
         with self._db_errors():  # a server or memory database: no snapshots to keep current
             self._env_ids[fingerprint] = retrying(write, deadline_s=self.timeout_s)
 
-    def _after_own_write(self, before: int | None, fingerprint: str, rows) -> None:
-        """Keep the snapshots that were current before this write: add the rows written to their environment's.
-        (A commit by another process in the instant between our commit and this check goes unseen until the
-        next commit; the cost is at most a problem tuned twice.)"""
+    def _after_own_write(self, before: int | None, quiet: bool, mine: int, fingerprint: str, rows) -> None:
+        """Keep the snapshots that were current before this write (add the rows written to their environment's)
+        only when this write was the one commit in between: ``quiet`` says none came while it waited for the
+        lock, and the writer's counter (``mine`` at our commit) says none came after it before ``after`` was
+        read. Otherwise they stay at their old version and are read again (a row another process deleted, e.g.
+        by ``db prune``, is never served from a snapshot)."""
         after = self._data_version()
+        if not quiet or self._writer_version() != mine:
+            return
         for fp, (version, held) in list(self._snapshots.items()):
             if version != before or held is None:
                 continue
@@ -987,6 +1004,11 @@ class Store:
                 for key, m in rows:
                     held.setdefault(key, {})[m.backend] = m
             self._snapshots[fp] = (after, held)
+
+    def _writer_version(self) -> int | None:
+        """``PRAGMA data_version`` of the writing connection: it moves only when *another* connection commits."""
+        with self._writer_lock, self._db_errors():
+            return None if self._writer is None else _data_version_of(self._writer)
 
     def evidence(self, fingerprint: str, pairs: Sequence[tuple[str, str]]) -> dict[tuple[str, str], tuple[int, float]]:
         """``{(problem key, backend): (samples, measured_at)}`` of the rows of ``pairs`` this database holds in
