@@ -480,15 +480,15 @@ class Dispatcher:
         newest row wins)."""
         kinds = {b.name: _env_kind(b) for b in timed}
         near: dict[str, tuple[Measurement, dict]] = {}
+        mine = {fp for fp, _info in envs.values()}  # both kinds share the hardware: one read per database
         try:
             store = self.store()
-            for kind, (fp, info) in envs.items():
-                for db in (*store.shared, store):
-                    with contextlib.suppress(StoreError):
-                        for name, (row, env) in db.near_rows(fp, info, problem.key).items():
-                            held = near.get(name)
-                            if kinds.get(name) == kind and (held is None or row.measured_at > held[0].measured_at):
-                                near[name] = (row, env)
+            for db in (*store.shared, store):
+                with contextlib.suppress(StoreError):
+                    for name, (row, env) in db.near_rows(mine, envs["torch"][1], problem.key).items():
+                        held = near.get(name)
+                        if name in kinds and (held is None or row.measured_at > held[0].measured_at):
+                            near[name] = (row, env)
         except StoreError:
             return {}
         here = {n: envs[k][1] for n, k in kinds.items()}

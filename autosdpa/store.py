@@ -60,7 +60,13 @@ from .validation import (BACKEND_NAME_RE, MAX_BACKENDS_PER_KEY, MAX_KEY_LEN, TEX
 SCHEMA_VERSION = 2
 NEAR_FIELDS = ("device_type", "device_name", "capability", "cores", "memory_gb")  # the same hardware
 SNAPSHOT_MAX_ROWS = 20_000  # an environment with more rows is read one problem key at a time
-MAX_ENVIRONMENTS_HELD = 10_000  # environments looked at for warm start
+#: Warm start reads rows of at most this many other environments of the same hardware: the newest ones.
+NEAR_ENVIRONMENTS = 16
+#: SQLite VM steps one warm-start read of a file may take: ~0.15 s on a 2-core EPYC VM, a scan of ~1.5M rows
+#: (files autosdpa writes need a few hundred: their indexes serve these reads). A file that needs more is left
+#: out of warm start for the rest of the process, with one warning.
+WARM_READ_BUDGET = 5_000_000
+_BUDGET_TICK = 1000  # VM steps between two looks at the budget
 MEMORY = ":memory:"
 
 metadata = sa.MetaData()
@@ -115,6 +121,10 @@ _V1_TABLES = {"autosdpa_meta": meta_table, "environment": environment_table, "me
 
 class StoreError(RuntimeError):
     """The database cannot be used (unreadable, corrupt, newer schema, locked, full, ...)."""
+
+
+class OverBudget(StoreError):
+    """A read was stopped: it would have taken more than its budget of SQLite steps."""
 
 
 @dataclasses.dataclass
@@ -620,7 +630,8 @@ class Store:
         self.shared: list[Store] = []
         self._env_ids: dict[str, int] = {}
         self._snapshots: dict[str, tuple[int, dict[str, dict[str, Measurement]] | None]] = {}
-        self._envs_held: tuple[int, list[dict]] | None = None
+        self._near_held: dict[tuple, tuple[int, dict[int, dict]]] = {}  # warm start's environments, per commit
+        self._near_off: str | None = None  # why warm start no longer reads this database
         self._watch = None  # a DBAPI connection kept for PRAGMA data_version (file databases)
         self._watch_lock = threading.Lock()
         self._writer: sqlite3.Connection | None = None  # a plain connection kept for writing a file
@@ -855,17 +866,30 @@ class Store:
                     out[meas.backend] = meas
         return out
 
-    def _watched(self, sql: str, params: tuple = ()) -> list[tuple]:
+    def _watched(self, sql: str, params: tuple = (), *, budget: int | None = None) -> list[tuple]:
         """``sql`` on the connection kept for snapshots (file databases): plain SQLite, no statement compiled by
-        SQLAlchemy, since a process's first decision would pay for compiling every statement."""
+        SQLAlchemy, since a process's first decision would pay for compiling every statement. ``budget``: the
+        most SQLite VM steps it may take, else it is stopped (OverBudget)."""
         with self._watch_lock, self._db_errors():
             if self._watch is None:
                 self._watch = _reader(self.path, readonly=self.readonly, timeout_s=self.timeout_s)
+            ticks = [0]
+            if budget is not None:
+                def tick():
+                    ticks[0] += 1
+                    return ticks[0] * _BUDGET_TICK > budget  # non-zero: SQLite stops the statement
+                self._watch.set_progress_handler(tick, _BUDGET_TICK)
             cur = self._watch.cursor()
             try:
                 return cur.execute(sql, params).fetchall()
+            except sqlite3.OperationalError:
+                if budget is not None and ticks[0] * _BUDGET_TICK > budget:
+                    raise OverBudget(f"{self.display_url}: a read took more than {budget:,} SQLite steps") from None
+                raise
             finally:
                 cur.close()
+                if budget is not None:
+                    self._watch.set_progress_handler(None, 0)
 
     def _sqlite_write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """``fn(connection)`` in one ``BEGIN IMMEDIATE`` transaction on the plain connection kept for writing a
@@ -919,31 +943,78 @@ class Store:
         self._snapshots[fingerprint] = (version, rows)
         return rows
 
-    def near_rows(self, fingerprint: str, info: dict, key: str) -> dict[str, tuple[Measurement, dict]]:
-        """Valid rows for ``key`` measured on the same hardware (device type, name, capability, cores, memory)
-        in *other* environments (another torch, CUDA or Triton): {backend: (newest row, its environment)}.
-        They cannot decide here; they can rank (``autosdpa.warm``)."""
+    def near_rows(self, exclude: Iterable[str], info: dict, key: str) -> dict[str, tuple[Measurement, dict]]:
+        """Valid rows for ``key`` measured on the same hardware as ``info`` (device type, name, capability,
+        cores, memory) in *other* environments (another torch, CUDA or Triton; fingerprints not in ``exclude``):
+        {backend: (newest row, its environment)}. They cannot decide here; they can rank (``autosdpa.warm``).
+
+        Bounded whatever the database holds (a shared file may hold thousands of such environments and no
+        index): the NEAR_ENVIRONMENTS newest environments (read once per commit), then one statement for the
+        key's rows in all of them, each read of a file under WARM_READ_BUDGET; a file that needs more is left
+        out of warm start from then on, with one warning."""
+        if self._near_off is not None:
+            return {}
+        try:
+            envs = self._near_environments(frozenset(exclude), info)
+            found = self._near_measurements(list(envs), key) if envs else []
+        except OverBudget as e:
+            self._near_off = str(e)
+            warnings.warn(f"autosdpa: warm start no longer reads {self.display_url} ({e}); candidates are "
+                          "timed without its rows", RuntimeWarning, stacklevel=2)
+            return {}
         out: dict[str, tuple[Measurement, dict]] = {}
-        for env in self._environments_held():
-            if env["fingerprint"] == fingerprint or any(env.get(f) != info.get(f) for f in NEAR_FIELDS):
-                continue
-            for name, row in self.lookup_own(env["fingerprint"], key).items():
-                held = out.get(name)
-                if held is None or row.measured_at > held[0].measured_at:
-                    out[name] = (row, env)
+        for eid, m in found:
+            held = out.get(m.backend)
+            if eid in envs and measurement_error(m) is None and (held is None or m.measured_at > held[0].measured_at):
+                out[m.backend] = (m, envs[eid])
         return out
 
-    def _environments_held(self) -> list[dict]:
-        """The environment rows (bounded, not validated); for a file, read again only after a commit."""
+    def _near_environments(self, exclude: frozenset[str], info: dict) -> dict[int, dict]:
+        """{id: fields} of the NEAR_ENVIRONMENTS newest valid environments of ``info``'s hardware, but not
+        ``exclude``; for a file, read again only after a commit."""
+        hardware = tuple(info.get(f) for f in NEAR_FIELDS)
         version = self._data_version()
+        held = self._near_held.get((hardware, exclude))
+        if held is not None and held[0] == version:
+            return held[1]
+        cols = ("id", "fingerprint", *ENV_FIELDS)
         if version is None:
-            return self.environments()
-        if self._envs_held is None or self._envs_held[0] != version:
-            cols = ("fingerprint", *ENV_FIELDS)
-            found = self._watched(f"SELECT {', '.join(_bounded_sql(c) for c in cols)} FROM environment LIMIT ?",
-                                  (MAX_ENVIRONMENTS_HELD,))
-            self._envs_held = (version, [dict(zip(cols, r)) for r in found])
-        return self._envs_held[1]
+            e = environment_table
+            q = (sa.select(*_bounded([e.c[c] for c in cols], self.dialect))
+                 .where(*(e.c[f] == v for f, v in zip(NEAR_FIELDS, hardware)), e.c.fingerprint.notin_(exclude))
+                 .order_by(e.c.created_at.desc(), e.c.id.desc()).limit(NEAR_ENVIRONMENTS))
+            with self._db_errors(), self.engine.connect() as c:
+                found = [tuple(r) for r in c.execute(q)]
+        else:
+            where = [f"{f} = ?" for f in NEAR_FIELDS] + ["fingerprint != ?"] * len(exclude)
+            found = self._watched(
+                f"SELECT {', '.join(_bounded_sql(c) for c in cols)} FROM environment WHERE {' AND '.join(where)} "
+                "ORDER BY created_at DESC, id DESC LIMIT ?",
+                (*hardware, *sorted(exclude), NEAR_ENVIRONMENTS), budget=WARM_READ_BUDGET)
+        envs = {}
+        for r in found:
+            env = dict(zip(cols[1:], r[1:]))
+            if isinstance(r[0], int) and environment_error(env) is None:  # data from elsewhere: checked
+                envs[r[0]] = env
+        if version is not None:
+            self._near_held[(hardware, exclude)] = (version, envs)
+        return envs
+
+    def _near_measurements(self, ids: list[int], key: str) -> list[tuple[int, Measurement]]:
+        """(environment id, row) of ``key`` in the environments ``ids``: one statement, bounded, not validated."""
+        limit = len(ids) * MAX_BACKENDS_PER_KEY
+        if self.kind != "file":
+            m = measurement_table
+            q = (sa.select(m.c.environment_id, *_bounded([m.c[f] for f in MEASUREMENT_FIELDS], self.dialect))
+                 .where(m.c.problem_key == key, m.c.environment_id.in_(ids)).limit(limit))
+            with self._db_errors(), self.engine.connect() as c:
+                found = [tuple(r) for r in c.execute(q)]
+        else:
+            found = self._watched(
+                f"SELECT environment_id, {', '.join(_bounded_sql(c) for c in MEASUREMENT_FIELDS)} FROM measurement "
+                f"WHERE problem_key = ? AND environment_id IN ({', '.join('?' * len(ids))}) LIMIT ?",
+                (key, *ids, limit), budget=WARM_READ_BUDGET)
+        return [(r[0], _row_to_measurement(dict(zip(MEASUREMENT_FIELDS, r[1:])))) for r in found]
 
     def save(self, fingerprint: str, info: dict, key: str, measurements: Iterable[Measurement]) -> None:
         """Upsert one row per backend (a re-measurement replaces the older row of the same environment).
