@@ -363,7 +363,7 @@ class Dispatcher:
         mkey = (envs["torch"][0], envs["kernels"][0], problem.key)
         try:
             meas, source, cacheable = self._measurements(call, problem, envs, mkey, timed, eligible, policy,
-                                                         config, force)
+                                                         config, force, torch_pick)
         except InvalidInputs as e:
             return (Decision("math", f"inputs rejected by the reference ({e}): PyTorch's math backend raises "
                              "its error", source="invalid", **base), None, False)
@@ -401,7 +401,7 @@ class Dispatcher:
     def _envs(self, device) -> dict[str, tuple[str, dict]]:
         return {"torch": environment(device), "kernels": environment(device, kernels=True)}
 
-    def _measurements(self, call, problem, envs, mkey, timed, eligible, policy, config, force):
+    def _measurements(self, call, problem, envs, mkey, timed, eligible, policy, config, force, torch_pick):
         """(rows by backend, where they came from, whether the outcome may be cached)."""
         meas, source = (None if force else self._memory.get(mkey)), "cache"
         if meas is None:
@@ -414,7 +414,8 @@ class Dispatcher:
         forbidden = _tuning_forbidden(call)
         if policy.mode != "tune" or forbidden:
             return meas, source, not forbidden
-        new = self._tune(call, problem, timed, envs, config, warm=not force, eligible={b.name for b in eligible})
+        new = self._tune(call, problem, timed, envs, config, warm=not force, eligible={b.name for b in eligible},
+                         pick=torch_pick)
         meas.update(new)
         self._claims[mkey] -= set(new)
         return meas, "tuned", True
@@ -442,10 +443,10 @@ class Dispatcher:
             self._fallback_store(e)
         return rows, claims
 
-    def _tune(self, call, problem, timed, envs, config, *, warm: bool = True, eligible: set[str] | None = None
-              ) -> dict[str, Measurement]:
+    def _tune(self, call, problem, timed, envs, config, *, warm: bool = True, eligible: set[str] | None = None,
+              pick: str | None) -> dict[str, Measurement]:
+        """``pick``: what F.sdpa itself runs for this call (``decide``'s; jagged calls have their own)."""
         info = envs["torch"][1]
-        pick = pytorch_choice(call)
         shape = _shape_str(call)
         later, why = [], {}
         if warm and self.settings.warm_start and len(timed) > 1:
