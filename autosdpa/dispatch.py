@@ -530,7 +530,10 @@ class Dispatcher:
             self._save(envs[_env_kind(backend)], problem.key, [bad])
         if policy.allowed is None:
             fp, info = envs["torch"]
-            agreed = consensus.agree(self.store(), fp, info, problem.key, winner, names)
+            own = {n: r.detail or r.status for n, r in meas.items() if r.status == "rejected" and n not in claims}
+            agreed, kept = consensus.agree(self.store(), fp, info, problem.key, winner, names, own)
+            if kept:
+                return winner, f"{reason}; {kept}", source
             if agreed != winner:
                 return agreed, f"agreed with the other ranks (own pick: {winner})", "agreed"
         return winner, reason, source
