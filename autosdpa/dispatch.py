@@ -229,9 +229,15 @@ class Dispatcher:
     def _fallback_store(self, err: Exception) -> None:
         self.warn_once("store", f"autosdpa: tuning database unusable ({err}); keeping measurements in memory "
                                 "for this process only")
-        shared = self._store.shared if self._store is not None else []
+        prev = self._store
         self._store = Store("sqlite://")
-        self._store.shared = shared
+        self._store.shared = prev.shared if prev is not None else []
+        # what the stand-in replaces (the first database that failed): `autosdpa tune` must not lose it silently
+        if prev is not None and prev.stands_in_for:
+            self._store.stands_in_for = prev.stands_in_for
+        else:
+            where = prev.display_url if prev is not None else str(self.settings.db or "the user cache file")
+            self._store.stands_in_for = (where, str(err))
 
     def _close_store(self) -> None:
         if self._store is not None:

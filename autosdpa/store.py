@@ -123,6 +123,15 @@ class StoreError(RuntimeError):
     """The database cannot be used (unreadable, corrupt, newer schema, locked, full, ...)."""
 
 
+class EmptyDatabase(StoreError):
+    """Opened read-only, the database does not exist yet (a missing file, or no tables at all): nothing to read,
+    and a reader must not create it. ``database``: its name for display (no password)."""
+
+    def __init__(self, message: str, database: str):
+        super().__init__(message)
+        self.database = database
+
+
 class OverBudget(StoreError):
     """A read was stopped: it would have taken more than its budget of SQLite steps."""
 
@@ -192,7 +201,7 @@ def _check_file(path: Path, *, readonly: bool) -> bool:
         st = os.stat(path)
     except FileNotFoundError:
         if readonly:
-            raise StoreError(f"no such database file: {path}") from None
+            raise EmptyDatabase(f"{path}: no such database file", str(path)) from None
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -628,6 +637,9 @@ class Store:
         self._wal = wal
         self._engine_lock = threading.Lock()
         self.shared: list[Store] = []
+        #: (the database, why) when this in-memory store stands in for one that failed (the dispatcher's
+        #: fallback) or does not exist yet: what it holds is lost at exit (``autosdpa tune`` then fails)
+        self.stands_in_for: tuple[str, str] | None = None
         self._env_ids: dict[str, int] = {}
         self._snapshots: dict[str, tuple[int, dict[str, dict[str, Measurement]] | None]] = {}
         self._near_held: dict[tuple, tuple[int, dict[int, dict]]] = {}  # warm start's environments, per commit
@@ -666,7 +678,7 @@ class Store:
                 if existing:
                     version = self._probe()
                     if self.readonly and version is None:
-                        raise StoreError(f"{self.display_url} is not an autosdpa database (no autosdpa_meta table)")
+                        raise EmptyDatabase(f"{self.display_url} has no autosdpa tables yet", self.display_url)
                 if existing and (self.readonly or version == SCHEMA_VERSION):
                     self.version = version
                     return
@@ -758,7 +770,7 @@ class Store:
         if self.readonly:
             version = self._inspect_with(self.engine)
             if version is None:
-                raise StoreError(f"{self.display_url} is not an autosdpa database (no autosdpa_meta table)")
+                raise EmptyDatabase(f"{self.display_url} has no autosdpa tables yet", self.display_url)
             return version
         if known == SCHEMA_VERSION:  # inspected by the probe: nothing to create or migrate
             return known
