@@ -416,10 +416,11 @@ def _refuse_hidden_objects(rows, where: str) -> None:
                                  f"({str(col[1])[:64]!r})")
 
 
-def _inspect(c, where: str) -> int | None:
+def _inspect(c, where: str, *, readonly: bool = False) -> int | None:
     """Check an existing database's tables: its schema version, or None when it has none of autosdpa's tables
-    and no others (a new database). Raises StoreError for anything autosdpa did not write. ``c``: a SQLAlchemy
-    connection, or a plain sqlite3 one (SQLite is inspected through plain SQL either way)."""
+    and no others (a new database; ``readonly``: EmptyDatabase when it has no table at all, since a reader does
+    not create one). Raises StoreError for anything autosdpa did not write. ``c``: a SQLAlchemy connection, or
+    a plain sqlite3 one (SQLite is inspected through plain SQL either way)."""
     if isinstance(c, sqlite3.Connection) or c.dialect.name == "sqlite":
         rows = _driver_rows(c)
         _refuse_hidden_objects(rows, where)
@@ -445,6 +446,10 @@ def _inspect(c, where: str) -> int | None:
         if foreign:
             raise StoreError(f"{where} is not an autosdpa database (it has other tables: "
                              f"{', '.join(sorted(t[:64] for t in foreign)[:5])})")
+        if readonly and tables:
+            raise StoreError(f"{where} is not an autosdpa database (no autosdpa_meta table)")
+        if readonly:
+            raise EmptyDatabase(f"{where} has no autosdpa tables yet", where)
         return None
     v = version()
     if v > SCHEMA_VERSION:
@@ -677,8 +682,6 @@ class Store:
                 existing = _check_file(self.path, readonly=self.readonly)
                 if existing:
                     version = self._probe()
-                    if self.readonly and version is None:
-                        raise EmptyDatabase(f"{self.display_url} has no autosdpa tables yet", self.display_url)
                 if existing and (self.readonly or version == SCHEMA_VERSION):
                     self.version = version
                     return
@@ -709,7 +712,7 @@ class Store:
         def once():
             con = _reader(self.path, readonly=True, timeout_s=self.timeout_s)
             try:
-                return _inspect(con, self.display_url)
+                return _inspect(con, self.display_url, readonly=self.readonly)
             finally:
                 con.close()
         return retrying(once, deadline_s=self.timeout_s)
@@ -732,7 +735,7 @@ class Store:
     def _inspect_with(self, engine: sa.Engine) -> int | None:
         def once():
             with engine.connect() as c:
-                return _inspect(c, self.display_url)
+                return _inspect(c, self.display_url, readonly=self.readonly)
         return retrying(once, deadline_s=self.timeout_s)
 
     @property
@@ -768,10 +771,7 @@ class Store:
     # -- schema -----------------------------------------------------------------------------------------
     def _check_schema(self, known: int | None) -> int:
         if self.readonly:
-            version = self._inspect_with(self.engine)
-            if version is None:
-                raise EmptyDatabase(f"{self.display_url} has no autosdpa tables yet", self.display_url)
-            return version
+            return self._inspect_with(self.engine)
         if known == SCHEMA_VERSION:  # inspected by the probe: nothing to create or migrate
             return known
         if self.kind == "file":  # a new file: created through the plain connection; an older one migrates below
