@@ -993,7 +993,7 @@ class Store:
         if version is None:
             e = environment_table
             q = (sa.select(*_bounded([e.c[c] for c in cols], self.dialect))
-                 .where(*(e.c[f] == v for f, v in zip(NEAR_FIELDS, hardware)), e.c.fingerprint.notin_(exclude))
+                 .where(*(e.c[f] == v for f, v in zip(NEAR_FIELDS, hardware)), e.c.fingerprint.notin_(sorted(exclude)))
                  .order_by(e.c.created_at.desc(), e.c.id.desc()).limit(NEAR_ENVIRONMENTS))
             with self._db_errors(), self.engine.connect() as c:
                 found = [tuple(r) for r in c.execute(q)]
@@ -1077,8 +1077,10 @@ class Store:
         lock, and the writer's counter (``mine`` at our commit) says none came after it before ``after`` was
         read. Otherwise they stay at their old version and are read again (a row another process deleted, e.g.
         by ``db prune``, is never served from a snapshot)."""
+        if not quiet:
+            return
         after = self._data_version()
-        if not quiet or self._writer_version() != mine:
+        if self._writer_version() != mine:  # read after ``after``: a commit before it shows here
             return
         for fp, (version, held) in list(self._snapshots.items()):
             if version != before or held is None:
