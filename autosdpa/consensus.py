@@ -10,8 +10,10 @@ insert-if-absent semantics: the first rank to decide a problem fixes it, the oth
 one database (one SQLite file on a node, or a PostgreSQL server for the fleet) agree without talking. Ranks with
 separate databases call the collective ``autosdpa.distributed.sync_decisions()`` at a safe point.
 
-When the agreed backend cannot run this rank's tensors (not in ``eligible``), the rank keeps its own winner:
-correctness first. Without torch.distributed (or with world size 1) this is one cheap check.
+When the agreed backend cannot run this rank's tensors (not in ``eligible``), or this rank's own check rejected
+it (a wrong result, an error: ``rejected``), the rank keeps its own winner: correctness first. A rank never
+runs a backend it rejected; the price is that its numbers may differ slightly from the other ranks', which one
+warning per process says. Without torch.distributed (or with world size 1) this is one cheap check.
 """
 from __future__ import annotations
 
@@ -36,23 +38,35 @@ def world() -> tuple[int, int] | None:
     return None
 
 
-def agree(store, fingerprint: str, info: dict, key: str, winner: str, eligible: list[str]) -> str:
+def agree(store, fingerprint: str, info: dict, key: str, winner: str, eligible: list[str],
+          rejected: dict[str, str] | None = None) -> tuple[str, str | None]:
+    """(the backend to use, None; or this rank's ``winner`` and why it did not follow the ranks' decision).
+    ``rejected``: {backend: why} of the backends this rank's own measurements rejected."""
     w = world()
     if w is None or w[1] <= 1:
-        return winner
+        return winner, None
     rank, size = w
     try:
         agreed = store.decide(fingerprint, info, key, winner,
                               decided_by=f"rank {rank}/{size} pid {os.getpid()} on {socket.gethostname()}")
     except Exception as e:  # never break the caller's run: decide alone, and say so once
-        if "agree" not in _warned:
-            _warned.add("agree")
-            warnings.warn(f"autosdpa: cannot record rank decisions ({e}); ranks may choose different backends",
-                          RuntimeWarning, stacklevel=3)
-        return winner
-    if agreed is None or agreed not in eligible:
-        if agreed is not None:
-            log.info("autosdpa: agreed backend %s cannot run these inputs on rank %d; using %s", agreed, rank,
-                     winner)
-        return winner
-    return agreed
+        _warn_once("agree", f"autosdpa: cannot record rank decisions ({e}); ranks may choose different backends")
+        return winner, None
+    if agreed is None or agreed == winner:
+        return winner, None
+    if agreed not in eligible:
+        log.info("autosdpa: agreed backend %s cannot run these inputs on rank %d; using %s", agreed, rank, winner)
+        return winner, None
+    why = (rejected or {}).get(agreed)
+    if why is not None:
+        _warn_once("rejected", f"autosdpa: the ranks agreed on {agreed} for {key}, but rank {rank}'s own check "
+                               f"rejected it ({why}); this rank keeps {winner}, so its numbers may differ slightly "
+                               "from the other ranks' (said once per process)")
+        return winner, f"kept over the ranks' decision {agreed}, which this rank's check rejected ({why})"
+    return agreed, None
+
+
+def _warn_once(kind: str, message: str) -> None:
+    if kind not in _warned:
+        _warned.add(kind)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)

@@ -256,9 +256,15 @@ class Dispatcher:
     def _fallback_store(self, err: Exception) -> None:
         self.warn_once("store", f"autosdpa: tuning database unusable ({err}); keeping measurements in memory "
                                 "for this process only")
-        shared = self._store.shared if self._store is not None else []
+        prev = self._store
         self._store = Store("sqlite://")
-        self._store.shared = shared
+        self._store.shared = prev.shared if prev is not None else []
+        # what the stand-in replaces (the first database that failed): `autosdpa tune` must not lose it silently
+        if prev is not None and prev.stands_in_for:
+            self._store.stands_in_for = prev.stands_in_for
+        else:
+            where = prev.display_url if prev is not None else str(self.settings.db or "the user cache file")
+            self._store.stands_in_for = (where, str(err))
 
     def _close_store(self) -> None:
         if self._store is not None:
@@ -438,7 +444,7 @@ class Dispatcher:
         mkey = (envs["torch"][0], envs["kernels"][0], problem.key)
         try:
             meas, source, cacheable = self._measurements(call, problem, envs, mkey, timed, eligible, policy,
-                                                         config, force)
+                                                         config, force, torch_pick)
         except InvalidInputs as e:
             return (Decision("math", f"inputs rejected by the reference ({e}): PyTorch's math backend raises "
                              "its error", source="invalid", **base), None, True)
@@ -480,7 +486,7 @@ class Dispatcher:
     def _envs(self, device) -> dict[str, tuple[str, dict]]:
         return {"torch": environment(device), "kernels": environment(device, kernels=True)}
 
-    def _measurements(self, call, problem, envs, mkey, timed, eligible, policy, config, force):
+    def _measurements(self, call, problem, envs, mkey, timed, eligible, policy, config, force, torch_pick):
         """(rows by backend, where they came from, whether the outcome may be cached)."""
         meas, source = (None if force else self._memory.get(mkey)), "cache"
         if meas is None:
@@ -493,7 +499,8 @@ class Dispatcher:
         forbidden = _tuning_forbidden(call)
         if policy.mode != "tune" or forbidden:
             return meas, source, not forbidden
-        new = self._tune(call, problem, timed, envs, config, warm=not force, eligible={b.name for b in eligible})
+        new = self._tune(call, problem, timed, envs, config, warm=not force, eligible={b.name for b in eligible},
+                         pick=torch_pick)
         meas.update(new)
         self._claims[mkey] -= set(new)
         return meas, "tuned", True
@@ -521,10 +528,10 @@ class Dispatcher:
             self._fallback_store(e)
         return rows, claims
 
-    def _tune(self, call, problem, timed, envs, config, *, warm: bool = True, eligible: set[str] | None = None
-              ) -> dict[str, Measurement]:
+    def _tune(self, call, problem, timed, envs, config, *, warm: bool = True, eligible: set[str] | None = None,
+              pick: str | None) -> dict[str, Measurement]:
+        """``pick``: what F.sdpa itself runs for this call (``decide``'s; jagged calls have their own)."""
         info = envs["torch"][1]
-        pick = pytorch_choice(call)
         shape = _shape_str(call)
         later, why = [], {}
         if warm and self.settings.warm_start and len(timed) > 1:
@@ -559,15 +566,15 @@ class Dispatcher:
         newest row wins)."""
         kinds = {b.name: _env_kind(b) for b in timed}
         near: dict[str, tuple[Measurement, dict]] = {}
+        mine = {fp for fp, _info in envs.values()}  # both kinds share the hardware: one read per database
         try:
             store = self.store()
-            for kind, (fp, info) in envs.items():
-                for db in (*store.shared, store):
-                    with contextlib.suppress(StoreError):
-                        for name, (row, env) in db.near_rows(fp, info, problem.key).items():
-                            held = near.get(name)
-                            if kinds.get(name) == kind and (held is None or row.measured_at > held[0].measured_at):
-                                near[name] = (row, env)
+            for db in (*store.shared, store):
+                with contextlib.suppress(StoreError):
+                    for name, (row, env) in db.near_rows(mine, envs["torch"][1], problem.key).items():
+                        held = near.get(name)
+                        if name in kinds and (held is None or row.measured_at > held[0].measured_at):
+                            near[name] = (row, env)
         except StoreError:
             return {}
         here = {n: envs[k][1] for n, k in kinds.items()}
@@ -608,7 +615,10 @@ class Dispatcher:
             self._save(envs[_env_kind(backend)], problem.key, [bad])
         if policy.allowed is None:
             fp, info = envs["torch"]
-            agreed = consensus.agree(self.store(), fp, info, problem.key, winner, names)
+            own = {n: r.detail or r.status for n, r in meas.items() if r.status == "rejected" and n not in claims}
+            agreed, kept = consensus.agree(self.store(), fp, info, problem.key, winner, names, own)
+            if kept:
+                return winner, f"{reason}; {kept}", source
             if agreed != winner:
                 return agreed, f"agreed with the other ranks (own pick: {winner})", "agreed"
         return winner, reason, source

@@ -60,7 +60,13 @@ from .validation import (BACKEND_NAME_RE, MAX_BACKENDS_PER_KEY, MAX_KEY_LEN, TEX
 SCHEMA_VERSION = 2
 NEAR_FIELDS = ("device_type", "device_name", "capability", "cores", "memory_gb")  # the same hardware
 SNAPSHOT_MAX_ROWS = 20_000  # an environment with more rows is read one problem key at a time
-MAX_ENVIRONMENTS_HELD = 10_000  # environments looked at for warm start
+#: Warm start reads rows of at most this many other environments of the same hardware: the newest ones.
+NEAR_ENVIRONMENTS = 16
+#: SQLite VM steps one warm-start read of a file may take: ~0.15 s on a 2-core EPYC VM, a scan of ~1.5M rows
+#: (files autosdpa writes need a few hundred: their indexes serve these reads). A file that needs more is left
+#: out of warm start for the rest of the process, with one warning.
+WARM_READ_BUDGET = 5_000_000
+_BUDGET_TICK = 1000  # VM steps between two looks at the budget
 MEMORY = ":memory:"
 
 metadata = sa.MetaData()
@@ -115,6 +121,19 @@ _V1_TABLES = {"autosdpa_meta": meta_table, "environment": environment_table, "me
 
 class StoreError(RuntimeError):
     """The database cannot be used (unreadable, corrupt, newer schema, locked, full, ...)."""
+
+
+class EmptyDatabase(StoreError):
+    """Opened read-only, the database does not exist yet (a missing file, or no tables at all): nothing to read,
+    and a reader must not create it. ``database``: its name for display (no password)."""
+
+    def __init__(self, message: str, database: str):
+        super().__init__(message)
+        self.database = database
+
+
+class OverBudget(StoreError):
+    """A read was stopped: it would have taken more than its budget of SQLite steps."""
 
 
 @dataclasses.dataclass
@@ -182,7 +201,7 @@ def _check_file(path: Path, *, readonly: bool) -> bool:
         st = os.stat(path)
     except FileNotFoundError:
         if readonly:
-            raise StoreError(f"no such database file: {path}") from None
+            raise EmptyDatabase(f"{path}: no such database file", str(path)) from None
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -397,10 +416,11 @@ def _refuse_hidden_objects(rows, where: str) -> None:
                                  f"({str(col[1])[:64]!r})")
 
 
-def _inspect(c, where: str) -> int | None:
+def _inspect(c, where: str, *, readonly: bool = False) -> int | None:
     """Check an existing database's tables: its schema version, or None when it has none of autosdpa's tables
-    and no others (a new database). Raises StoreError for anything autosdpa did not write. ``c``: a SQLAlchemy
-    connection, or a plain sqlite3 one (SQLite is inspected through plain SQL either way)."""
+    and no others (a new database; ``readonly``: EmptyDatabase when it has no table at all, since a reader does
+    not create one). Raises StoreError for anything autosdpa did not write. ``c``: a SQLAlchemy connection, or
+    a plain sqlite3 one (SQLite is inspected through plain SQL either way)."""
     if isinstance(c, sqlite3.Connection) or c.dialect.name == "sqlite":
         rows = _driver_rows(c)
         _refuse_hidden_objects(rows, where)
@@ -426,6 +446,10 @@ def _inspect(c, where: str) -> int | None:
         if foreign:
             raise StoreError(f"{where} is not an autosdpa database (it has other tables: "
                              f"{', '.join(sorted(t[:64] for t in foreign)[:5])})")
+        if readonly and tables:
+            raise StoreError(f"{where} is not an autosdpa database (no autosdpa_meta table)")
+        if readonly:
+            raise EmptyDatabase(f"{where} has no autosdpa tables yet", where)
         return None
     v = version()
     if v > SCHEMA_VERSION:
@@ -532,6 +556,11 @@ def _sqlite_upsert(con: sqlite3.Connection, where: str, fingerprint: str, info: 
     return eid
 
 
+def _data_version_of(con: sqlite3.Connection) -> int:
+    """SQLite's counter of commits by *other* connections, as ``con`` sees it (its own commits leave it)."""
+    return con.execute("PRAGMA data_version").fetchone()[0]
+
+
 def _row_to_measurement(r) -> Measurement:
     return Measurement(backend=r["backend"], status=r["status"], median_s=r["median_s"], spread_s=r["spread_s"],
                        samples=r["samples"], max_error=r["max_error"],
@@ -613,13 +642,18 @@ class Store:
         self._wal = wal
         self._engine_lock = threading.Lock()
         self.shared: list[Store] = []
+        #: (the database, why) when this in-memory store stands in for one that failed (the dispatcher's
+        #: fallback) or does not exist yet: what it holds is lost at exit (``autosdpa tune`` then fails)
+        self.stands_in_for: tuple[str, str] | None = None
         self._env_ids: dict[str, int] = {}
         self._snapshots: dict[str, tuple[int, dict[str, dict[str, Measurement]] | None]] = {}
-        self._envs_held: tuple[int, list[dict]] | None = None
+        self._near_held: dict[tuple, tuple[int, dict[int, dict]]] = {}  # warm start's environments, per commit
+        self._near_off: str | None = None  # why warm start no longer reads this database
         self._watch = None  # a DBAPI connection kept for PRAGMA data_version (file databases)
         self._watch_lock = threading.Lock()
         self._writer: sqlite3.Connection | None = None  # a plain connection kept for writing a file
         self._writer_lock = threading.Lock()
+        self._save_lock = threading.Lock()
         try:
             self._open()
         except OSError as e:  # the file vanished or changed under us between the checks
@@ -648,8 +682,6 @@ class Store:
                 existing = _check_file(self.path, readonly=self.readonly)
                 if existing:
                     version = self._probe()
-                    if self.readonly and version is None:
-                        raise StoreError(f"{self.display_url} is not an autosdpa database (no autosdpa_meta table)")
                 if existing and (self.readonly or version == SCHEMA_VERSION):
                     self.version = version
                     return
@@ -680,7 +712,7 @@ class Store:
         def once():
             con = _reader(self.path, readonly=True, timeout_s=self.timeout_s)
             try:
-                return _inspect(con, self.display_url)
+                return _inspect(con, self.display_url, readonly=self.readonly)
             finally:
                 con.close()
         return retrying(once, deadline_s=self.timeout_s)
@@ -703,7 +735,7 @@ class Store:
     def _inspect_with(self, engine: sa.Engine) -> int | None:
         def once():
             with engine.connect() as c:
-                return _inspect(c, self.display_url)
+                return _inspect(c, self.display_url, readonly=self.readonly)
         return retrying(once, deadline_s=self.timeout_s)
 
     @property
@@ -739,10 +771,7 @@ class Store:
     # -- schema -----------------------------------------------------------------------------------------
     def _check_schema(self, known: int | None) -> int:
         if self.readonly:
-            version = self._inspect_with(self.engine)
-            if version is None:
-                raise StoreError(f"{self.display_url} is not an autosdpa database (no autosdpa_meta table)")
-            return version
+            return self._inspect_with(self.engine)
         if known == SCHEMA_VERSION:  # inspected by the probe: nothing to create or migrate
             return known
         if self.kind == "file":  # a new file: created through the plain connection; an older one migrates below
@@ -849,17 +878,30 @@ class Store:
                     out[meas.backend] = meas
         return out
 
-    def _watched(self, sql: str, params: tuple = ()) -> list[tuple]:
+    def _watched(self, sql: str, params: tuple = (), *, budget: int | None = None) -> list[tuple]:
         """``sql`` on the connection kept for snapshots (file databases): plain SQLite, no statement compiled by
-        SQLAlchemy, since a process's first decision would pay for compiling every statement."""
+        SQLAlchemy, since a process's first decision would pay for compiling every statement. ``budget``: the
+        most SQLite VM steps it may take, else it is stopped (OverBudget)."""
         with self._watch_lock, self._db_errors():
             if self._watch is None:
                 self._watch = _reader(self.path, readonly=self.readonly, timeout_s=self.timeout_s)
+            ticks = [0]
+            if budget is not None:
+                def tick():
+                    ticks[0] += 1
+                    return ticks[0] * _BUDGET_TICK > budget  # non-zero: SQLite stops the statement
+                self._watch.set_progress_handler(tick, _BUDGET_TICK)
             cur = self._watch.cursor()
             try:
                 return cur.execute(sql, params).fetchall()
+            except sqlite3.OperationalError:
+                if budget is not None and ticks[0] * _BUDGET_TICK > budget:
+                    raise OverBudget(f"{self.display_url}: a read took more than {budget:,} SQLite steps") from None
+                raise
             finally:
                 cur.close()
+                if budget is not None:
+                    self._watch.set_progress_handler(None, 0)
 
     def _sqlite_write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """``fn(connection)`` in one ``BEGIN IMMEDIATE`` transaction on the plain connection kept for writing a
@@ -913,31 +955,78 @@ class Store:
         self._snapshots[fingerprint] = (version, rows)
         return rows
 
-    def near_rows(self, fingerprint: str, info: dict, key: str) -> dict[str, tuple[Measurement, dict]]:
-        """Valid rows for ``key`` measured on the same hardware (device type, name, capability, cores, memory)
-        in *other* environments (another torch, CUDA or Triton): {backend: (newest row, its environment)}.
-        They cannot decide here; they can rank (``autosdpa.warm``)."""
+    def near_rows(self, exclude: Iterable[str], info: dict, key: str) -> dict[str, tuple[Measurement, dict]]:
+        """Valid rows for ``key`` measured on the same hardware as ``info`` (device type, name, capability,
+        cores, memory) in *other* environments (another torch, CUDA or Triton; fingerprints not in ``exclude``):
+        {backend: (newest row, its environment)}. They cannot decide here; they can rank (``autosdpa.warm``).
+
+        Bounded whatever the database holds (a shared file may hold thousands of such environments and no
+        index): the NEAR_ENVIRONMENTS newest environments (read once per commit), then one statement for the
+        key's rows in all of them, each read of a file under WARM_READ_BUDGET; a file that needs more is left
+        out of warm start from then on, with one warning."""
+        if self._near_off is not None:
+            return {}
+        try:
+            envs = self._near_environments(frozenset(exclude), info)
+            found = self._near_measurements(list(envs), key) if envs else []
+        except OverBudget as e:
+            self._near_off = str(e)
+            warnings.warn(f"autosdpa: warm start no longer reads {self.display_url} ({e}); candidates are "
+                          "timed without its rows", RuntimeWarning, stacklevel=2)
+            return {}
         out: dict[str, tuple[Measurement, dict]] = {}
-        for env in self._environments_held():
-            if env["fingerprint"] == fingerprint or any(env.get(f) != info.get(f) for f in NEAR_FIELDS):
-                continue
-            for name, row in self.lookup_own(env["fingerprint"], key).items():
-                held = out.get(name)
-                if held is None or row.measured_at > held[0].measured_at:
-                    out[name] = (row, env)
+        for eid, m in found:
+            held = out.get(m.backend)
+            if eid in envs and measurement_error(m) is None and (held is None or m.measured_at > held[0].measured_at):
+                out[m.backend] = (m, envs[eid])
         return out
 
-    def _environments_held(self) -> list[dict]:
-        """The environment rows (bounded, not validated); for a file, read again only after a commit."""
+    def _near_environments(self, exclude: frozenset[str], info: dict) -> dict[int, dict]:
+        """{id: fields} of the NEAR_ENVIRONMENTS newest valid environments of ``info``'s hardware, but not
+        ``exclude``; for a file, read again only after a commit."""
+        hardware = tuple(info.get(f) for f in NEAR_FIELDS)
         version = self._data_version()
+        held = self._near_held.get((hardware, exclude))
+        if held is not None and held[0] == version:
+            return held[1]
+        cols = ("id", "fingerprint", *ENV_FIELDS)
         if version is None:
-            return self.environments()
-        if self._envs_held is None or self._envs_held[0] != version:
-            cols = ("fingerprint", *ENV_FIELDS)
-            found = self._watched(f"SELECT {', '.join(_bounded_sql(c) for c in cols)} FROM environment LIMIT ?",
-                                  (MAX_ENVIRONMENTS_HELD,))
-            self._envs_held = (version, [dict(zip(cols, r)) for r in found])
-        return self._envs_held[1]
+            e = environment_table
+            q = (sa.select(*_bounded([e.c[c] for c in cols], self.dialect))
+                 .where(*(e.c[f] == v for f, v in zip(NEAR_FIELDS, hardware)), e.c.fingerprint.notin_(sorted(exclude)))
+                 .order_by(e.c.created_at.desc(), e.c.id.desc()).limit(NEAR_ENVIRONMENTS))
+            with self._db_errors(), self.engine.connect() as c:
+                found = [tuple(r) for r in c.execute(q)]
+        else:
+            where = [f"{f} = ?" for f in NEAR_FIELDS] + ["fingerprint != ?"] * len(exclude)
+            found = self._watched(
+                f"SELECT {', '.join(_bounded_sql(c) for c in cols)} FROM environment WHERE {' AND '.join(where)} "
+                "ORDER BY created_at DESC, id DESC LIMIT ?",
+                (*hardware, *sorted(exclude), NEAR_ENVIRONMENTS), budget=WARM_READ_BUDGET)
+        envs = {}
+        for r in found:
+            env = dict(zip(cols[1:], r[1:]))
+            if isinstance(r[0], int) and environment_error(env) is None:  # data from elsewhere: checked
+                envs[r[0]] = env
+        if version is not None:
+            self._near_held[(hardware, exclude)] = (version, envs)
+        return envs
+
+    def _near_measurements(self, ids: list[int], key: str) -> list[tuple[int, Measurement]]:
+        """(environment id, row) of ``key`` in the environments ``ids``: one statement, bounded, not validated."""
+        limit = len(ids) * MAX_BACKENDS_PER_KEY
+        if self.kind != "file":
+            m = measurement_table
+            q = (sa.select(m.c.environment_id, *_bounded([m.c[f] for f in MEASUREMENT_FIELDS], self.dialect))
+                 .where(m.c.problem_key == key, m.c.environment_id.in_(ids)).limit(limit))
+            with self._db_errors(), self.engine.connect() as c:
+                found = [tuple(r) for r in c.execute(q)]
+        else:
+            found = self._watched(
+                f"SELECT environment_id, {', '.join(_bounded_sql(c) for c in MEASUREMENT_FIELDS)} FROM measurement "
+                f"WHERE problem_key = ? AND environment_id IN ({', '.join('?' * len(ids))}) LIMIT ?",
+                (key, *ids, limit), budget=WARM_READ_BUDGET)
+        return [(r[0], _row_to_measurement(dict(zip(MEASUREMENT_FIELDS, r[1:])))) for r in found]
 
     def save(self, fingerprint: str, info: dict, key: str, measurements: Iterable[Measurement]) -> None:
         """Upsert one row per backend (a re-measurement replaces the older row of the same environment).
@@ -956,10 +1045,17 @@ class Store:
             return
 
         if self.kind == "file":
-            before = self._data_version()
-            self._env_ids[fingerprint] = self._sqlite_write(
-                lambda con: _sqlite_upsert(con, self.display_url, fingerprint, info, rows))
-            self._after_own_write(before, fingerprint, rows)
+            with self._save_lock:  # one own write at a time: each sees only its own commit as "ours"
+                before = self._data_version()
+
+                def write(con):
+                    # Under the write lock nobody else can commit: was there a commit since ``before`` (while
+                    # we waited for the lock)? And the writer's own counter, which our commit leaves alone.
+                    quiet = self._data_version() == before
+                    eid = _sqlite_upsert(con, self.display_url, fingerprint, info, rows)
+                    return eid, quiet, _data_version_of(con)
+                self._env_ids[fingerprint], quiet, mine = self._sqlite_write(write)
+                self._after_own_write(before, quiet, mine, fingerprint, rows)
             return
 
         def write():
@@ -975,11 +1071,17 @@ class Store:
         with self._db_errors():  # a server or memory database: no snapshots to keep current
             self._env_ids[fingerprint] = retrying(write, deadline_s=self.timeout_s)
 
-    def _after_own_write(self, before: int | None, fingerprint: str, rows) -> None:
-        """Keep the snapshots that were current before this write: add the rows written to their environment's.
-        (A commit by another process in the instant between our commit and this check goes unseen until the
-        next commit; the cost is at most a problem tuned twice.)"""
+    def _after_own_write(self, before: int | None, quiet: bool, mine: int, fingerprint: str, rows) -> None:
+        """Keep the snapshots that were current before this write (add the rows written to their environment's)
+        only when this write was the one commit in between: ``quiet`` says none came while it waited for the
+        lock, and the writer's counter (``mine`` at our commit) says none came after it before ``after`` was
+        read. Otherwise they stay at their old version and are read again (a row another process deleted, e.g.
+        by ``db prune``, is never served from a snapshot)."""
+        if not quiet:
+            return
         after = self._data_version()
+        if self._writer_version() != mine:  # read after ``after``: a commit before it shows here
+            return
         for fp, (version, held) in list(self._snapshots.items()):
             if version != before or held is None:
                 continue
@@ -987,6 +1089,11 @@ class Store:
                 for key, m in rows:
                     held.setdefault(key, {})[m.backend] = m
             self._snapshots[fp] = (after, held)
+
+    def _writer_version(self) -> int | None:
+        """``PRAGMA data_version`` of the writing connection: it moves only when *another* connection commits."""
+        with self._writer_lock, self._db_errors():
+            return None if self._writer is None else _data_version_of(self._writer)
 
     def evidence(self, fingerprint: str, pairs: Sequence[tuple[str, str]]) -> dict[tuple[str, str], tuple[int, float]]:
         """``{(problem key, backend): (samples, measured_at)}`` of the rows of ``pairs`` this database holds in

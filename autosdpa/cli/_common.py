@@ -165,21 +165,59 @@ def settings_for(db: str | None = None):
     return dataclasses.replace(settings, db=db) if db else settings
 
 
-def use_db(db: str | None):
+def use_db(db: str | None, *, create: bool = True):
     """Point this process's dispatcher at ``db`` (default: ``AUTOSDPA_DB``, else the user cache file) and
     return its store; a database that cannot be used is an ``Error:`` with exit status 1, whichever way it
-    was named. Never writes ``os.environ``."""
-    from ..store import Store, StoreError
+    was named. Never writes ``os.environ``. ``create=False`` (a command that only looks up): a database that
+    does not exist yet is not created; the dispatcher reads an empty one in memory instead, and a note says so."""
+    from ..store import EmptyDatabase, Store, StoreError
 
     settings = settings_for(db)
     try:  # open it once ourselves: the dispatcher would fall back to memory with a warning instead
-        Store(settings.db, timeout_s=settings.db_timeout_s).close()
+        Store(settings.db, readonly=not create, timeout_s=settings.db_timeout_s).close()
+    except EmptyDatabase as e:
+        _note_empty(e)
+        settings = dataclasses.replace(settings, db=":memory:")
     except StoreError as e:
-        where = "--db" if db else ("AUTOSDPA_DB" if settings.db else "the user cache")
-        raise click.ClickException(f"cannot use the database ({where}): {e}") from None
+        raise click.ClickException(f"cannot use the database ({_db_origin(db, settings)}): {e}") from None
     d = _dispatcher()
     d.configure(settings)
     return d.store()
+
+
+def read_db(db: str | None, *, note: bool = True):
+    """The database (as ``use_db`` names it) with its shared layers, for a command that only reads it (show,
+    doctor): opened read-only, so nothing is created, migrated or written (no folder, file, -journal or -wal).
+    One that does not exist yet reads as empty, with a ``note`` on stderr: an in-memory store whose
+    ``stands_in_for`` names it (see ``db_name``). A database that cannot be used is an ``Error:``, exit 1."""
+    from ..store import EmptyDatabase, Store, StoreError
+
+    settings = settings_for(db)
+    shared = list(settings.all_shared_dbs())
+    try:
+        return Store(settings.db, readonly=True, shared=shared, timeout_s=settings.db_timeout_s)
+    except EmptyDatabase as e:
+        if note:
+            _note_empty(e)
+        empty = Store(":memory:", shared=shared, timeout_s=settings.db_timeout_s)
+        empty.stands_in_for = (e.database, "not created yet")
+        return empty
+    except StoreError as e:
+        raise click.ClickException(f"cannot use the database ({_db_origin(db, settings)}): {e}") from None
+
+
+def db_name(store) -> str:
+    """What to call a store from ``read_db``: the database it stands for when that does not exist yet."""
+    return store.stands_in_for[0] if store.stands_in_for else store.display_url
+
+
+def _db_origin(db: str | None, settings) -> str:
+    return "--db" if db else ("AUTOSDPA_DB" if settings.db else "the user cache")
+
+
+def _note_empty(e) -> None:
+    err.print(f"note: {e}; read as an empty database (nothing is created until autosdpa first saves a "
+              "measurement)", markup=False)
 
 
 def current_store():

@@ -5,7 +5,7 @@ import click
 from rich.table import Table
 
 from ._group import main
-from ._common import current_store, out, print_json, resolve_device
+from ._common import db_name, out, print_json, read_db, resolve_device
 
 
 def _database_report(store) -> dict:
@@ -16,7 +16,8 @@ def _database_report(store) -> dict:
             return s.counts()
         except StoreError as e:  # doctor reports trouble rather than dying of it
             return {"error": str(e)}
-    return {"database": store.display_url, "counts": counts(store),
+    return {"database": db_name(store), "counts": counts(store), **({"note": store.stands_in_for[1]}
+                                                                    if store.stands_in_for else {}),
             "shared": [{"database": s.display_url, "counts": counts(s)} for s in store.shared]}
 
 
@@ -40,7 +41,10 @@ def doctor(device: str | None, as_json: bool) -> None:
     why = unavailable_reasons(dev)
     backends = [{"backend": n, "available": n not in why, "why_not": why.get(n, "")}
                 for n in available_backends(dev) + list(why)]
-    db = _database_report(current_store())
+    try:
+        db = _database_report(read_db(None, note=False))  # only reads: not created; its line says so
+    except click.ClickException as e:  # doctor reports trouble rather than dying of it
+        db = {"database": None, "counts": {"error": e.message}, "shared": []}
     hot_path = fastkey.describe(dispatcher.settings.native)
     if as_json:
         print_json({"device": str(dev), "environment": {"fingerprint": fp, **info},
@@ -59,6 +63,7 @@ def doctor(device: str | None, as_json: bool) -> None:
     for b in backends:
         t.add_row(b["backend"], "yes" if b["available"] else "no", b["why_not"])
     out.print(t)
-    out.print(f"database: {db['database']}  {db['counts']}", markup=False)
+    out.print(f"database: {db['database'] or 'unusable'}  "
+              + (f"({db['note']})" if "note" in db else str(db["counts"])), markup=False)
     for layer in db["shared"]:
         out.print(f"shared (read-only): {layer['database']}  {layer['counts']}", markup=False)

@@ -71,7 +71,7 @@ def explain(spec, dtype, train, device, db, force, no_tune, budget, as_json) -> 
     except W.WorkloadError as e:
         raise click.BadParameter(f"{spec!r}: {e}", param_hint="--shape") from None
     p = item.problem
-    use_db(db)
+    use_db(db, create=not no_tune)  # --no-tune only looks up: it creates no database
     with deterministic(p.deterministic):
         if not no_tune:
             api.tune([p], progress=False, device=dev, force=force, config=tune_config(budget))

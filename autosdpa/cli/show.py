@@ -9,7 +9,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ._group import main
-from ._common import err, fmt_s, gpu_filter_option, out, print_json, short_key, shorten, use_db
+from ._common import db_name, err, fmt_s, gpu_filter_option, out, print_json, read_db, short_key, shorten
 
 
 def _wanted_backends(spec: str | None, seen: set[str]) -> set[str] | None:
@@ -74,7 +74,7 @@ def show(db, gpu, key_glob, backends, shared, as_json) -> None:
       autosdpa show
       autosdpa show --gpu H100 --key '*Hq=32*' --backend flash,cudnn
     """
-    store = use_db(db)
+    store = read_db(db)  # only reads: a database that does not exist yet is not created
     layers = [("user", store)] + ([(s.display_url, s) for s in store.shared] if shared else [])
     rows = _collect(layers, gpu, key_glob, backends)
     best: dict[tuple, tuple[float, str]] = {}
@@ -92,10 +92,10 @@ def show(db, gpu, key_glob, backends, shared, as_json) -> None:
                     for layer, env, key, m in rows])
         return
     if not rows:
-        err.print(f"no measurements in {store.display_url}" + (" matching the filters" if
+        err.print(f"no measurements in {db_name(store)}" + (" matching the filters" if
                                                                 (gpu or key_glob or backends) else ""))
         return
-    out.print(_table(rows, best, store.display_url))
+    out.print(_table(rows, best, db_name(store)))
     _print_environments(layers, {env["fingerprint"]: env for _l, env, _k, _m in rows})
 
 

@@ -51,7 +51,12 @@ def tune_one(item, device, force: bool, config) -> dict:
     t0 = time.perf_counter()
     try:
         d = api.tune([item.problem], progress=False, device=device, force=force, config=config)[0]
-        return result_row(item, d, time.perf_counter() - t0, str(device))
+        row = result_row(item, d, time.perf_counter() - t0, str(device))
+        lost = current_store().stands_in_for  # (database, why): it failed, so these rows are in memory only
+        row["unsaved"] = None
+        if lost and d.source == "tuned":
+            row["unsaved"] = lost[1] if lost[1].startswith(lost[0]) else f"{lost[0]}: {lost[1]}"
+        return row
     except KeyboardInterrupt:
         raise
     except Exception as e:  # one bad problem (e.g. out of memory making inputs) must not stop the run
@@ -88,9 +93,11 @@ def print_results(rows, unavailable, device, interrupted: bool, total: int) -> N
     out.print(results_table(rows, unavailable, title))
     sources: dict[str, int] = {}
     for r in rows:
-        sources[r["source"]] = sources.get(r["source"], 0) + 1
+        s = "unsaved" if r.get("unsaved") else r["source"]
+        sources[s] = sources.get(s, 0) + 1
     names = {"tuned": "tuned now", "database": "already in the database", "cache": "already in memory",
-             "error": "failed", "only": "with one eligible backend (nothing to time)"}
+             "error": "failed", "only": "with one eligible backend (nothing to time)",
+             "unsaved": "tuned now but NOT saved"}
     out.print(", ".join(f"{n} {names.get(s, s)}" for s, n in sources.items()) or "nothing tuned")
     if unavailable:
         out.print("not available on this device (not timed): "
@@ -196,8 +203,15 @@ def tune(workload, db, device, devices, force, budget, shard, dry_run, as_json) 
     else:
         print_results(rows, unavailable, dev if not gpu_ids else ",".join(f"cuda:{i}" for i in gpu_ids),
                       interrupted, len(items))
+    unsaved = [r for r in rows if r.get("unsaved")]
+    if unsaved:  # the dispatcher fell back to memory: say so, never "tuned" with status 0
+        click.echo(f"Error: could not save to {unsaved[0]['unsaved']}; the measurements of {len(unsaved)} "
+                   "problem(s) were kept in memory only and are lost at exit: "
+                   + ", ".join(r["problem"] for r in unsaved), err=True)
     if interrupted:
         sys.exit(130)
+    if unsaved:
+        sys.exit(1)
     if any(r["error"] for r in rows):
         err.print(f"[red]{sum(bool(r['error']) for r in rows)} problem(s) failed[/]")
         sys.exit(1)

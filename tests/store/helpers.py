@@ -74,3 +74,33 @@ def raw_insert(path, sql: str, params=()) -> None:
     con.execute(sql, params)
     con.commit()
     con.close()
+
+
+NO_INDEX_DDL = """
+CREATE TABLE autosdpa_meta (name TEXT, value TEXT);
+CREATE TABLE environment (id INTEGER, fingerprint TEXT, device_type TEXT, device_name TEXT, capability TEXT,
+  cores INTEGER, memory_gb INTEGER, torch TEXT, cuda TEXT, cudnn TEXT, triton TEXT, kernels TEXT, created_at FLOAT);
+CREATE TABLE measurement (id INTEGER, environment_id INTEGER, problem_key TEXT, backend TEXT, status TEXT,
+  median_s FLOAT, spread_s FLOAT, samples INTEGER, max_error FLOAT, detail TEXT, tuned_shape TEXT, measured_at FLOAT);
+"""
+
+
+def many_environments_file(path, hardware: dict, keys, n: int = 10_000, backends=("flash", "math")) -> None:
+    """A valid-looking shared file without a single index or key: ``n`` environments of the hardware ``hardware``
+    (its fields; only torch differs, so every fingerprint is right), each with an ok row per backend for each
+    of ``keys``: every lookup by environment or key has to scan a table."""
+    con = sqlite3.connect(str(path))
+    con.executescript(NO_INDEX_DDL)
+    con.execute("INSERT INTO autosdpa_meta VALUES ('schema_version', '2')")
+    now = time.time() - 3600
+    envs, rows = [], []
+    for i in range(n):
+        info = {**hardware, "torch": f"0.{i}.0"}
+        envs.append((i + 1, fingerprint_of(info), *(info[f] for f in ENV_FIELDS), now + i))
+        for key in keys:
+            for j, b in enumerate(backends):
+                rows.append((len(rows) + 1, i + 1, key, b, "ok", 1e-3 * (j + 1), 1e-5, 10, 1e-6, "", "", now))
+    con.executemany(f"INSERT INTO environment VALUES ({', '.join('?' * (len(ENV_FIELDS) + 3))})", envs)
+    con.executemany("INSERT INTO measurement VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+    con.commit()
+    con.close()
