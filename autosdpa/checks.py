@@ -14,8 +14,9 @@ import math
 import torch
 from torch import Tensor
 
+from . import forms
 from .backends.base import Call
-from .reference import GRAD_FACTOR, broadcast_shape, check_shapes, max_error, reference_attention, tolerance
+from .reference import GRAD_FACTOR, broadcast_shape, check_shapes, tolerance
 
 # Work of the reference -- multiply-adds (B·Hq·Lq·Lk·(D+Dv)) plus elements of q, k, v converted to its dtype --
 # above which only a part of the call is checked: about a millisecond of float64 work on a CPU core, or
@@ -113,13 +114,13 @@ class Check:
 
     def __init__(self, call: Call, grad_out: Tensor | None):
         """Raises InvalidInputs when the reference rejects the inputs."""
-        self.call, self.tol = call, tolerance(call)
+        self.call, self.tol, self.form = call, tolerance(call), forms.form_of(call)
         self.expected_shape = _output_shape(call)
         self.part: Part | None = None
         # (block, reference output, reference gradients of q, k, v) per checked block; None: not checked
         self.pieces: list[tuple[Block, Tensor, tuple[Tensor, ...]]] | None = None
         try:
-            if not call.query.is_nested:  # jagged calls: checked whole, per sequence (autosdpa.nested)
+            if self.form is forms.dense:  # jagged calls: checked whole, per sequence (forms.jagged)
                 check_shapes(call)
                 self.part = choose_part(call)
             blocks = self.part.blocks if self.part is not None else (_WHOLE,)
@@ -158,9 +159,9 @@ class Check:
             rows = self.part.rows if self.part is not None else None
             with torch.no_grad():
                 sub = dataclasses.replace(call, query=q, key=k, value=v, attn_mask=mask)
-                return blk, reference_attention(sub, rows=rows), ()
+                return blk, self.form.reference(sub, rows=rows), ()
         xs = tuple(t.clone().requires_grad_() for t in (q, k, v))
-        ref = reference_attention(dataclasses.replace(call, query=xs[0], key=xs[1], value=xs[2], attn_mask=mask))
+        ref = self.form.reference(dataclasses.replace(call, query=xs[0], key=xs[1], value=xs[2], attn_mask=mask))
         g = grad_out if blk is _WHOLE else blk.q(grad_out)
         grads = torch.autograd.grad(ref, xs, g.to(dtype=ref.dtype))
         return blk, ref.detach(), grads
@@ -179,10 +180,10 @@ class Check:
         err = 0.0
         for blk, ref, ref_grads in self.pieces:
             whole = blk is _WHOLE
-            err = max(err, max_error(out if whole else part.rows_of(blk.q(out)), ref))
+            err = max(err, self.form.max_error(out if whole else part.rows_of(blk.q(out)), ref))
             for i, (gr, rgr) in enumerate(zip(grads, ref_grads)):
                 gr = gr if whole else (blk.q(gr) if i == 0 else blk.kv(gr))
-                err = max(err, max_error(gr, rgr) / GRAD_FACTOR)
+                err = max(err, self.form.max_error(gr, rgr) / GRAD_FACTOR)
         if not err <= self.tol:
             where = f" ({part.describe()})" if part is not None else ""
             return (None if math.isinf(err) else err), (
@@ -192,7 +193,7 @@ class Check:
 
 def _output_shape(call: Call) -> tuple[int, ...] | None:
     q, v = call.query, call.value
-    if q.is_nested:  # ragged: the nested max_error compares structure
+    if q.is_nested:  # ragged: the jagged max_error compares structure
         return None
     lead = broadcast_shape(q.shape[:-1], tuple(v.shape[:-2]) + (q.shape[-2],))
     return tuple(lead or q.shape[:-1]) + (v.shape[-1],)

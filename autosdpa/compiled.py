@@ -30,10 +30,17 @@ from torch.nn.attention.bias import CausalBias
 _sdpa = F.scaled_dot_product_attention
 
 
-def _run(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa):
-    from .dispatch import scaled_dot_product_attention  # the eager dispatcher (import cycle otherwise)
+_eager = _sdpa  # what the op runs: the eager dispatcher, handed over by ``dispatch`` (``use``)
 
-    return scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+
+def use(eager) -> None:
+    """Make the op run ``eager`` (the dispatcher registers itself: this module imports no dispatcher)."""
+    global _eager
+    _eager = eager
+
+
+def _run(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+    return _eager(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa)
 
 
 @torch.library.custom_op("autosdpa::sdpa", mutates_args=())

@@ -25,12 +25,11 @@ import torch.nn.functional as F
 from torch.nn.attention.bias import CausalBias
 
 from . import backends as _backends
-from . import compiled, consensus, fastkey, nested, warm
+from . import compiled, consensus, fastkey, forms, warm
 from .autocast import autocast_inputs
 from .backends.base import Backend, Call
-from .backends.torch_backends import pytorch_choice, torch_flags
+from .backends.torch_backends import torch_flags
 from .backends.torch_layout import output_strides, restride
-from .calls import degenerate_reason, invalid_reason, make_call
 from .claims import check_claim
 from .config import Settings, configure_logging
 from .eligibility import ForcedBackendError, eligibility, reasons_text
@@ -39,7 +38,7 @@ from .forms.structure import candidate_shape, detect, trusted
 from .masks import StructuredMask
 from .plans import InvalidPlan, Plan, Router, plan_for, priority_set
 from .policy import NO_OVERRIDES, Overrides, Policy, resolve
-from .problem import DECODE_LQ, Problem, bucket, layout_class
+from .problem import Problem
 from .store import Measurement, Store, StoreError
 from .text import warn_at_caller
 from .tuner import Decision, InvalidInputs, TuneConfig, choose, measure
@@ -108,29 +107,6 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
 sdpa = scaled_dot_product_attention
 
 
-def _mask_bucket(m):
-    if m.__class__ is CausalBias:
-        return (m.variant, m.seq_len_q == m.seq_len_kv)
-    if m.__class__ is StructuredMask:
-        return (StructuredMask, m.structure.word, len(m.structure.lengths) > 1, m.mask_device)
-    return (tuple(n == 1 for n in m.shape), m.dim(), m.dtype, m.__class__, m.requires_grad, m.device)
-
-
-def _bucket_key(fk: tuple, q, m, threshold: int | None):
-    """The fast key with lengths and batch bucketed as the problem key buckets them, or None when the shapes
-    are not plainly valid (those are decided per exact shape). Any plan is safe to share within a bucket:
-    None is F.sdpa itself, and a Plan re-checks eligibility on each new layout."""
-    qs, ks, vs = fk[0], fk[1], fk[2]
-    if not (len(qs) == len(ks) == len(vs) >= 3) or ks[-2] != vs[-2] or qs[-1] != ks[-1] or 0 in qs or 0 in ks:
-        return None
-    lq, lk = qs[-2], ks[-2]
-    batch = math.prod(qs[:-2] if len(qs) == 3 else qs[:-3])
-    heads = () if len(qs) == 3 else (qs[-3], ks[-3], vs[-3], qs[:-3] == ks[:-3] == vs[:-3])
-    shape = (len(qs), bucket(batch, threshold), heads, bucket(lq, threshold),
-             bucket(lk, 0 if threshold is not None and lq <= DECODE_LQ else threshold), qs[-1], vs[-1])
-    return (shape, layout_class(q), None if m is None else _mask_bucket(m), *fk[3:5], *fk[6:])
-
-
 #: Attention work (Lq x Lk) below which a dense mask's structure is not looked for: a rewrite could save less
 #: than the look costs.
 STRUCTURE_MIN_WORK = 4096
@@ -161,10 +137,10 @@ def _shape_str(call: Call) -> str:
     return s
 
 
-def _finisher(call: Call):
-    """What turns each candidate's output into the layout PyTorch's own pick gives (timed with it)."""
-    pick = pytorch_choice(call)
-    if pick is None:
+def _finisher(call: Call, pick: str | None):
+    """What turns each candidate's output into the layout PyTorch's own pick gives (timed with it); None for
+    jagged calls (their backends build F.sdpa's NestedTensor themselves) or no pick."""
+    if pick is None or call.form == "jagged":
         return None
     want = output_strides(call, pick)
     return lambda out, name: restride(out, want)  # ``out`` itself when it already has that layout
@@ -302,7 +278,7 @@ class Dispatcher:
             return None
         try:
             thr = self.settings.bucket_threshold
-            bk = nested.bucket_key(fk, q, k, v, thr) if nested.is_jagged(q) else _bucket_key(fk, q, m, thr)
+            bk = forms.bucket_key(fk, q, k, v, m, thr)
         except Exception:  # odd inputs: decided (or passed to PyTorch) the long way
             bk = None
         generation = self._generation
@@ -345,11 +321,12 @@ class Dispatcher:
     def _plan(self, fk, q, k, v, m, dp, ic, sc, gqa, routing: bool = False):
         """(plan, whether it may be cached under the fast key). ``routing``: deciding for one structure of a
         Router's calls (never another Router)."""
-        call = make_call(q, k, v, m, dp, ic, sc, gqa)
-        if call is None or degenerate_reason(call):  # PyTorch handles (or rejects) them; they decide nothing
+        call = forms.make_call(q, k, v, m, dp, ic, sc, gqa)
+        form = None if call is None else forms.form_of(call)
+        if call is None or form.degenerate_reason(call):  # PyTorch handles (or rejects) them; decide nothing
             return None, False
         flags = fk[_FK_FLAGS]
-        if invalid_reason(call):  # the fast key holds all three shapes
+        if form.invalid_reason(call):  # the fast key holds all three shapes
             # PyTorch's math op raises PyTorch's error; with math switched off F.sdpa raises its own, except
             # where its CPU flash kernel would read past v (k and v lengths differ)
             kv_mismatch = call.key.shape[-2] != call.value.shape[-2]
@@ -400,14 +377,15 @@ class Dispatcher:
                 fastkey.forget()
 
     def explain(self, q, k, v, m=None, dp=0.0, ic=False, sc=None, gqa=False) -> Decision:
-        call = make_call(q, k, v, m, dp, ic, sc, gqa)
+        call = forms.make_call(q, k, v, m, dp, ic, sc, gqa)
         if call is None:
             return Decision("pytorch", "inputs autosdpa does not key (nested, subclass, broadcast batch, odd "
                             "arguments): passed to PyTorch", source="passthrough")
-        why = degenerate_reason(call)
+        form = forms.form_of(call)
+        why = form.degenerate_reason(call)
         if why:
             return Decision("pytorch", f"{why}: passed to PyTorch, never measured", source="passthrough")
-        why = invalid_reason(call)
+        why = form.invalid_reason(call)
         if why:
             return Decision("math", f"invalid inputs ({why}): PyTorch's math backend raises its error",
                             source="invalid")
@@ -420,7 +398,7 @@ class Dispatcher:
     def tune_problem(self, problem: Problem, device, *, force: bool = False,
                      config: TuneConfig | None = None) -> Decision:
         """Tune ``problem`` on synthetic inputs of its shape (offline tuning); returns the Decision."""
-        call = problem.make_call(device)
+        call = forms.synthetic_call(problem, device)
         with self._lock, deterministic(problem.deterministic), trusted(call.attn_mask, call.structure):
             return self.decide(call, Policy(mode="tune"), config=config, force=force)[0]
 
@@ -429,8 +407,9 @@ class Dispatcher:
         """(decision, backend to run or None for plain F.sdpa, whether the outcome may be cached)."""
         if policy.passthrough:
             return Decision("pytorch", policy.reason, source="passthrough"), None, True
-        problem = Problem.from_call(call, self.settings.bucket_threshold)
-        torch_pick = nested.pytorch_choice(call) if nested.is_jagged_call(call) else pytorch_choice(call)
+        form = forms.form_of(call)
+        problem = form.problem_of(call, self.settings.bucket_threshold)
+        torch_pick = form.pytorch_choice(call)
         allowed, timed, elig = self._candidates(call, policy)
         rejected = reasons_text(elig)
         eligible = [b for b in allowed if not elig[b.name]]
@@ -544,7 +523,7 @@ class Dispatcher:
 
         def run(backends):
             with torch.random.fork_rng(devices=[device] if call.query.is_cuda else []):
-                return measure(call, backends, config or self.config, tuned_shape=shape, finish=_finisher(call),
+                return measure(call, backends, config or self.config, tuned_shape=shape, finish=_finisher(call, pick),
                                pytorch_choice=pick)
         rows = run(timed)
         # none of the candidates that may win passed here: time the rest after all
@@ -673,6 +652,7 @@ def _traced(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, s
     return _sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
 
 
+compiled.use(scaled_dot_product_attention)
 with contextlib.suppress(AttributeError, TypeError):
     torch.compiler.substitute_in_graph(scaled_dot_product_attention)(_traced)
 # torch.jit.script compiles calls of this function to PyTorch's own op (it cannot script the dispatcher).

@@ -16,10 +16,9 @@ from .autocast import autocast_inputs
 from .backends import torch_backends
 from .backends.torch_layout import output_strides, restride
 from .backends.base import Backend, safe_runner
-from .calls import make_call
+from .forms import make_call
 from .eligibility import ForcedBackendError, eligibility, reasons_text
-from .forms.structure import detect, trusted
-from .masks import StructuredMask
+from .forms.structure import StructuredMask, detect, trusted
 
 _sdpa = F.scaled_dot_product_attention
 _capturing = torch.cuda.is_current_stream_capturing

@@ -12,8 +12,7 @@ import re
 import torch
 
 from .config import parse_bucketing  # noqa: F401  (re-exported)
-from .backends.base import CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE, CAUSAL_TOP_LEFT, Call
-from .forms.structure import KINDS as STRUCTURES, PADDED, Structure, expected_mask
+from .backends.base import CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE, CAUSAL_TOP_LEFT, PADDED, STRUCTURES, Call
 
 DTYPES = {"fp64": torch.float64, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
@@ -222,10 +221,10 @@ class Problem:
 
     @classmethod
     def from_call(cls, call: Call, threshold: int | None = 16) -> "Problem":
+        """The problem of a dense call (jagged calls: ``forms.problem_of``)."""
         q, k, v = call.query, call.key, call.value
         if q.is_nested:
-            from .nested import problem_from_call
-            return problem_from_call(call, threshold)
+            raise ValueError("a NestedTensor call: its problem comes from autosdpa.forms.problem_of")
         if q.dim() < 3:
             raise ValueError("attention inputs need at least 3 dimensions")
         if q.dim() == 3:
@@ -245,78 +244,6 @@ class Problem:
 
     def with_(self, **changes) -> "Problem":
         return dataclasses.replace(self, **changes)
-
-    def make_call(self, device="cpu", seed: int = 0) -> Call:
-        """Synthetic inputs of this problem's (bucketed) shape, for offline tuning."""
-        if self.layout == "jagged":
-            from .nested import synthetic_call
-            return synthetic_call(self, device, seed)
-        dev = torch.device(device)
-        g = torch.Generator(device="cpu").manual_seed(seed)
-        dt = DTYPES[self.dtype]
-
-        def rand(*shape):
-            return torch.randn(*shape, generator=g, dtype=torch.float32).to(device=dev, dtype=dt)
-
-        if self.layout == "nd3":
-            if self.hq != 1 or self.hkv != 1:
-                raise ValueError("3-D (N, L, E) problems have one head")
-            q, k, v = rand(self.batch, self.lq, self.d), rand(self.batch, self.lk, self.d), rand(
-                self.batch, self.lk, self.dv)
-        elif self.layout == "blhd":
-            q = rand(self.batch, self.lq, self.hq, self.d).transpose(1, 2)
-            k = rand(self.batch, self.lk, self.hkv, self.d).transpose(1, 2)
-            v = rand(self.batch, self.lk, self.hkv, self.dv).transpose(1, 2)
-        elif self.layout == "nd5+":  # all leading dims fold into the batch: (B, 1, H, L, D) keys the same
-            q, k, v = (rand(self.batch, 1, self.hq, self.lq, self.d), rand(self.batch, 1, self.hkv, self.lk, self.d),
-                       rand(self.batch, 1, self.hkv, self.lk, self.dv))
-        else:
-            q, k, v = (rand(self.batch, self.hq, self.lq, self.d), rand(self.batch, self.hkv, self.lk, self.d),
-                       rand(self.batch, self.hkv, self.lk, self.dv))
-            if self.layout == "strided":  # a non-contiguous view with unit last-dim stride
-                q, k, v = (rand(self.batch, self.hq, self.lq, 2 * self.d)[..., : self.d],
-                           rand(self.batch, self.hkv, self.lk, 2 * self.d)[..., : self.d],
-                           rand(self.batch, self.hkv, self.lk, 2 * self.dv)[..., : self.dv])
-        mask = structure = None
-        is_causal = self.causal == CAUSAL_TOP_LEFT
-        if self.causal == CAUSAL_BOTTOM_RIGHT:
-            from torch.nn.attention.bias import causal_lower_right
-            mask, is_causal = causal_lower_right(self.lq, self.lk), False
-        elif self.mask != "none":
-            kind, pattern = self.mask.split(":")
-            full = dict(B=self.batch, H=self.hq, Q=self.lq, K=self.lk)
-            shape = [full[c] if c != "1" else 1 for c in pattern]
-            if self.layout == "nd3":
-                shape = [shape[0], shape[2], shape[3]]
-            elif self.layout == "nd5+":
-                shape = [shape[0], 1, *shape[1:]]
-            structure = self.synthetic_structure(shape[0]) if self.structure != "none" else None
-            if structure is not None:
-                mask = expected_mask(structure, tuple(shape), torch.bool if kind == "bool" else dt)
-            elif kind == "bool":
-                mask = torch.rand(*shape, generator=g) > 0.25
-                mask[..., 0] = True  # no fully masked rows
-            else:
-                mask = torch.randn(*shape, generator=g).to(dt)
-            mask = mask.to(dev)
-        if self.train:
-            q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
-        return Call(q, k, v, mask, 0.1 if self.dropout else 0.0, is_causal, None, self.gqa, self.train,
-                    structure=structure if self.mask != "none" else None)
-
-    def synthetic_structure(self, mask_batch: int) -> Structure:
-        """This problem's mask structure with valid lengths of its ``fill``: the first sequence full (a batch
-        is padded to its longest), the others alike, the share of valid keys in the middle of its quarter."""
-        if self.structure not in PADDED:
-            return Structure(self.structure, (), self.lq, self.lk)
-        share = (self.fill - 0.5) / 4
-        n = mask_batch
-        rest = self.lk if n == 1 else (share * n * self.lk - self.lk) / (n - 1)
-        if n == 1:
-            lengths = (max(1, round(share * self.lk)),)
-        else:
-            lengths = (self.lk, *[min(self.lk, max(0, round(rest)))] * (n - 1))
-        return Structure(self.structure, lengths, self.lq, self.lk)
 
     @property
     def flops(self) -> float:

@@ -53,10 +53,6 @@ def reference_attention(call: Call, *, chunk_bytes: int = 256 << 20, dtype: torc
 
     ``rows``: (start, stop) ranges of query rows to compute (default: all); the output holds them in order.
     """
-    if call.query.is_nested:  # per sequence, through this function
-        from .nested import reference
-
-        return reference(call, chunk_bytes=chunk_bytes, dtype=dtype)
     check_shapes(call)
     q, k, v = call.query, call.key, call.value
     dt = dtype or compute_dtype(q.dtype)
@@ -101,9 +97,6 @@ def reference_attention(call: Call, *, chunk_bytes: int = 256 << 20, dtype: torc
 
 def max_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     """Normalised max error over the positions where the reference is finite; inf if ``out`` is not."""
-    if out.is_nested or ref.is_nested:  # NestedTensors: their structure, then their tokens, through this function
-        from .nested import max_error as nested_max_error
-        return nested_max_error(out, ref)
     if out.shape != ref.shape:
         return math.inf
     o, r = out.detach().to(ref.dtype), ref.detach()

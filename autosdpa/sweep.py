@@ -29,6 +29,7 @@ from typing import Callable
 
 import torch
 
+from .forms import synthetic_call
 from .problem import Problem
 from .timing import round_order
 from .workload import parse_shape
@@ -150,7 +151,7 @@ def backend_fn(name: str):
     the first call with each set of input tensors and grad mode (a benchmark calls it on fixed inputs)."""
     from . import backends
     from .backends.base import Call, safe_runner
-    from .calls import needs_grad
+    from .forms import needs_grad
 
     b = backends.get(name)
     runners: dict = {}  # (ids of the inputs, grad needed) -> (runner, the inputs: alive, so no id is reused)
@@ -278,7 +279,7 @@ def run_problem(sp: SweepProblem, device: torch.device, *, dry: bool = False, se
     from .dispatch import pytorch_sdpa
 
     prob = dry_problem(sp.problem) if dry else sp.problem
-    call = prob.make_call(device)
+    call = synthetic_call(prob, device)
     mask = padding_mask(call)
     sync = _sync(device)
     default = make_runner(pytorch_sdpa, call, mask, prob.train)

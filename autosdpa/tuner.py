@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from . import nested
+from . import forms
 from .backends.base import Backend, Call, safe_runner
 from .backends.torch_backends import pytorch_choice as _pytorch_choice
 from .checks import Check, InvalidInputs, is_oom
@@ -162,8 +162,7 @@ def _inputs(call: Call):
     if not call.needs_grad:
         return q, k, v, None, None
     # F.sdpa's output has q's shape with v's last dim; autograd.grad returns gradients without accumulating.
-    g = nested.random_output(call) if q.is_nested else torch.randn(
-        *q.shape[:-1], v.shape[-1], generator=torch.Generator().manual_seed(0))
+    g = forms.form_of(call).random_output(call)
     xs = tuple(t.clone().requires_grad_() for t in (q, k, v))
     return q, k, v, xs, g.to(device=q.device, dtype=q.dtype)
 

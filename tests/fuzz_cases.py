@@ -27,7 +27,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import CausalBias, causal_lower_right, causal_upper_left
 
 import autosdpa
-from autosdpa.calls import degenerate_reason, invalid_reason, make_call
+from autosdpa.forms import dense, make_call
 from autosdpa.dispatch import deterministic, dispatcher
 from autosdpa.problem import Problem
 from autosdpa.store import Measurement
@@ -269,7 +269,7 @@ def prefer(winner: str, q, k, v, kw: dict) -> bool:
     tuned, when the problem is new to this process. Returns whether it stored them. Call it under the same
     grad mode and determinism as the call (the problem key holds both)."""
     call = make_call(q, k, v, **kw)
-    if call is None or degenerate_reason(call) or invalid_reason(call):
+    if call is None or dense.degenerate_reason(call) or dense.invalid_reason(call):
         return False
     problem = Problem.from_call(call, dispatcher.settings.bucket_threshold)
     if problem.key in dispatcher.measured_problems():

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 import autosdpa
 from autosdpa import checks
+from autosdpa.forms import dense
 from autosdpa.dispatch import Dispatcher, dispatcher
 
 B, H, L, D = 2, 4, 24, 8
@@ -95,16 +96,13 @@ def test_the_check_compares_each_block_with_its_own_mask_slice(checked_in_parts)
 
 def test_inputs_the_reference_rejects_are_not_decided_again_each_call(monkeypatch, decisions):
     """Whatever the reference rejects is settled for that fast key: the next call does not tune again."""
-    from autosdpa import reference
-
     def broken(*a, **kw):
         raise RuntimeError("the reference cannot take these")
-    monkeypatch.setattr(checks, "reference_attention", broken)
+    monkeypatch.setattr(dense, "reference", broken)
     q, k, v = (torch.randn(B, H, L, D) for _ in range(3))
     m = _mask((B, H, L, L), torch.float32, 0)
     for _ in range(3):
         torch.testing.assert_close(autosdpa.sdpa(q, k, v, attn_mask=m),
                                    F.scaled_dot_product_attention(q, k, v, attn_mask=m), atol=1e-5, rtol=1e-5)
     assert [d.source for d in decisions] == ["invalid"]
-    assert reference.reference_attention is not broken
     assert dispatcher.cached_plans()  # the outcome is cached under the fast key

@@ -271,7 +271,7 @@ def test_mask_objects_are_never_read(monkeypatch):
     """Structure from provenance: no value of a mask object is ever looked at (on CUDA that would sync)."""
     monkeypatch.setattr(fs, "detect", lambda *a: pytest.fail("a mask object's values were read"))
     monkeypatch.setattr("autosdpa.plans.detect", fs.detect)
-    monkeypatch.setattr("autosdpa.backends.rewrites.detect", fs.detect)
+    monkeypatch.setattr("autosdpa.forms.rewrites.detect", fs.detect)
     q, k, v = _qkv()
     for lens in (LENS, (96, 96, 50, 50)):
         m = key_padding(lens, L, L, causal=True)

@@ -6,7 +6,8 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import autosdpa
-from autosdpa import backends, nested
+from autosdpa import backends
+from autosdpa.forms import jagged
 from autosdpa.dispatch import dispatcher
 from autosdpa.eligibility import ForcedBackendError
 
@@ -49,11 +50,11 @@ def test_tuned_once_then_the_winner_runs(monkeypatch):
     assert runs in ([decision.backend], [])  # [] when PyTorch's own NJT path won: F.sdpa itself runs
     if not runs:
         assert decision.backend == "njt_pytorch"
-    assert out.offsets() is q.offsets() and nested.max_error(out, F.scaled_dot_product_attention(q, k, v)) < 1e-5
+    assert out.offsets() is q.offsets() and jagged.max_error(out, F.scaled_dot_product_attention(q, k, v)) < 1e-5
     _, (q2, k2, v2) = _qkv([12, 7, 4], seed=1)  # other lengths, the same bucket: no new tuning
     assert autosdpa.explain(q2, k2, v2).source == "cache"
     out2 = autosdpa.sdpa(q2, k2, v2)
-    assert nested.max_error(out2, nested.reference(nested.make_call(q2, k2, v2))) < 1e-5
+    assert jagged.max_error(out2, jagged.reference(jagged.make_call(q2, k2, v2))) < 1e-5
     assert list(dispatcher.measured_problems()) == [decision.problem]
 
 
@@ -66,7 +67,7 @@ def test_causal_njt_works_and_matches_the_reference():
     assert decision.backend in NJT - {"njt_pytorch"} and "|causal|" in decision.problem
     assert "is_causal" in decision.rejected["njt_pytorch"]
     assert out.offsets() is q.offsets()
-    assert nested.max_error(out, nested.reference(nested.make_call(q, k, v, is_causal=True))) < 1e-5
+    assert jagged.max_error(out, jagged.reference(jagged.make_call(q, k, v, is_causal=True))) < 1e-5
     for o, a, b, c in zip(out.unbind(), q.unbind(), k.unbind(), v.unbind()):
         torch.testing.assert_close(o, F.scaled_dot_product_attention(a, b, c, is_causal=True))
 
@@ -76,12 +77,12 @@ def test_causal_training_gradients():
     out = autosdpa.sdpa(q, k, v, is_causal=True)
     decision = autosdpa.explain(q, k, v, is_causal=True)
     assert decision.problem.startswith("fwdbwd|") and decision.source in ("tuned", "cache")
-    ref = nested.reference(nested.make_call(q, k, v, is_causal=True))
-    gout = nested.random_output(nested.make_call(q, k, v))
+    ref = jagged.reference(jagged.make_call(q, k, v, is_causal=True))
+    gout = jagged.random_output(jagged.make_call(q, k, v))
     got = torch.autograd.grad(out, leaves, gout)
     want = torch.autograd.grad(ref, leaves, gout.double())
     for g, w in zip(got, want):
-        assert nested.max_error(g, w) < 1e-5
+        assert jagged.max_error(g, w) < 1e-5
 
 
 def test_overrides():
@@ -89,7 +90,7 @@ def test_overrides():
     with autosdpa.backend("njt_split"):
         assert autosdpa.explain(q, k, v, is_causal=True).backend == "njt_split"
         out = autosdpa.sdpa(q, k, v, is_causal=True)
-    assert nested.max_error(out, nested.reference(nested.make_call(q, k, v, is_causal=True))) < 1e-5
+    assert jagged.max_error(out, jagged.reference(jagged.make_call(q, k, v, is_causal=True))) < 1e-5
     with autosdpa.backend("math"), pytest.raises(ForcedBackendError, match="NestedTensor"):
         autosdpa.sdpa(q, k, v)
     with autosdpa.backend("njt_padded"), pytest.raises(ForcedBackendError, match="NestedTensor"):
@@ -98,12 +99,12 @@ def test_overrides():
         autosdpa.sdpa(q, k, v, is_causal=True)  # plain F.sdpa
     with sdpa_kernel(SDPBackend.MATH):  # PyTorch's flags restrict to its own (dense) backends: PyTorch decides
         assert autosdpa.explain(q, k, v).source == "passthrough"
-        assert nested.max_error(autosdpa.sdpa(q, k, v), F.scaled_dot_product_attention(q, k, v)) == 0
+        assert jagged.max_error(autosdpa.sdpa(q, k, v), F.scaled_dot_product_attention(q, k, v)) == 0
 
 
 def test_offline_tuning_of_a_jagged_key_serves_later_calls(tmp_path):
     _, (q, k, v) = _qkv([20, 3, 9])
-    key = nested.problem_from_call(nested.make_call(q, k, v, is_causal=True), 16).key
+    key = jagged.problem_of(jagged.make_call(q, k, v, is_causal=True), 16).key
     [decision] = autosdpa.tune([key], progress=False)
     assert decision.problem == key and decision.backend in NJT
     autosdpa.reset()  # a new process: the measurements come from the database
@@ -126,13 +127,13 @@ def test_cuda_causal_njt_training_through_the_dispatcher():
     out = autosdpa.sdpa(q, k, v, is_causal=True)
     decision = autosdpa.explain(q, k, v, is_causal=True)
     assert decision.backend in NJT and decision.source in ("tuned", "cache")
-    ref = nested.reference(nested.make_call(q, k, v, is_causal=True))
-    assert nested.max_error(out, ref) <= 1e-2
-    gout = nested.random_output(nested.make_call(q, k, v))
+    ref = jagged.reference(jagged.make_call(q, k, v, is_causal=True))
+    assert jagged.max_error(out, ref) <= 1e-2
+    gout = jagged.random_output(jagged.make_call(q, k, v))
     got = torch.autograd.grad(out, leaves, gout.half())
     want = torch.autograd.grad(ref, leaves, gout)
     for g, w in zip(got, want):
-        assert nested.max_error(g, w) <= 4e-2
+        assert jagged.max_error(g, w) <= 4e-2
 
 
 

@@ -5,6 +5,7 @@ import torch.nn.functional as F
 
 import autosdpa
 from autosdpa.backends import Backend, Call, register, unregister
+from autosdpa.forms import synthetic_call
 from autosdpa.problem import Problem, bucket
 from autosdpa.reference import reference_attention
 
@@ -47,7 +48,7 @@ def test_parse_rejects_malformed(bad):
 ])
 def test_make_call_reproduces_the_key(key):
     p = Problem.parse(key)
-    call = p.make_call("cpu")
+    call = synthetic_call(p, "cpu")
     assert Problem.from_call(call).key == key
     out = autosdpa.sdpa(*call.args()[:3], attn_mask=call.attn_mask, is_causal=call.is_causal,
                         enable_gqa=call.enable_gqa)

@@ -15,6 +15,7 @@ from click.testing import CliRunner
 
 from autosdpa import sweep, sweep_report
 from autosdpa.dispatch import dispatcher
+from autosdpa.forms import synthetic_call
 from autosdpa.workload import parse_shape
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,19 +127,19 @@ def test_tables_cover_the_issue_and_each_problem_once():
 
 @pytest.mark.parametrize("dtype", [torch.bool, torch.float32])
 def test_padding_mask_hides_a_tail_per_row(dtype):
-    call = parse_shape(f"b=6,hq=2,lq=5,lk=40,d=8,mask={'bool' if dtype == torch.bool else 'float'}:B11K"
-                             ).make_call(CPU)
+    call = synthetic_call(parse_shape(f"b=6,hq=2,lq=5,lk=40,d=8,mask={'bool' if dtype == torch.bool else 'float'}:B11K"),
+                          CPU)
     m = sweep.padding_mask(call)
     assert m.shape == (6, 1, 1, 40) and m.dtype == dtype
     attend = m if dtype == torch.bool else m == 0
     lengths = attend.sum(-1).flatten()
     for row, n in zip(attend.view(6, 40), lengths):  # a prefix attends, the tail is padding
         assert n >= 20 and bool(row[:n].all()) and not bool(row[n:].any())
-    assert sweep.padding_mask(parse_shape("lq=4,d=8").make_call(CPU)) is None
+    assert sweep.padding_mask(synthetic_call(parse_shape("lq=4,d=8"), CPU)) is None
 
 
 def test_runners_compute_what_F_sdpa_computes():
-    call = parse_shape("b=2,hq=4,hkv=2,lq=6,lk=9,d=8,causal=br,train").make_call(CPU)
+    call = synthetic_call(parse_shape("b=2,hq=4,hkv=2,lq=6,lk=9,d=8,causal=br,train"), CPU)
     fwd = sweep.make_runner(F.scaled_dot_product_attention, call, call.attn_mask, False)()
     ref = F.scaled_dot_product_attention(call.query.detach(), call.key.detach(), call.value.detach(),
                                          call.attn_mask, enable_gqa=True)

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import autosdpa.checks as checks
+from autosdpa.forms import dense
 from autosdpa.backends import Call
 from autosdpa.checks import Check, InvalidInputs, choose_part
 from autosdpa.timing import CpuTimer
@@ -113,8 +114,8 @@ def test_everyone_slow_is_not_too_slow():
 
 def test_one_reference_serves_every_candidate(monkeypatch):
     seen = []
-    real = checks.reference_attention
-    monkeypatch.setattr(checks, "reference_attention", lambda *a, **k: seen.append(1) or real(*a, **k))
+    real = dense.reference
+    monkeypatch.setattr(dense, "reference", lambda *a, **k: seen.append(1) or real(*a, **k))
     clock = FakeClock()
     _run([FakeBackend(n, clock, MS) for n in "abcd"], clock)
     assert len(seen) == 1
@@ -309,7 +310,7 @@ def test_part_check_of_gradients(monkeypatch):
 def test_reference_out_of_memory_times_unchecked_and_says_so(monkeypatch):
     def oom(*a, **k):
         raise torch.OutOfMemoryError("CUDA out of memory")
-    monkeypatch.setattr(checks, "reference_attention", oom)
+    monkeypatch.setattr(dense, "reference", oom)
     clock = FakeClock()
     meas = _run([FakeBackend("a", clock, MS), FakeBackend("nan", clock, MS, fn=lambda q, *a: q * math.nan)], clock)
     assert meas["a"].ok and meas["a"].max_error is None and "not compared" in meas["a"].detail

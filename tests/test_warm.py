@@ -132,14 +132,14 @@ def test_the_setting():
 def test_pytorchs_own_pick_for_a_nestedtensor_problem_is_always_timed():
     """Issue 17, item 7: for jagged calls PyTorch's pick is its NJT path (njt_pytorch), not the dense pick
     (None): ranked far behind elsewhere, it is timed all the same, never left with a `skipped` row."""
-    from autosdpa import nested
+    from autosdpa.forms import jagged as nested
 
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.nested.nested_tensor([torch.randn(n, 2, 8, generator=g) for n in (5, 12, 3)],
                                           layout=torch.jagged).transpose(1, 2) for _ in range(3))
     call = nested.make_call(q, k, v)
     assert nested.pytorch_choice(call) == "njt_pytorch" and pytorch_choice(call) is None
-    key = Problem.from_call(call, dispatcher.settings.bucket_threshold).key
+    key = nested.problem_of(call, dispatcher.settings.bucket_threshold).key
     fp, info = _near_env(q.device)
     dispatcher.store().save(fp, info, key, [Measurement("njt_pytorch", "ok", 1e-2, 1e-4, 10),
                                             Measurement("njt_padded", "ok", 1e-4, 1e-6, 10),

@@ -8,6 +8,5 @@ except ImportError:  # pragma: no cover - the kernels package is optional at run
     pass
 
 from . import njt  # noqa: F401,E402  (registers njt_pytorch, njt_padded, njt_split: NestedTensor calls only)
-from . import rewrites  # noqa: F401,E402  (registers mask_none, mask_causal, mask_split, mask_trim: structured masks)
 
 __all__ = ["Backend", "Call", "all_backends", "get", "register", "unregister"]

@@ -14,6 +14,9 @@ from torch.nn.attention.bias import CausalBias, CausalVariant
 
 # PyTorch's names for the causal variants: is_causal=True is top-left (upper-left) aligned.
 CAUSAL_NONE, CAUSAL_TOP_LEFT, CAUSAL_BOTTOM_RIGHT = "none", "top_left", "bottom_right"
+# The mask structures autosdpa recognises (``forms.structure``); the padded ones carry a length per sequence.
+STRUCTURES = ("all", "causal", "causal_br", "kpad_r", "kpad_l", "cpad_r", "cpad_l")
+PADDED = ("kpad_r", "kpad_l", "cpad_r", "cpad_l")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Backends for NestedTensor (jagged layout) calls: PyTorch's own NJT attention and two compositions of dense
 attention. Every call they take is (B, H, ragged L, E): ragged on dim 2, no holes (``lengths() is None``),
-no mask (``nested.make_call`` keeps everything else away from them).
+no mask (``forms.jagged.make_call`` keeps everything else away from them).
 
 All three return what F.sdpa returns for NJT inputs: a jagged NestedTensor with the query's offsets (hence
 its ragged size), built on a (tokens, H, Ev)-contiguous buffer and transposed to (B, H, ragged L, Ev).

@@ -289,11 +289,12 @@ def _time_one(r: dict, single: str | None, dev, seconds: float) -> dict:
     import autosdpa
 
     from ..sweep import backend_fn
+    from ..forms import synthetic_call
     from ..timing import summarize, time_interleaved
 
     it, d = r["item"], r["decision"]
     with deterministic(it.problem.deterministic):
-        call = it.problem.make_call(dev)
+        call = synthetic_call(it.problem, dev)
         single_here = single if single in r["timings"] else None
         fns = {"pytorch": _make_fn(F.scaled_dot_product_attention, call, it.problem.train),
                "autosdpa": _make_fn(autosdpa.scaled_dot_product_attention, call, it.problem.train)}

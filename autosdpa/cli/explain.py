@@ -61,6 +61,7 @@ def explain(spec, dtype, train, device, db, force, no_tune, budget, as_json) -> 
 
     from .. import api, workload as W
     from ..eligibility import eligibility
+    from ..forms import synthetic_call
     from ..environment import environment
     from ._common import default_dtype_for
 
@@ -75,7 +76,7 @@ def explain(spec, dtype, train, device, db, force, no_tune, budget, as_json) -> 
     with deterministic(p.deterministic):
         if not no_tune:
             api.tune([p], progress=False, device=dev, force=force, config=tune_config(budget))
-        call = p.make_call(dev)
+        call = synthetic_call(p, dev)
         with autosdpa.mode("lookup"):
             d = autosdpa.explain(call.query, call.key, call.value, attn_mask=call.attn_mask,
                                  dropout_p=call.dropout_p, is_causal=call.is_causal, scale=call.scale,

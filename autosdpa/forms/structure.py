@@ -31,9 +31,10 @@ import math
 import threading
 
 import torch
+import torch.nn.functional as F
 
-KINDS = ("all", "causal", "causal_br", "kpad_r", "kpad_l", "cpad_r", "cpad_l")
-PADDED = ("kpad_r", "kpad_l", "cpad_r", "cpad_l")
+from ..backends.base import PADDED, STRUCTURES as KINDS  # noqa: F401  (the vocabulary, shared with problem keys)
+
 _NEG_INF = float("-inf")
 
 
@@ -254,3 +255,64 @@ def trusted_structure(mask) -> Structure | None:
     """The structure trusted for ``mask`` in this block (``trusted``), or None."""
     pair = getattr(_trust, "pair", None)
     return pair[1] if pair is not None and pair[0] is mask else None
+
+
+_sdpa = F.scaled_dot_product_attention  # PyTorch's own, even after autosdpa.patch()
+
+
+class StructuredMask(torch.Tensor):
+    """A boolean attention mask of shape (B, 1, Lq, Lk) given by its structure (``forms.structure``): the
+    valid key count of each sequence, padding side, causal or not. It holds no mask data until materialised."""
+
+    structure: Structure
+    mask_device: torch.device
+
+    @staticmethod
+    def __new__(cls, structure: Structure, device=None):
+        self = torch.Tensor._make_subclass(cls, torch.empty(0, dtype=torch.bool))
+        self.structure = structure
+        self.mask_device = torch.device(device if device is not None else "cpu")
+        self._dense = {}
+        return self
+
+    def __init__(self, structure: Structure, device=None):
+        super().__init__()
+
+    @property
+    def mask_shape(self) -> tuple[int, int, int, int]:
+        s = self.structure
+        return (max(1, len(s.lengths)), 1, s.lq, s.lk)
+
+    def materialize(self, device=None) -> torch.Tensor:
+        """The dense bool mask (B, 1, Lq, Lk) this object stands for, on ``device`` (default: its own); built
+        once per device and kept."""
+        dev = torch.device(device) if device is not None else self.mask_device
+        dense = self._dense.get(dev)
+        if dense is None:
+            dense = self._dense[dev] = expected_mask(self.structure, self.mask_shape, torch.bool).to(dev)
+        return dense
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is _sdpa:  # F.sdpa with this mask: exactly F.sdpa with the dense mask
+            args = list(args)
+            q = args[0] if args else kwargs["query"]
+            if len(args) > 3 and isinstance(args[3], StructuredMask):
+                args[3] = args[3].materialize(q.device)
+            elif isinstance(kwargs.get("attn_mask"), StructuredMask):
+                kwargs["attn_mask"] = kwargs["attn_mask"].materialize(q.device)
+            return _sdpa(*args, **kwargs)
+        return super().__torch_function__(func, types, args, kwargs)
+
+    def __repr__(self) -> str:  # type: ignore[override]
+        return f"{type(self).__name__}({_describe(self)})"
+
+    def __reduce_ex__(self, proto):
+        return (type(self), (self.structure, self.mask_device))
+
+
+def _describe(m: StructuredMask) -> str:
+    s = m.structure
+    lens = f", lengths={list(s.lengths)}" if s.lengths else ""
+    return f"{s.word}, lq={s.lq}, lk={s.lk}{lens}, device={m.mask_device}"

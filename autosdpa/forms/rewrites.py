@@ -1,4 +1,4 @@
-"""Rewrites: a call whose mask has a structure (``autosdpa.forms.structure``), run as an equivalent cheaper
+"""Rewrites: a call whose mask has a structure (``structure``), run as an equivalent cheaper
 call of F.sdpa. They are candidates like any backend: eligible only for the structures they rewrite, checked
 against the reference on first sight and timed, so a rewrite wins only where it measurably does.
 
@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
-from ..forms.structure import PADDED, Structure, detect, trusted_structure
-from .base import Backend, Call, register
+from ..backends.base import Backend, Call, register
+from .structure import PADDED, Structure, detect, trusted_structure
 
 _sdpa = F.scaled_dot_product_attention  # PyTorch's own, captured before autosdpa.patch() can replace it
 _masked_values: dict = {}

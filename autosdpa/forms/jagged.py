@@ -4,7 +4,7 @@ offline tuning, and the per-sequence dense reference they are checked against.
 Handled: query, key and value all jagged NJTs of shape (B, H, ragged L, E), ragged on dim 2 and without
 holes, with no mask (PyTorch rejects masks for NJTs), key and value of equal lengths per sequence. Anything
 else goes to F.sdpa untouched, which runs or rejects it as it always did. The backends are in
-``backends/njt.py``; every other backend is ineligible for these calls (``layout_reasons``).
+``backends/njt.py`` (the only ones whose ``forms`` include "jagged").
 """
 from __future__ import annotations
 
@@ -12,23 +12,18 @@ import math
 
 import torch
 
-from .backends.base import Call
-from .backends.njt import (NJT_PYTORCH, is_jagged, jagged_view, like_query, seqlen_range, token_count,
-                           tokens_major)
-from .problem import DECODE_LQ, DTYPE_NAMES, DTYPES, Problem, bucket
-from .reference import max_error as dense_max_error, reference_attention
+from ..backends.base import Call
+from ..backends.njt import (NJT_PYTORCH, is_jagged, jagged_view, like_query, seqlen_range, token_count,
+                            tokens_major)
+from ..problem import DECODE_LQ, DTYPE_NAMES, DTYPES, Problem, bucket
+from ..reference import max_error as dense_max_error, reference_attention
 
-__all__ = ["is_jagged", "any_jagged", "is_jagged_call", "make_call", "degenerate_reason", "layout_reasons",
-           "pytorch_choice", "problem_from_call", "bucket_key", "synthetic_call", "reference", "max_error",
-           "random_output"]
+__all__ = ["is_jagged", "any_jagged", "make_call", "degenerate_reason", "invalid_reason", "pytorch_choice",
+           "problem_of", "bucket_key", "synthetic_call", "reference", "max_error", "random_output"]
 
 
 def any_jagged(*ts) -> bool:
     return any(is_jagged(t) for t in ts)
-
-
-def is_jagged_call(call: Call) -> bool:
-    return is_jagged(call.query)
 
 
 def _ragged_dims(t: torch.Tensor) -> list[int]:
@@ -56,7 +51,7 @@ def _structure_ok(q, k, v, enable_gqa: bool) -> bool:
 
 def make_call(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
               grad: bool | None = None) -> Call | None:
-    """The Call for jagged NJT inputs (``calls.make_call`` has checked the plain arguments); None sends the
+    """The Call for jagged NJT inputs (``forms.make_call`` has checked the plain arguments); None sends the
     call to F.sdpa, which runs or rejects it itself (masks, NJTs ragged elsewhere or with holes, mismatched
     shapes)."""
     if attn_mask is not None or not _structure_ok(query, key, value, enable_gqa):
@@ -66,8 +61,13 @@ def make_call(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
     return Call(query, key, value, None, float(dropout_p), is_causal, scale, enable_gqa, bool(grad))
 
 
+def invalid_reason(call: Call) -> str | None:
+    """None: ``make_call`` already passed jagged calls with shape errors to F.sdpa itself."""
+    return None
+
+
 def degenerate_reason(call: Call) -> str | None:
-    """Why this jagged call must not decide for its problem (as ``calls.degenerate_reason`` for dense ones)."""
+    """Why this jagged call must not decide for its problem (as ``dense.degenerate_reason`` for dense ones)."""
     q, k, v = call.query, call.key, call.value
     if any(t.shape[i] == 0 for t in (q, k, v) for i in (0, 1, 3)):
         return "empty input"
@@ -80,26 +80,17 @@ def degenerate_reason(call: Call) -> str | None:
     return None
 
 
-def layout_reasons(call: Call, backend) -> list[str]:
-    """Why ``backend`` cannot take this call because of its layout: only the njt_* backends take jagged
-    calls (dense backends would misread them: PyTorch's math backend would run its own NJT path, the others'
-    checks fail). Empty for dense calls, which each backend judges itself."""
-    if is_jagged_call(call) and not getattr(backend, "takes_jagged", False):
-        return ["takes no NestedTensor (jagged) inputs; the njt_* backends run them"]
-    return []
-
-
 def pytorch_choice(call: Call) -> str | None:
     """What F.sdpa itself runs for this jagged call: PyTorch's NJT path when it takes the call, else None
     (F.sdpa raises for it, e.g. is_causal=True on the CPU)."""
     return None if NJT_PYTORCH.not_supported_reasons(call) else NJT_PYTORCH.name
 
 
-def problem_from_call(call: Call, threshold: int | None = 16) -> Problem:
+def problem_of(call: Call, threshold: int | None = 16) -> Problem:
     """The problem key of a jagged call: batch, longest query and key sequences, total query tokens, bucketed."""
     q, k, v = call.query, call.key, call.value
     dtype = DTYPE_NAMES.get(q.dtype)
-    if dtype is None or not is_jagged_call(call):
+    if dtype is None or not is_jagged(call.query):
         raise ValueError(f"not a jagged call of a supported dtype ({q.dtype})")
     exact = Problem(dtype=dtype, batch=q.shape[0], hq=q.shape[1], hkv=k.shape[1], lq=seqlen_range(q)[1],
                     lk=seqlen_range(k)[1], d=q.shape[3], dv=v.shape[3], causal=call.causal, mask="none",
@@ -109,10 +100,10 @@ def problem_from_call(call: Call, threshold: int | None = 16) -> Problem:
     return exact.bucketed(threshold).with_(tokens=bucket(exact.tokens, threshold))
 
 
-def bucket_key(fk: tuple, q, k, v, threshold: int | None) -> tuple | None:
+def bucket_key(fk: tuple, q, k, v, m, threshold: int | None) -> tuple | None:
     """The dispatcher's bucket key for a jagged call (as it has one for dense calls), so that a new batch in a
     known bucket decides nothing: the fast key ``fk`` without its shapes (each new batch has new ragged
-    sizes), plus batch, longest lengths and tokens bucketed as ``problem_from_call`` buckets them and the
+    sizes), plus batch, longest lengths and tokens bucketed as ``problem_of`` buckets them and the
     memory layout PyTorch's NJT path checks. None for anything ``make_call`` might not accept as it stands
     (those are decided per call); calls it rejects are never cached, and plans re-check each new layout."""
     if not (is_jagged(q) and is_jagged(k) and is_jagged(v)) or q.dim() != 4 or _ragged_dims(q) != [2]:
