@@ -80,12 +80,15 @@ _SPEC_HELP = {
     "gqa": "flag: enable_gqa=True",
     "deterministic": "flag: deterministic algorithms",
     "tokens": "jagged layout only: total query tokens",
+    "structure": "the mask's structure: all | causal | causal_br | kpad_r | kpad_l | cpad_r | cpad_l "
+                 "(needs a mask; bool:B1QK if none is given)",
+    "fill": "padded structures: valid keys in quarters, 1..4 (default 3)",
 }
 #: Defaults of the spec language (they differ from Problem's: lk follows lq, hkv follows hq, ...).
 _SPEC_DEFAULTS = {"train": "off", "dtype": "bf16 on CUDA, fp32 on CPU", "batch": "1", "hq": "1", "hkv": "hq",
                   "lq": "required", "lk": "lq", "d": "64", "dv": "d", "causal": "none", "mask": "none",
                   "dropout": "off", "gqa": "auto (hq != hkv)", "layout": "bhld", "deterministic": "off",
-                  "tokens": "-", "structure": "none", "fill": "- (padded structures: 1..4)"}
+                  "tokens": "-", "structure": "none", "fill": "3 (padded structures)"}
 #: spec name -> (help, default): one row per field of the problem key, in the key's order.
 FIELDS: dict[str, tuple[str, str]] = {f.spec: (_SPEC_HELP.get(f.attr, f.help), _SPEC_DEFAULTS[f.attr])
                                       for f in KEY_FIELDS}
@@ -207,10 +210,14 @@ def problem_from_fields(fields: dict[str, Any], *, default_dtype: str = "fp32", 
             raise WorkloadError("causal and mask cannot be combined (PyTorch rejects is_causal with attn_mask)")
         if layout == "nd3" and (hq != 1 or hkv != 1):
             raise WorkloadError("layout=nd3 means (N, L, E) inputs with one head: hq=hkv=1")
+        structure = str(norm.get("struct", "none")).strip().lower()
+        if structure != "none" and mask == "none":
+            mask = "bool:B1QK"  # a structured mask needs a mask: a padded batch's, unless given
         return Problem(dtype=dtype, batch=ints.get("b", 1), hq=hq, hkv=hkv, lq=ints["lq"],
                        lk=ints.get("lk", ints["lq"]), d=d, dv=ints.get("dv", d), causal=causal_s, mask=mask,
                        dropout=dropout, gqa=gqa, train=flags.get("train", False), layout=layout,
-                       deterministic=flags.get("det", False), tokens=ints.get("tokens", 0))
+                       deterministic=flags.get("det", False), tokens=ints.get("tokens", 0), structure=structure,
+                       fill=ints.get("fill", 0 if structure in ("none", "all", "causal", "causal_br") else 3))
     except WorkloadError as e:
         raise WorkloadError(f"{pre}{e}") from None
     except ValueError as e:  # Problem's own validation

@@ -209,3 +209,45 @@ def test_hf_tokens_per_second_side_by_side():
         tokens[impl] = out
     print(f"tokens/s: sdpa {rate['sdpa']:.0f}, autosdpa {rate['autosdpa']:.0f}")
     assert torch.equal(tokens["sdpa"], tokens["autosdpa"])
+
+
+# -- masks with structure on CUDA: provenance only ------------------------------------------------------------------
+
+@pytest.mark.parametrize("causal,side", [(False, "right"), (True, "right"), (True, "left")])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_mask_objects_on_cuda_give_sdpas_result_without_a_sync(causal, side, dtype):
+    """A key padding object on CUDA: F.sdpa's result on the dense mask (fully masked rows exactly: whatever
+    F.sdpa's own pick returns for them here), and after the first call not one host sync per call (a sync
+    would raise under the sync debug mode), so a model's layers never wait for the device."""
+    from autosdpa.masks import key_padding
+
+    b, h, L, d = 4, 8, 512, 64
+    lens = [L, 410, 205, 0]
+    q, k, v, _ = _case(dtype, b, h, h, L, L, d)
+    m = key_padding(lens, L, L, causal=causal, side=side, device="cuda")
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=m.materialize())
+    autosdpa.sdpa(q, k, v, attn_mask=m)  # first sight: tunes (and syncs)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = autosdpa.sdpa(q, k, v, attn_mask=m)
+        again = autosdpa.sdpa(q, k, v, attn_mask=key_padding([L, 400, 200, 0], L, L, causal=causal, side=side,
+                                                             device="cuda"))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(got.isnan(), want.isnan())
+    torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2, equal_nan=True)
+    dead = ~m.materialize().expand(b, 1, L, L).any(-1)
+    assert torch.equal(got[dead[:, 0][:, None].expand(b, h, L)].nan_to_num(7.0),
+                       want[dead[:, 0][:, None].expand(b, h, L)].nan_to_num(7.0))
+    assert again.shape == want.shape
+
+
+def test_dense_cuda_masks_are_never_read():
+    """On CUDA the values of a dense mask are never looked at (that would sync): no structure, no rewrite."""
+    from autosdpa.forms import structure
+
+    q, k, v, _ = _case(torch.float16, 2, 4, 4, 256, 256, 64)
+    m = torch.ones(256, 256, device="cuda", dtype=torch.bool).tril()
+    assert structure.detect(m, q, k) is None
+    assert "struct=" not in autosdpa.explain(q, k, v, attn_mask=m).problem

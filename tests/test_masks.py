@@ -307,3 +307,18 @@ def test_the_compiled_op_keeps_the_result(monkeypatch):
             torch.testing.assert_close(compiled(q, k, v, m), F.scaled_dot_product_attention(
                 q, k, v, attn_mask=dense), atol=1e-6, rtol=1e-6)
     torch._dynamo.reset()
+
+
+def test_a_structured_problem_tunes_offline_and_serves_later_calls():
+    """`autosdpa tune --shape ...,struct=cpad_r` tunes on a synthetic mask of that structure and fill; a later
+    call with such a mask finds the decision (a new process: from the database)."""
+    from autosdpa.workload import parse_shape
+
+    p = parse_shape(f"b={B},hq={H},lq={L},d={D},struct=cpad_r,fill=2")
+    assert p.key.endswith("|struct=cpad_r|fill=2") and Problem.parse(p.key) == p
+    [decision] = autosdpa.tune([p.key.replace(f"Lq={L}|Lk={L}", "Lq=128|Lk=128")], progress=False)
+    assert decision.backend in decision.timings and "struct=cpad_r|fill=2" in decision.problem
+    autosdpa.reset()
+    q, k, v = _qkv()
+    later = autosdpa.explain(q, k, v, attn_mask=_keep("cpad_r"))
+    assert later.source == "database" and later.problem == decision.problem
