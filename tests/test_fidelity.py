@@ -74,7 +74,7 @@ def test_each_kind_of_failure_warns_once(monkeypatch):
     def broken(*a, **k):
         raise ValueError("planted")
     monkeypatch.setattr(backends.torch_backends, "pytorch_choice", broken)
-    monkeypatch.setattr("autosdpa.dispatch.pytorch_choice", broken)
+    monkeypatch.setattr("autosdpa.forms.dense.pytorch_choice", broken)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for L in (8, 9, 10):
