@@ -16,13 +16,11 @@ import contextlib
 import dataclasses
 import json
 import logging
-import math
 import threading
 import time
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.bias import CausalBias
 
 from . import backends as _backends
 from . import compiled, consensus, fastkey, forms, warm

@@ -2,7 +2,6 @@
 (provenance, no values read), and run by rewrites that give F.sdpa's result."""
 import itertools
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import autosdpa
-from autosdpa.dispatch import Dispatcher, dispatcher
+from autosdpa.dispatch import dispatcher
 
 
 @pytest.fixture(params=["1", "0"], ids=["C", "python"])
