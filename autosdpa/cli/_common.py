@@ -328,6 +328,11 @@ def shorten(text: str, n: int = 70) -> str:
     return text if len(text) <= n else text[: n - 1] + "…"
 
 
+def print_note(text: str, style: str = "dim") -> None:
+    """A line of text on stdout: folded at spaces on a terminal, one line into a pipe."""
+    out.print(text, style=style, markup=False, highlight=False, soft_wrap=not out.is_terminal)
+
+
 def print_table(table, console: Console | None = None) -> None:
     """Print a rich table. On a terminal long cells fold at spaces within the window; into a pipe or a file
     nothing is wrapped or cut (every column as wide as its longest cell), so that problem keys and reasons

@@ -10,8 +10,8 @@ from rich.text import Text
 
 from ._group import main
 from ._common import (budget_option, current_store, db_option, device_option, err, fmt_s, fmt_x, json_option, out,
-                      print_json, print_table, resolve_device, shape_option, short_key, tune_config, use_db,
-                      deterministic)
+                      print_json, print_note, print_table, resolve_device, shape_option, short_key, tune_config,
+                      use_db, deterministic)
 
 
 def fmt_median(median_s: float | None, spread_s: float | None, samples: int) -> str:
@@ -123,9 +123,9 @@ def explain(spec, dtype, train, device, db, force, no_tune, budget, as_json) -> 
     print_table(t)
     gone = [b for b in backends if b["state"] == "unavailable"]
     if gone:
-        out.print("unavailable on this device: " + "; ".join(f"{b['backend']} ({b['why']})" for b in gone),
-                  style="dim", markup=False)
-    out.print(f"choice: [bold]{d.backend}[/] — {escape(d.reason)}  [dim](source: {d.source})[/]")
+        print_note("unavailable on this device: " + "; ".join(f"{b['backend']} ({b['why']})" for b in gone))
+    out.print(f"choice: [bold]{d.backend}[/] — {escape(d.reason)}  [dim](source: {d.source})[/]",
+              soft_wrap=not out.is_terminal)
     out.print(f"PyTorch would run: {d.pytorch_choice or '-'}")
     if d.problem and d.problem != p.key:
         err.print(f"[dim]stored under the bucketed key {d.problem}[/]")

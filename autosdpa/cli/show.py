@@ -9,8 +9,8 @@ from rich.table import Table
 from rich.text import Text
 
 from ._group import main
-from ._common import (db_option, err, fmt_s, gpu_filter_option, json_option, out, print_json, print_table, short_key,
-                      use_db)
+from ._common import (db_option, err, fmt_s, gpu_filter_option, json_option, print_json, print_note, print_table,
+                      short_key, use_db)
 
 
 def _wanted_backends(spec: str | None, seen: set[str]) -> set[str] | None:
@@ -146,4 +146,4 @@ def _print_environments(layers, shown: dict[str, dict]) -> None:
                 + (f", triton {env['triton']}, kernels {env['kernels']}" if env["kernels"] else "") + ")")
         if fp in diffs:
             line += f"; {diffs[fp]}"
-        out.print(Text(line, style="dim"))
+        print_note(line)

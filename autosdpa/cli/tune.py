@@ -13,8 +13,8 @@ from rich.text import Text
 
 from ._group import main
 from ._common import (budget_option, configure_dispatcher, current_store, db_option, device_option, err, fmt_s, fmt_x,
-                      gather, json_option, out, print_json, print_table, resolve_device, settings_for, short_key,
-                      shorten, tune_config, use_db, workload_options)
+                      gather, json_option, out, print_json, print_note, print_table, resolve_device, settings_for,
+                      short_key, shorten, tune_config, use_db, workload_options)
 
 
 def _list_presets(ctx, _param, value):
@@ -75,8 +75,24 @@ def tune_one(item, device, force: bool, config) -> dict:
         return error_row(item, e, time.perf_counter() - t0, str(device))
 
 
-def results_table(rows: list[dict], unavailable: dict[str, str], title: str) -> Table:
+def common_reasons(rows: list[dict], unavailable: dict[str, str]) -> dict[str, str]:
+    """{backend: reason} rejected with the same reason in every problem (e.g. the NestedTensor backends for
+    dense inputs): said once below the table rather than in every row."""
+    done = [r for r in rows if not r["error"]]
+    if len(done) < 2:
+        return {}
+    same = {b: why for b, why in done[0]["rejected"].items() if b not in unavailable}
+    for r in done[1:]:
+        same = {b: why for b, why in same.items() if r["rejected"].get(b) == why}
+    return same
+
+
+def results_table(rows: list[dict], unavailable: dict[str, str], title: str,
+                  everywhere: dict[str, str] | None = None) -> Table:
+    """One row per problem; ``everywhere`` (backend: reason of every row) is left to a line below."""
     from ..tuner import TIE_TOLERANCE
+
+    skip = {**unavailable, **(everywhere or {})}
 
     t = Table(title=title, show_lines=False)
     t.add_column("problem", overflow="fold", max_width=44)
@@ -90,7 +106,7 @@ def results_table(rows: list[dict], unavailable: dict[str, str], title: str) -> 
         if r["error"]:
             t.add_row(name, "[red]error[/]", "-", "-", "-", Text(r["error"]))
             continue
-        rej = "\n".join(f"{b}: {why}" for b, why in r["rejected"].items() if b not in unavailable)
+        rej = "\n".join(f"{b}: {why}" for b, why in r["rejected"].items() if b not in skip)
         torch_cell = f"{r['pytorch_choice']} {fmt_s(r['pytorch_s'])}" if r["pytorch_choice"] else "-"
         sp = r["speedup"]
         sp_txt = fmt_x(sp) if sp is None else (f"[green]{fmt_x(sp)}[/]" if sp > 1 + TIE_TOLERANCE else fmt_x(sp))
@@ -102,16 +118,23 @@ def print_results(rows, unavailable, device, interrupted: bool, total: int) -> N
     title = f"autosdpa tune on {device}: {len(rows)}/{total} problems"
     if interrupted:
         title += " (interrupted: rows above were saved)"
-    print_table(results_table(rows, unavailable, title))
+    everywhere = common_reasons(rows, unavailable)
+    print_table(results_table(rows, unavailable, title, everywhere))
     sources: dict[str, int] = {}
     for r in rows:
         sources[r["source"]] = sources.get(r["source"], 0) + 1
     names = {"tuned": "tuned now", "database": "already in the database", "cache": "already in memory",
              "error": "failed", "only": "with one eligible backend (nothing to time)"}
     out.print(", ".join(f"{n} {names.get(s, s)}" for s, n in sources.items()) or "nothing tuned")
+    by_reason: dict[str, list[str]] = {}
+    for b, why in everywhere.items():
+        by_reason.setdefault(why, []).append(b)
+    if by_reason:
+        print_note("rejected for every problem above: "
+                   + "; ".join(f"{', '.join(bs)} ({why})" for why, bs in by_reason.items()))
     if unavailable:
-        out.print("not available on this device (not timed): "
-                  + "; ".join(f"{b} ({w})" for b, w in unavailable.items()), style="dim", markup=False)
+        print_note("not available on this device (not timed): "
+                   + "; ".join(f"{b} ({w})" for b, w in unavailable.items()))
 
 
 def _parse_devices(spec: str) -> list[int]:

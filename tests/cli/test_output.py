@@ -138,3 +138,15 @@ def test_a_usage_error_creates_no_output_folder(tmp_path, monkeypatch):
     r = CliRunner().invoke(main, ["bench", "--preset", "nope"])
     assert r.exit_code == 2 and "unknown preset" in r.output
     assert list(tmp_path.iterdir()) == []
+
+
+def test_tune_says_a_reason_of_every_problem_once(tmp_path):
+    """The NestedTensor backends are not eligible for any dense problem: one line below the table, not a line
+    in every row; a reason of one problem stays in its row."""
+    r = invoke("tune", "--db", str(tmp_path / "t.sqlite"), "--device", "cpu", "--budget", "0.02",
+               "--shape", "hq=2,lq=16,d=16", "--shape", "hq=2,lq=16,d=16,dropout")
+    assert r.exit_code == 0, r.output
+    rows = "\n".join(line for line in r.output.splitlines() if line.startswith("│"))
+    assert "njt_" not in rows and "flash: Both" in rows  # dropout: CPU flash cannot, in that problem only
+    below = next(line for line in r.output.splitlines() if line.startswith("rejected for every problem above: "))
+    assert "njt_pytorch, njt_padded, njt_split (takes only NestedTensor" in below
