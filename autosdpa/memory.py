@@ -8,6 +8,7 @@ The estimates are upper bounds fitted to peak RSS measured on a CPU (torch 2.13)
 """
 from __future__ import annotations
 
+import ctypes
 import math
 from pathlib import Path
 
@@ -36,8 +37,26 @@ def free_bytes(device: torch.device) -> int | None:
         return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     if device.type != "cpu":
         return None
+    _trim_heap()
     found = [n for n in (_meminfo_available(), _cgroup_room()) if n is not None]
     return min(found) if found else None
+
+
+_malloc_trim = None
+
+
+def _trim_heap() -> None:
+    """Give the pages the C heap holds for dead objects back to the system, so that what this process freed
+    counts as free: tensors below glibc's (moving) mmap threshold stay in the heap after they die (4 GB of
+    dead 4 MB tensors measured), and a problem tuned after a big one would look short of memory. glibc only."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            _malloc_trim = ctypes.CDLL(None).malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
 
 
 def _meminfo_available() -> int | None:

@@ -147,3 +147,29 @@ def test_inputs_too_large_for_the_memory_are_not_made():
     assert r.exit_code == 1
     (row,) = json.loads(r.stdout)["results"]
     assert re.search(r"its inputs alone need ~[\d.]+ GB, [\d.]+ GB free: not tuned", row["error"]), row["error"]
+
+
+HEAP = r"""
+import torch
+from autosdpa import memory
+def rss(): return int(open("/proc/self/statm").read().split()[1]) * 4096
+r0 = rss()
+big = torch.ones(30_000_000 // 4); del big  # glibc raises its mmap threshold past 30 MB
+tensors = [torch.ones(1_000_000 // 4) for _ in range(1000)]  # 1 GB in 1 MB pieces: from the heap now
+kept = tensors[::50]  # a few live ones in between: the heap cannot shrink from its top
+del tensors
+r1 = rss()
+memory.free_bytes(torch.device("cpu"))
+print(r0, r1, rss())
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="needs Linux's /proc")
+def test_memory_this_process_freed_counts_as_free():
+    r = subprocess.run([sys.executable, "-c", HEAP], capture_output=True, text=True, timeout=120,
+                       env={"OPENBLAS_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    assert r.returncode == 0, r.stderr
+    r0, r1, r2 = map(int, r.stdout.split())
+    if r1 - r0 < 5 * 10 ** 8:
+        pytest.skip("this allocator returns freed memory by itself")
+    assert r2 - r0 < 2 * 10 ** 8, (r0, r1, r2)
