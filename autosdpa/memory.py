@@ -130,7 +130,7 @@ def tensor_bytes(t: torch.Tensor | None) -> int:
 
 def compute_size(dtype: torch.dtype) -> int:
     """Bytes per element of the math backend's arithmetic: PyTorch's math op upcasts fp16/bf16 to fp32."""
-    return max(4, torch.empty((), dtype=dtype).element_size())
+    return max(4, dtype.itemsize)
 
 
 def max_len(t: torch.Tensor) -> int:
@@ -175,7 +175,7 @@ def setup_bytes(call) -> int:
 
 def problem_input_bytes(problem) -> int:
     """q, k, v (and a dense mask) of a Problem's synthetic inputs, plus the float32 tensor each is drawn in."""
-    size = torch.empty((), dtype=_dtype_of(problem)).element_size()
+    size = _dtype_of(problem).itemsize
     wide = 2 if problem.layout == "strided" else 1
     rows_q = problem.tokens * problem.hq if problem.layout == "jagged" and problem.tokens else \
         problem.batch * problem.hq * problem.lq
