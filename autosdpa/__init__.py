@@ -1,16 +1,40 @@
 """autosdpa: a drop-in ``scaled_dot_product_attention`` that measures every eligible backend on first
-sight, checks each against a reference, remembers the results in SQLite, and routes to the winner."""
+sight, checks each against a reference, remembers the results in SQLite, and routes to the winner.
+
+The public names are loaded on first use (PEP 562): ``import autosdpa.cli`` (the ``autosdpa`` command) must
+not pay for torch and dynamo before it knows it needs them (``autosdpa --help`` took 3 s)."""
+from __future__ import annotations
+
+import importlib
 import warnings as _warnings
 
-
-with _warnings.catch_warnings():  # torch's dynamo (imported for CausalBias) warns when numpy is absent
-    _warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
-    from .api import available_backends, explain, patch, tune, unpatch
-    from .dispatch import reset, scaled_dot_product_attention, sdpa
-    from .overrides import backend, mode
-    from .problem import Problem
-    from .tuner import Decision
-
 __version__ = "0.1.0"
+
+#: public name -> the module that defines it
+_PUBLIC = {
+    "available_backends": "api", "explain": "api", "patch": "api", "tune": "api", "unpatch": "api",
+    "reset": "dispatch", "scaled_dot_product_attention": "dispatch", "sdpa": "dispatch",
+    "backend": "overrides", "mode": "overrides", "Problem": "problem", "Decision": "tuner",
+}
 __all__ = ["scaled_dot_product_attention", "sdpa", "explain", "available_backends", "backend", "mode", "tune",
            "patch", "unpatch", "reset", "Decision", "Problem", "__version__"]
+
+
+def __getattr__(name: str):
+    if name in _PUBLIC:
+        with _warnings.catch_warnings():  # torch's dynamo (imported for CausalBias) warns when numpy is absent
+            _warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
+            value = getattr(importlib.import_module(f".{_PUBLIC[name]}", __name__), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
+    if not name.startswith("__"):
+        try:  # ``autosdpa.dispatch`` after a bare ``import autosdpa``, as before the names became lazy
+            return importlib.import_module(f".{name}", __name__)
+        except ModuleNotFoundError as e:
+            if e.name != f"{__name__}.{name}":
+                raise
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -16,7 +16,8 @@ from torch import Tensor
 
 from . import forms
 from .backends.base import Call
-from .reference import GRAD_FACTOR, broadcast_shape, check_shapes, tolerance
+from .memory import fmt_bytes, max_len, room
+from .reference import GRAD_FACTOR, broadcast_shape, check_shapes, compute_dtype, tolerance
 
 # Work of the reference -- multiply-adds (B·Hq·Lq·Lk·(D+Dv)) plus elements of q, k, v converted to its dtype --
 # above which only a part of the call is checked: about a millisecond of float64 work on a CPU core, or
@@ -108,6 +109,50 @@ def choose_part(call: Call, max_work: int | None = None) -> Part | None:
 
 _WHOLE = Block(0, 0, 0)  # stands for the whole call in Check's pieces
 
+# Peak memory of the reference, in score-sized tensors of its dtype (peak RSS on a CPU, torch 2.13): with
+# autograd each chunk keeps its softmax (nan_to_num's input and output) until the backward pass; RSS showed
+# 2.3-3 of them in float32 and up to 6 in float64 (the allocator keeps freed chunks), so 6. Any chunk also
+# makes about three temporaries on the way (scores, scaled, masked).
+_KEPT_PER_SCORE = 6
+_TEMPS_PER_CHUNK = 3
+_JUDGE_TEMPS = 5  # max_error: the candidate's piece in the reference dtype, masks, two gathers, the difference
+
+
+_CHOOSE = object()
+
+
+def reference_bytes(call: Call, part: Part | None | object = _CHOOSE) -> tuple[int, int]:
+    """(peak bytes while the reference is computed, bytes it keeps while candidates are judged) for ``call``
+    checked on ``part`` (None: the whole call; by default what ``Check`` picks). Upper bounds."""
+    q, k, v = call.query, call.key, call.value
+    if part is _CHOOSE:
+        part = None if q.is_nested else choose_part(call)
+    size = 8 if compute_dtype(q.dtype) == torch.float64 else 4
+    d, dv, lq, lk = q.shape[-1], v.shape[-1], max_len(q), max_len(k)
+    mask = call.dense_mask
+    if isinstance(part, Part):  # equal blocks, one after the other: (batch entry, kv head, its query heads)
+        blk = part.blocks[0]
+        pieces, lead, rep, kv_rows = len(part.blocks), blk.group, blk.group, lk
+        rows = sum(b - a for a, b in part.rows) if part.rows else lq
+        mask_n = 0 if mask is None else blk.mask(mask).numel()
+    else:  # the whole call (a jagged one is checked per sequence: at most this)
+        pieces, rows = 1, lq
+        lead = (q.values() if q.is_nested else q).numel() // max(1, lq * d)
+        kv_rows = (k.values() if k.is_nested else k).numel() // max(1, k.shape[-1])
+        rep = q.shape[-3] // k.shape[-3] if q.dim() >= 4 and not q.is_nested and k.shape[-3] else 1
+        mask_n = 0 if mask is None else mask.numel()
+    q_n = lead * lq * d
+    scores = lead * rows * lk * size
+    # reference_attention's chunks of query rows: chunk_bytes (256 MiB) // (lead * d * lk * size) rows each
+    chunk = min(scores, max(1, (256 << 20) // (lead * d * lk * size)) * lead * lk * size)
+    inputs = (q_n + kv_rows * (d + dv) * (1 + (rep if rep > 1 else 0)) + mask_n) * size  # in its dtype
+    out = lead * rows * dv * size
+    grads = (q_n + kv_rows * (d + dv)) * q.element_size() if call.needs_grad else 0
+    work = _TEMPS_PER_CHUNK * chunk + (_KEPT_PER_SCORE * scores if call.needs_grad else 0)
+    kept = out + grads
+    judge = _JUDGE_TEMPS * max(out, (max(q_n, kv_rows * max(d, dv)) * size) if call.needs_grad else 0)
+    return pieces * kept + inputs + work, pieces * kept + judge
+
 
 class Check:
     """The reference for one call (or a part of it), and the verdict on each candidate's output."""
@@ -119,12 +164,18 @@ class Check:
         self.part: Part | None = None
         # (block, reference output, reference gradients of q, k, v) per checked block; None: not checked
         self.pieces: list[tuple[Block, Tensor, tuple[Tensor, ...]]] | None = None
+        self.too_big: str | None = None  # why the reference was not computed
         try:
             if self.form is forms.dense:  # jagged calls: checked whole, per sequence (forms.jagged)
                 check_shapes(call)
                 self.part = choose_part(call)
             blocks = self.part.blocks if self.part is not None else (_WHOLE,)
-            self.pieces = [self._reference(blk, grad_out) for blk in blocks]
+            # on a CPU an allocation past the memory kills the process instead of raising: estimate first
+            need, fits = reference_bytes(call, self.part)[0], room(call.query.device)
+            if fits is not None and need > fits[0]:
+                self.too_big = f"the reference needs ~{fmt_bytes(need)}, {fmt_bytes(fits[1])} free"
+            else:
+                self.pieces = [self._reference(blk, grad_out) for blk in blocks]
         except RuntimeError as e:
             if not is_oom(e):
                 raise InvalidInputs(str(e)) from e
@@ -137,7 +188,7 @@ class Check:
         if self.call.dropout_p:
             return "dropout: output not compared"
         if self.pieces is None:
-            return "reference out of memory: output not compared"
+            return f"{self.too_big or 'reference out of memory'}: output not compared"
         return None
 
     @property

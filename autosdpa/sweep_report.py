@@ -84,39 +84,82 @@ def markdown(doc: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_plot(path: Path, doc: dict) -> str | None:
-    """Speedup over PyTorch's default per problem (autosdpa and the oracle); a note when matplotlib is missing."""
+def within_noise(lo: float | None, hi: float | None) -> bool:
+    """Whether a ratio's p25–p75 range includes 1: no difference beyond the noise of the rounds."""
+    return lo is not None and hi is not None and lo <= 1.0 <= hi
+
+
+def speedup_plot(path: Path, names: list[str], series: list[dict], title: str) -> str | None:
+    """Grouped bars: speedup over PyTorch's default per problem, one bar per series (dicts with ``label`` and
+    lists ``median``, ``lo``, ``hi`` of speedups, None where missing), each with its p25–p75 range as an error
+    bar. A bar whose range includes 1 is hatched and pale: that difference is noise, not a speedup or a loss.
+    The legend sits outside the axes and the figure is cut to its contents, so nothing overlaps or is clipped.
+    Returns a note instead when matplotlib is missing."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.patches import Patch
     except ImportError:
         return "matplotlib is not installed: no plot (pip install 'autosdpa[plot]')"
-    rows = doc["results"]
-    xs = list(range(len(rows)))
-    ours = [1 / r["autosdpa_vs_default"]["median"] for r in rows]
-    err = [[o - 1 / r["autosdpa_vs_default"]["p75"] for o, r in zip(ours, rows)],
-           [1 / r["autosdpa_vs_default"]["p25"] - o for o, r in zip(ours, rows)]]
-    orc = [1 / r["oracle_vs_default"]["median"] if r["oracle_vs_default"] else 0 for r in rows]
-    fig, ax = plt.subplots(figsize=(max(7.0, 0.55 * len(rows) + 3), 5))
-    w = 0.38
-    ax.bar([x - w / 2 for x in xs], ours, w, yerr=err, capsize=2, label="autosdpa (error bar: p25–p75 of rounds)")
-    ax.bar([x + w / 2 for x in xs], orc, w, label="best single backend (oracle)", alpha=0.7)
-    ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--", label="PyTorch default")
-    ax.set_xticks(xs)
-    ax.set_xticklabels([r["name"] for r in rows], rotation=45, ha="right", fontsize=7)
-    if max(ours + orc) / max(min(x for x in ours + orc if x > 0), 1e-9) > 4:
+    n, k = len(names), len(series)
+    fig, ax = plt.subplots(figsize=(max(7.0, 0.55 * n * max(k, 2) / 2 + 3), 5))
+    w = 0.8 / max(k, 1)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    values = []
+    for j, s in enumerate(series):
+        for i in range(n):
+            med, lo, hi = s["median"][i], s["lo"][i], s["hi"][i]
+            if not med:
+                continue
+            noise = within_noise(lo, hi)
+            x = i - 0.4 + w * (j + 0.5)
+            err = [[max(0.0, med - lo)], [max(0.0, hi - med)]] if lo is not None and hi is not None else None
+            ax.bar(x, med, w, yerr=err, capsize=2, color=colors[j % len(colors)], alpha=0.45 if noise else 1.0,
+                   hatch="//" if noise else None, edgecolor="white" if noise else None, linewidth=0)
+            if not noise:
+                ax.annotate(f"{med:.2f}×", (x, hi if hi is not None else med), xytext=(0, 2),
+                            textcoords="offset points", ha="center", va="bottom", fontsize=6)
+            values += [v for v in (med, lo, hi) if v]
+    ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
+    ax.set_xticks(list(range(n)))
+    ax.set_xticklabels(names, rotation=40, ha="right", fontsize=7)
+    if values and max(values) / max(min(values), 1e-9) > 4:
         ax.set_yscale("log")  # ratios far apart: equal factors get equal heights
-    ax.set_ylabel("speedup over PyTorch default (higher: faster)")
-    m = doc["machine"]
-    ax.set_title(f"autosdpa sweep on {m['device_name']} ({m['device']}), torch {m['versions']['torch']}, "
-                 f"load {doc['loadavg_start'][0]:.1f}", fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    ax.set_ylabel("speedup over PyTorch's default\n(higher is faster)")
+    ax.set_title(title, fontsize=9)
+    handles = [Patch(color=colors[j % len(colors)], label=s["label"]) for j, s in enumerate(series)]
+    handles += [Patch(facecolor="grey", alpha=0.45, hatch="//", edgecolor="white",
+                      label="within noise: its p25–p75 includes 1"),
+                plt.Line2D([], [], color="black", linewidth=0.8, linestyle="--", label="PyTorch's default (1.0)"),
+                plt.Line2D([], [], color="black", marker="|", linestyle="", markersize=8,
+                           label="error bar: p25–p75 of the\nper-round time ratio")]
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0, fontsize=8,
+              frameon=False)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return None
+
+
+def _speedups(ratios: list[dict | None]) -> dict:
+    """Time ratios (candidate / default: median, p25, p75) -> speedup lists (1 / ratio; p75 gives the low end)."""
+    def inv(r, k):
+        return 1 / r[k] if r and r.get(k) else None
+    return {"median": [inv(r, "median") for r in ratios], "lo": [inv(r, "p75") for r in ratios],
+            "hi": [inv(r, "p25") for r in ratios]}
+
+
+def write_plot(path: Path, doc: dict) -> str | None:
+    """Speedup over PyTorch's default per problem: autosdpa, and the best single backend of each problem."""
+    rows = doc["results"]
+    m = doc["machine"]
+    series = [{"label": "autosdpa", **_speedups([r["autosdpa_vs_default"] for r in rows])},
+              {"label": "fastest backend of each problem\n(oracle, timed alone)",
+               **_speedups([r["oracle_vs_default"] for r in rows])}]
+    title = (f"autosdpa sweep on {m['device_name']} ({m['device']}), torch {m['versions']['torch']}, "
+             f"load {doc['loadavg_start'][0]:.1f}")
+    return speedup_plot(path, [r["name"] for r in rows], series, title)
 
 
 def write_outputs(doc: dict, out_dir: str | Path, stem: str, *, plot: bool = True) -> tuple[list[Path], str | None]:

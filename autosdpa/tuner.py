@@ -21,10 +21,10 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from . import forms
+from . import forms, memory
 from .backends.base import Backend, Call, safe_runner
 from .backends.torch_backends import pytorch_choice as _pytorch_choice
-from .checks import Check, InvalidInputs, is_oom
+from .checks import Check, InvalidInputs, is_oom, reference_bytes
 from .rounds import Rounds, run_rounds
 from .store import Measurement
 from .timing import CPU_SAMPLE_S, Timer, summarize, timer_for
@@ -135,22 +135,35 @@ def measure(call: Call, backends: list[Backend], config: TuneConfig | None = Non
 
 
 def _free_bytes(device: torch.device) -> int | None:
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return free
-    return None  # CPU: no reliable number; host memory is rarely the limit at tuning sizes
+    return memory.free_bytes(device)
 
 
 def _fit_memory(call: Call, backends: list[Backend], config: TuneConfig, rows: dict[str, Measurement],
                 tuned_shape: str) -> list[Backend]:
-    """The backends whose workspace fits; the others get a ``skipped`` row."""
+    """The backends whose checked first call fits ``config.memory_fraction`` of the free memory; the others get
+    a ``skipped`` row saying what they would need. What a first call needs: the inputs' copies that take
+    gradients and the upstream gradient (made once), the reference the checker keeps (or computes: the
+    larger), and the candidate's own workspace, output and gradients."""
     free = _free_bytes(call.query.device)
+    if free is None:
+        return list(backends)
+    try:
+        setup = memory.setup_bytes(call)
+        ref_peak, ref_kept = reference_bytes(call)
+        if ref_peak > memory.MEMORY_FRACTION * (free - setup):  # Check will not compute it (and says so)
+            ref_peak = ref_kept = 0
+        needs = {b.name: setup + max(ref_peak, ref_kept + b.workspace_bytes(call) + memory.io_bytes(call))
+                 for b in backends}
+    except Exception:  # an input the estimates do not know: they are a safeguard, never a reason to fail
+        log.debug("autosdpa: no memory estimate for %s", tuned_shape, exc_info=True)
+        return list(backends)
     runnable = []
     for b in backends:
-        need = b.workspace_bytes(call)
-        if free is not None and need > config.memory_fraction * free:
-            rows[b.name] = Measurement(b.name, "skipped", detail=f"needs ~{need / 2**30:.1f} GiB, "
-                                       f"{free / 2**30:.1f} GiB free", tuned_shape=tuned_shape)
+        need = needs[b.name]
+        if need > config.memory_fraction * free:
+            rows[b.name] = Measurement(b.name, "skipped", tuned_shape=tuned_shape, detail=(
+                f"needs ~{memory.fmt_bytes(need)}, {memory.fmt_bytes(free)} free: not run (tuning uses at most "
+                f"{config.memory_fraction:.0%} of the free memory)"))
         else:
             runnable.append(b)
     return runnable

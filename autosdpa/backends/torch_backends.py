@@ -10,6 +10,7 @@ import torch
 from torch.nn.attention import SDPBackend
 from torch.nn.attention.bias import CausalBias
 
+from .. import memory
 from . import torch_ops
 from .base import Backend, Call, register
 from .torch_checks import (FLAG_GETTERS, FLAG_OFF_PREFIX, cpu_flash_reasons, cuda_can_use,  # noqa: F401
@@ -124,12 +125,28 @@ class TorchBackend(Backend):
         return torch_ops.runner_for(self.name, *call.args()) or self.run
 
     def workspace_bytes(self, call: Call) -> int:
+        """Memory one call needs beyond its inputs, output and gradients (upper bounds fitted to peak RSS on a
+        CPU, torch 2.13)."""
+        q, k, v = call.query, call.key, call.value
+        rows = (q.values() if q.is_nested else q).numel() // max(1, q.shape[-1])
         if self.name != "math":
-            return 0
-        q, k = call.query, call.key
-        rows = q.numel() // q.shape[-1]
-        # scores + softmax (+ their grads when training), in the compute dtype
-        return rows * k.shape[-2] * q.element_size() * (4 if call.needs_grad else 2)
+            # fused kernels: a float32 logsumexp per query row and, with the backward pass, float32
+            # accumulators of the gradients; plus per-thread tiles
+            grads = sum(memory.tensor_bytes(t) // t.element_size() for t in (q, k, v)) if call.needs_grad else 0
+            return 4 * (2 * rows + grads) + (16 << 20)
+        # PyTorch's math op: the score matrix and its softmax in float32 for fp16/bf16 (it upcasts), ~2.5 of
+        # them forward and ~3.5 with the backward pass; a causal or bool mask as a float matrix; GQA's k, v
+        # repeated to every query head
+        size = memory.compute_size(q.dtype)
+        need = memory.score_elems(q, k) * size * (4 if call.needs_grad else 3)
+        mask = call.dense_mask
+        if mask is not None and mask.dtype == torch.bool:
+            need += mask.numel() * size
+        elif call.causal != "none":
+            need += memory.max_len(q) * memory.max_len(k) * (1 + size)
+        if call.enable_gqa and not q.is_nested and q.dim() >= 3 and q.shape[-3] != k.shape[-3]:
+            need += (memory.tensor_bytes(k) + memory.tensor_bytes(v)) * q.shape[-3] // max(1, k.shape[-3])
+        return need
 
 
 MATH = register(TorchBackend("math", SDPBackend.MATH))

@@ -1,4 +1,7 @@
-"""Shared pieces of the ``autosdpa`` commands: workload options, device and database handling, formatting."""
+"""Shared pieces of the ``autosdpa`` commands: options, device and database handling, formatting.
+
+Nothing here imports torch or the dispatcher at module level: ``autosdpa --help`` and argument errors must
+stay fast (each command imports what it needs when it runs)."""
 from __future__ import annotations
 
 import dataclasses
@@ -6,31 +9,80 @@ import functools
 import os
 import re
 import sys
+from pathlib import Path
 
 import click
 from rich.console import Console
+from rich.measure import Measurement
 
 from ..text import fmt_seconds
-from ..workload import WorkItem, WorkloadError
 
 #: stdout (results) and stderr (progress, notes): with --json only JSON goes to stdout.
 out = Console(soft_wrap=False)
 err = Console(stderr=True)
 
-def _shape_help() -> str:
-    from ..workload import spec_help
 
-    return ("One problem as comma-separated fields, e.g. 'b=8,hq=32,hkv=8,lq=4096,d=128,dtype=bf16,causal,train'. "
-            f"Fields: {spec_help()}. A full problem key is accepted too. Repeatable.")
+# -- options shared by several commands: one definition, one help text each ------------------------------
+
+SHAPE_HELP = ("One problem as comma-separated fields, e.g. b=8,hq=32,lq=4096,d=128,causal (a full problem key "
+              "works too). Fields and defaults: `autosdpa help shapes`, or docs/cli.md.")
 
 
-SHAPE_HELP = _shape_help()
+def shape_option(*, repeat: bool = True, required: bool = False):
+    """``--shape SPEC``: the one help text of the shape language (the field table is `autosdpa help shapes`)."""
+    return click.option("--shape", "shapes" if repeat else "spec", multiple=repeat, required=required,
+                        metavar="SPEC", help=SHAPE_HELP + (" Repeatable." if repeat else ""))
+
+
+def default_db_path() -> Path:
+    """Where the user's database lives unless AUTOSDPA_DB or --db says otherwise (``store.default_db_path``,
+    without importing the store and SQLAlchemy for a help text)."""
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("autosdpa")) / "autosdpa.sqlite"
+
+
+def db_option(what: str = "Database", dest: str = "db"):
+    """``--db PATH|URL``, the same in every command: what it is, and where the default lives."""
+    return click.option(
+        "--db", dest, default=None, metavar="PATH|URL",
+        show_default=f"$AUTOSDPA_DB if set, else {default_db_path()}",
+        help=f"{what}: an SQLite file path or an SQLAlchemy URL (postgresql+psycopg://...).")
+
+
+def device_option(what: str = "Device to run on"):
+    """``--device``: the torch device a command runs on (not the stored-environment filter, that is --gpu)."""
+    return click.option("--device", default=None, metavar="cpu|cuda|cuda:N",
+                        show_default="cuda if available, else cpu", help=f"{what}.")
+
+
+def budget_option(what: str = "Timing budget per problem, in seconds (checks and warm-up come on top)"):
+    return click.option("--budget", type=click.FloatRange(min=0), default=None, metavar="SECONDS",
+                        show_default="$AUTOSDPA_BUDGET if set, else 1.0", help=f"{what}.")
+
+
+def json_option(what: str = "Machine-readable output on stdout"):
+    return click.option("--json", "as_json", is_flag=True, help=f"{what}.")
+
+
+def shapes_help() -> str:
+    """The shape-spec fields, one line each (``autosdpa help shapes``), from ``workload.FIELDS``."""
+    from ..workload import FIELDS
+
+    width = max(map(len, FIELDS))
+    lines = ["--shape SPEC: comma-separated field=value items and bare flags, e.g.",
+             "  b=8,hq=32,hkv=8,lq=4096,d=128,dtype=bf16,causal,train",
+             "A full problem key (fwd|bf16|B=8|..., as `autosdpa show --json` prints it) works too. Flags also take",
+             "=1/0/true/false. Fields, in the problem key's order:", ""]
+    lines += [f"  {name:<{width}}  {help_} (default: {default})" for name, (help_, default) in FIELDS.items()]
+    lines += ["", "More, with the workload-file format: docs/cli.md."]
+    return "\n".join(lines)
 
 
 def workload_options(fn):
     """--shape/--file/--preset/--from plus --dtype/--train/--limit; passes ``workload`` (a dict) to ``fn``."""
     opts = [
-        click.option("--shape", "shapes", multiple=True, metavar="SPEC", help=SHAPE_HELP),
+        shape_option(),
         click.option("--file", "files", multiple=True, metavar="FILE.toml|FILE.json",
                      type=click.Path(dir_okay=False),
                      help="Workload file listing problems (TOML or JSON; see docs/cli.md). Repeatable."),
@@ -39,10 +91,10 @@ def workload_options(fn):
         click.option("--from", "recordings", multiple=True, metavar="FILE.jsonl",
                      type=click.Path(dir_okay=False),
                      help="Problems recorded by running a program with AUTOSDPA_RECORD=FILE.jsonl. Repeatable."),
-        click.option("--dtype", default=None, metavar="DTYPE",
-                     help="Override every problem's dtype (fp16, bf16, fp32, fp64)."),
+        click.option("--dtype", default=None, metavar="fp16|bf16|fp32|fp64", show_default="each problem's own",
+                     help="Override every problem's dtype."),
         click.option("--train", is_flag=True, help="Time forward + backward for every problem."),
-        click.option("--limit", type=click.IntRange(min=1), default=None,
+        click.option("--limit", type=click.IntRange(min=1), default=None, metavar="N", show_default="all",
                      help="Only the first N problems (after de-duplication and sharding)."),
     ]
     for o in reversed(opts):
@@ -60,11 +112,11 @@ def default_dtype_for(device) -> str:
     return "bf16" if device is not None and getattr(device, "type", "cpu") == "cuda" else "fp32"
 
 
-def gather(wl: dict, device=None, *, shard: tuple[int, int] | None = None, required: bool = True
-           ) -> list[WorkItem]:
+def gather(wl: dict, device=None, *, shard: tuple[int, int] | None = None, required: bool = True) -> list:
     """Every problem named by the workload options, overridden, de-duplicated (by bucketed key), sharded,
     limited. Bad input raises click.BadParameter naming the option."""
     from .. import workload as W
+    from ..workload import WorkItem, WorkloadError
 
     ddt = default_dtype_for(device)
     items: list[WorkItem] = []
@@ -246,7 +298,8 @@ def gpu_filter_option(fn):
         return fn(*args, gpu=resolve_gpu_filter(gpu), **kwargs)
     wrapper = click.option("--device", "device_alias", default=None, hidden=True,
                            help="Deprecated alias of --gpu.")(wrapper)
-    return click.option("--gpu", default=None, metavar="NAME", help=GPU_HELP)(wrapper)
+    return click.option("--gpu", default=None, metavar="NAME", show_default="every environment",
+                        help=GPU_HELP)(wrapper)
 
 
 def resolve_gpu_filter(pattern: str | None) -> str | None:
@@ -308,8 +361,29 @@ def short_key(key: str) -> str:
 
 
 def shorten(text: str, n: int = 70) -> str:
+    """A progress bar's label cut to ``n`` characters. Never for a reason or an error: those are shown whole."""
     text = " ".join(str(text).split())
     return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def print_note(text: str, style: str = "dim") -> None:
+    """A line of text on stdout: folded at spaces on a terminal, one line into a pipe."""
+    out.print(text, style=style, markup=False, highlight=False, soft_wrap=not out.is_terminal)
+
+
+def print_table(table, console: Console | None = None) -> None:
+    """Print a rich table. On a terminal long cells fold at spaces within the window; into a pipe or a file
+    nothing is wrapped or cut (every column as wide as its longest cell), so that problem keys and reasons
+    stay whole, one row per line, for grep and cut."""
+    console = console or out
+    if console.is_terminal:
+        console.print(table)
+        return
+    for col in table.columns:
+        col.max_width, col.no_wrap, col.overflow = None, True, "ignore"
+    width = Measurement.get(console, console.options.update_width(1 << 16), table).maximum
+    Console(file=console.file, width=max(width, 40), soft_wrap=False, highlight=False,
+            color_system=None).print(table)
 
 
 def print_json(obj) -> None:

@@ -13,8 +13,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ._group import main
-from ._common import (err, fmt_s, fmt_x, gather, out, print_json, resolve_device, short_key, shorten, tune_config,
-                      use_db, workload_options, deterministic)
+from ._common import (budget_option, db_option, device_option, err, fmt_s, fmt_x, gather, json_option, out, print_json,
+                      print_table, resolve_device, short_key, shorten, tune_config, use_db, workload_options,
+                      deterministic)
 
 
 def _geomean(xs):
@@ -79,45 +80,38 @@ def _versions(device) -> dict:
 
 
 def write_plot(path: Path, results: list[dict], single: str | None, title: str) -> str | None:
-    """Bar chart of speedup over PyTorch's default; returns a note when matplotlib is missing."""
-    try:
-        import matplotlib
+    """Speedup over PyTorch's default per problem, autosdpa and the best single backend, each with its spread
+    (``sweep_report.speedup_plot``); returns a note when matplotlib is missing."""
+    from ..sweep_report import speedup_plot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return "matplotlib is not installed: skipping the plot (pip install 'autosdpa[plot]')"
-    labels = [shorten(r["label"] or short_key(r["problem"]), 40) for r in results]
-    a = [r["autosdpa_speedup"] or 0 for r in results]
-    s = [r["single_speedup"] or 0 for r in results]
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.6 * len(results) + 3), 4.5))
-    xs = range(len(results))
-    w = 0.38
-    ax.bar([x - w / 2 for x in xs], a, w, label="autosdpa")
-    ax.bar([x + w / 2 for x in xs], s, w, label=f"best single backend ({single})")
-    ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--", label="PyTorch default")
-    ax.set_xticks(list(xs))
-    ax.set_xticklabels(labels, rotation=40, ha="right", fontsize=8)
-    ax.set_ylabel("speedup over PyTorch default (higher is better)")
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return None
+    def series(label: str, which: str) -> dict:
+        return {"label": label, "median": [r[f"{which}_speedup"] for r in results],
+                "lo": [r.get(f"{which}_speedup_p25") for r in results],
+                "hi": [r.get(f"{which}_speedup_p75") for r in results]}
+    names = [r["label"] or short_key(r["problem"]) for r in results]
+    return speedup_plot(path, names, [series("autosdpa", "autosdpa"),
+                                      series(f"best single backend: {single}\n(PyTorch's default where it "
+                                             "cannot run)", "single")], title)
+
+
+def _noted(x: float | None, within: bool) -> str:
+    return fmt_x(x) + (" (within noise)" if within else "")
 
 
 def _markdown(doc: dict) -> str:
     lines = [f"# autosdpa bench: {doc['device_name']} ({doc['device']})", "",
              f"{doc['date']}, torch {doc['versions']['torch']}, autosdpa {doc['versions']['autosdpa']}; "
              f"medians of interleaved rounds ({doc['seconds_per_problem']} s per problem).", "",
-             f"Best single backend for this sweep: **{doc['single_backend']}**.", "",
+             f"Best single backend for this sweep: **{doc['single_backend']}**. A speedup marked *within noise* "
+             "has a per-round ratio whose p25–p75 range includes 1: no difference beyond the noise.", "",
              "| problem | PyTorch default | autosdpa | speedup | best single | speedup |",
              "|---|---|---|---|---|---|"]
     for r in doc["results"]:
         lines.append(f"| {r['label'] or short_key(r['problem'])} | {r['pytorch_choice']} {fmt_s(r['pytorch_s'])} | "
-                     f"{r['autosdpa_backend']} {fmt_s(r['autosdpa_s'])} | {fmt_x(r['autosdpa_speedup'])} | "
-                     f"{r['single_backend']} {fmt_s(r['single_s'])} | {fmt_x(r['single_speedup'])} |")
+                     f"{r['autosdpa_backend']} {fmt_s(r['autosdpa_s'])} | "
+                     f"{_noted(r['autosdpa_speedup'], r.get('autosdpa_within_noise', False))} | "
+                     f"{r['single_backend']} {fmt_s(r['single_s'])} | "
+                     f"{_noted(r['single_speedup'], r.get('single_within_noise', False))} |")
     s = doc["summary"]
     lines.append(f"| **geometric mean** | | | **{fmt_x(s['autosdpa_speedup_geomean'])}** | | "
                  f"**{fmt_x(s['single_speedup_geomean'])}** |")
@@ -126,16 +120,15 @@ def _markdown(doc: dict) -> str:
 
 @main.command()
 @workload_options
-@click.option("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu).")
-@click.option("--db", default=None, metavar="PATH|URL", help="Database for the tuning step (default: $AUTOSDPA_DB).")
-@click.option("--budget", type=click.FloatRange(min=0), default=None, metavar="SECONDS",
-              help="Tuning budget per problem not yet tuned.")
-@click.option("--seconds", type=click.FloatRange(min=0), default=1.0, show_default=True,
+@device_option()
+@db_option("Database for the tuning step")
+@budget_option("Tuning budget in seconds per problem not yet tuned (checks and warm-up come on top)")
+@click.option("--seconds", type=click.FloatRange(min=0), default=1.0, metavar="SECONDS",
               help="Timing time per problem for the side-by-side comparison.")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="autosdpa-bench", show_default=True,
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="autosdpa-bench",
               help="Directory for bench.json, bench.md and bench.png.")
 @click.option("--no-plot", is_flag=True, help="Do not draw bench.png.")
-@click.option("--json", "as_json", is_flag=True, help="Print the JSON document on stdout instead of the table.")
+@json_option("Print the JSON document on stdout instead of the table")
 @click.option("--sweep", "sweep", is_flag=True,
               help="Run the built-in sweep (LLM prefill/decode, encoders, diffusion, training) instead of a "
                    "workload: default vs every backend alone vs autosdpa, on a fresh database; writes "
@@ -161,17 +154,18 @@ def bench(workload, device, db, budget, seconds, out_dir, no_plot, as_json, swee
     from ..environment import environment
 
     dev = resolve_device(device)
-    _writable_dir(out_dir)  # before any timing: a bad --out must not cost the whole run
     if sweep:
         if any(workload[k] for k in ("shapes", "files", "presets", "recordings")):
             raise click.UsageError("--sweep runs its own problem table: drop --shape/--file/--preset/--from")
+        _writable_dir(out_dir)  # before any timing: a bad --out must not cost the whole run
         src = click.get_current_context().get_parameter_source("seconds")
         run_sweep_command(dev, db=db, budget=budget, seconds=None if src.name == "DEFAULT" else seconds,
                           out_dir=out_dir, no_plot=no_plot, as_json=as_json, quick=quick, dry=dry)
         return
     if quick or dry:
         raise click.UsageError("--quick and --dry go with --sweep")
-    items = gather(workload, dev)
+    items = gather(workload, dev)  # bad arguments first: a usage error leaves no output folder behind
+    _writable_dir(out_dir)  # then, before any timing, the folder: a bad --out must not cost the whole run
     use_db(db)
     config = tune_config(budget)
     _fp, info = environment(dev)
@@ -273,7 +267,7 @@ def run_sweep_command(dev, *, db, budget, seconds, out_dir, no_plot, as_json, qu
         t.add_section()
         t.add_row("[bold]geometric mean[/]", "", "", f"[bold]{s['autosdpa_vs_default_geomean']:.3f}[/]",
                   f"{s['autosdpa_vs_oracle_geomean'] or 0:.3f}", "")
-        out.print(t)
+        print_table(t)
         for line in sweep_report.target_lines(doc):
             out.print(line, markup=False, highlight=False)
     err.print("wrote " + ", ".join(map(str, paths)))
@@ -290,6 +284,7 @@ def _time_one(r: dict, single: str | None, dev, seconds: float) -> dict:
 
     from ..sweep import backend_fn
     from ..forms import synthetic_call
+    from ..sweep_report import within_noise
     from ..timing import summarize, time_interleaved
 
     it, d = r["item"], r["decision"]
@@ -304,6 +299,9 @@ def _time_one(r: dict, single: str | None, dev, seconds: float) -> dict:
     med = {k: summarize(v)[0] for k, v in samples.items()}
     spread = {k: summarize(v)[1] for k, v in samples.items()}
     single_s = med.get("single", med["pytorch"])
+    noise = {k: _paired_speedup(samples["pytorch"], samples[k]) for k in samples if k != "pytorch"}
+    if "single" not in noise:  # the single backend cannot run this: PyTorch's default stands in, ratio 1
+        noise["single"] = (1.0, 1.0)
     del call, fns
     if dev.type == "cuda":
         torch.cuda.empty_cache()
@@ -315,8 +313,21 @@ def _time_one(r: dict, single: str | None, dev, seconds: float) -> dict:
         "single_backend": single_here or f"{d.pytorch_choice} (fallback: {single} cannot run this)",
         "single_s": single_s, "single_spread_s": spread.get("single", spread["pytorch"]),
         "single_speedup": med["pytorch"] / single_s,
+        **{f"{k}_speedup_{q}": noise[k][i] for k in ("autosdpa", "single") for i, q in enumerate(("p25", "p75"))},
+        **{f"{k}_within_noise": within_noise(*noise[k]) for k in ("autosdpa", "single")},
         "rounds": len(samples["pytorch"]), "tflops_autosdpa": it.problem.flops / med["autosdpa"] / 1e12,
     }
+
+
+def _paired_speedup(base: list[float], other: list[float]) -> tuple[float, float]:
+    """p25 and p75 of the per-round speedup base/other (the rounds interleave them, so drift cancels)."""
+    import statistics
+
+    r = sorted(b / o for b, o in zip(base, other) if o > 0)
+    if len(r) < 4:
+        return r[0], r[-1]
+    q = statistics.quantiles(r, n=4, method="inclusive")
+    return q[0], q[2]
 
 
 def _print_table(results: list[dict], summary: dict, single: str | None, where: str) -> None:
@@ -329,9 +340,11 @@ def _print_table(results: list[dict], summary: dict, single: str | None, where: 
     t.add_column("speedup", justify="right")
     for r in results:
         t.add_row(r["label"] or short_key(r["problem"]), f"{r['pytorch_choice']} {fmt_s(r['pytorch_s'])}",
-                  f"{r['autosdpa_backend']} {fmt_s(r['autosdpa_s'])}", fmt_x(r["autosdpa_speedup"]),
-                  f"{shorten(r['single_backend'], 24)} {fmt_s(r['single_s'])}", fmt_x(r["single_speedup"]))
+                  f"{r['autosdpa_backend']} {fmt_s(r['autosdpa_s'])}",
+                  _noted(r["autosdpa_speedup"], r["autosdpa_within_noise"]),
+                  f"{r['single_backend']} {fmt_s(r['single_s'])}",
+                  _noted(r["single_speedup"], r["single_within_noise"]))
     t.add_section()
     t.add_row("[bold]geometric mean[/]", "", "", f"[bold]{fmt_x(summary['autosdpa_speedup_geomean'])}[/]", "",
               f"[bold]{fmt_x(summary['single_speedup_geomean'])}[/]")
-    out.print(t)
+    print_table(t)

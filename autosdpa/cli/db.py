@@ -7,9 +7,7 @@ import json
 import click
 
 from ._group import main
-from ._common import gpu_filter_option, settings_for
-
-_DB_HELP = "Database to use (file path or SQLAlchemy URL); default: AUTOSDPA_DB, else the user cache file."
+from ._common import db_option, gpu_filter_option, json_option, settings_for
 
 
 def _report(prefix: str, report, *, as_json: bool = False, extra: dict | None = None) -> None:
@@ -72,7 +70,7 @@ def _env_line(e: dict) -> str:
 
 @db.command("info")
 @click.argument("target", metavar="FILE_OR_URL")
-@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@json_option()
 def info_cmd(target: str, as_json: bool) -> None:
     """Schema version, environments (and what differs between environments of one device), row counts and
     rows that would be rejected. Never writes to FILE; a file name is a path, even with '?' or '#' in it.
@@ -99,12 +97,13 @@ def info_cmd(target: str, as_json: bool) -> None:
 
 @db.command("export")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="New SQLite file to write.")
-@click.option("--db", "source", default=None, help="Database to export from. " + _DB_HELP)
+@db_option("Database to export from", dest="source")
 @gpu_filter_option
-@click.option("--since", default=None, help="Only rows measured since: YYYY-MM-DD[THH:MM] or an age like 30d.")
+@click.option("--since", default=None, metavar="DATE|AGE", show_default="every row",
+              help="Only rows measured since: YYYY-MM-DD[THH:MM] or an age like 30d.")
 @click.option("--ok-only", is_flag=True, help="Leave out rejected/skipped rows.")
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@json_option("Print the report as JSON")
 def export_cmd(output: str, source: str | None, gpu: str | None, since: str | None, ok_only: bool,
                force: bool, as_json: bool) -> None:
     """Write your measurements (validated, optionally filtered) to a self-contained SQLite file to share.
@@ -121,11 +120,11 @@ def export_cmd(output: str, source: str | None, gpu: str | None, since: str | No
 
 @db.command("import")
 @click.argument("files", nargs=-1, required=True, metavar="FILE...")
-@click.option("--db", "target", default=None, help="Database to import into. " + _DB_HELP)
+@db_option("Database to import into", dest="target")
 @click.option("--allow-unknown-backends", is_flag=True,
               help="Keep rows of backends this install does not know (well-formed names only).")
 @click.option("--dry-run", is_flag=True, help="Report what would change; write nothing.")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@json_option("Print the report as JSON")
 def import_cmd(files: tuple[str, ...], target: str | None, allow_unknown_backends: bool, dry_run: bool,
                as_json: bool) -> None:
     """Merge tuning files into your database with the conflict rule (more samples wins, then newer).
@@ -154,7 +153,7 @@ def import_cmd(files: tuple[str, ...], target: str | None, allow_unknown_backend
 @click.option("--allow-unknown-backends", is_flag=True,
               help="Keep rows of backends this install does not know (well-formed names only).")
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@json_option("Print the report as JSON")
 def merge_cmd(files: tuple[str, ...], output: str, allow_unknown_backends: bool, force: bool,
               as_json: bool) -> None:
     """Merge tuning files, in order, into a new file (conflict rule: more samples wins, then newer).
@@ -174,20 +173,25 @@ def merge_cmd(files: tuple[str, ...], output: str, allow_unknown_backends: bool,
 
 
 @db.command("prune")
-@click.option("--db", "target", default=None, help="Database to prune. " + _DB_HELP)
+@db_option("Database to prune", dest="target")
 @click.option("--stale", is_flag=True, help="Drop environments this machine can never match again: its own "
               "devices with an older torch/CUDA/cuDNN, or kernels/Triton other than the installed ones.")
 @click.option("--other-torch", is_flag=True, help="Drop environments measured with another torch version.")
 @click.option("--old-kernels", is_flag=True, help="Drop environments of kernel sources other than the installed.")
 @click.option("--failed", is_flag=True, help="Drop rows that did not measure ok (rejected, skipped).")
-@click.option("--older-than", default=None, help="Drop rows measured before: YYYY-MM-DD or an age like 90d.")
+@click.option("--older-than", default=None, metavar="DATE|AGE", show_default="no age limit",
+              help="Drop rows measured before: YYYY-MM-DD or an age like 90d.")
 @click.option("--decisions", is_flag=True, help="Drop rank decisions (distributed runs re-agree on next use).")
 @gpu_filter_option
 @click.option("--dry-run", is_flag=True, help="Report what would be removed; change nothing.")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@json_option("Print the report as JSON")
 def prune_cmd(target: str | None, stale: bool, other_torch: bool, old_kernels: bool, failed: bool,
               older_than: str | None, decisions: bool, gpu: str | None, dry_run: bool, as_json: bool) -> None:
     """Drop stale data. With no selection, drops the environments this machine can never match again (--stale).
+
+    Selections combine as a union: a row goes if ANY given selection matches it (--stale --failed drops
+    stale environments and also every failed row elsewhere). --gpu, in contrast, narrows every selection to
+    the matching environments. Try --dry-run first.
 
     Example: autosdpa db prune --stale --failed --older-than 180d --dry-run
     """

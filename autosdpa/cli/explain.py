@@ -9,8 +9,18 @@ from rich.table import Table
 from rich.text import Text
 
 from ._group import main
-from ._common import (SHAPE_HELP, current_store, err, fmt_s, fmt_x, out, print_json, resolve_device, short_key,
-                      tune_config, use_db, deterministic)
+from ._common import (budget_option, current_store, db_option, device_option, err, fmt_s, fmt_x, json_option, out,
+                      print_json, print_note, print_table, resolve_device, shape_option, short_key, tune_config,
+                      use_db, deterministic)
+
+
+def fmt_median(median_s: float | None, spread_s: float | None, samples: int) -> str:
+    """``1.234 ms ± 0.050 ms``; one sample has no spread to show (a ``± 0.0 µs`` would claim no noise)."""
+    if median_s is None:
+        return "-"
+    if samples <= 1 or spread_s is None:
+        return f"{fmt_s(median_s)} (1 sample)" if samples == 1 else fmt_s(median_s)
+    return f"{fmt_s(median_s)} ± {fmt_s(spread_s)}"
 
 
 def _backend_states(elig: dict, unavailable: dict, meas: dict, d, no_tune: bool) -> list[dict]:
@@ -38,16 +48,16 @@ def _backend_states(elig: dict, unavailable: dict, meas: dict, d, no_tune: bool)
 
 
 @main.command()
-@click.option("--shape", "spec", required=True, metavar="SPEC", help=SHAPE_HELP.replace(" Repeatable.", ""))
-@click.option("--dtype", default=None, help="Override the spec's dtype.")
+@shape_option(repeat=False, required=True)
+@click.option("--dtype", default=None, metavar="fp16|bf16|fp32|fp64", show_default="the spec's",
+              help="Override the spec's dtype.")
 @click.option("--train", is_flag=True, help="Forward + backward.")
-@click.option("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu).")
-@click.option("--db", default=None, metavar="PATH|URL", help="Database (default: $AUTOSDPA_DB, else the user cache).")
+@device_option()
+@db_option("Database to read, and to write when the problem must be tuned")
 @click.option("--force", is_flag=True, help="Re-tune even if measurements exist.")
 @click.option("--no-tune", is_flag=True, help="Only look up: never time (a miss shows PyTorch's default).")
-@click.option("--budget", type=click.FloatRange(min=0), default=None, metavar="SECONDS",
-              help="Timing budget if the problem must be tuned.")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output on stdout.")
+@budget_option("Timing budget in seconds if the problem must be tuned (checks and warm-up come on top)")
+@json_option()
 def explain(spec, dtype, train, device, db, force, no_tune, budget, as_json) -> None:
     """Why autosdpa picks what it picks for one problem: each backend, eligible or why not, its measurement,
     the winner and the reason. Tunes the problem first if it has no measurements (unless --no-tune).
@@ -101,22 +111,22 @@ def explain(spec, dtype, train, device, db, force, no_tune, budget, as_json) -> 
     t.add_column("samples", justify="right")
     t.add_column("max error", justify="right")
     t.add_column("vs PyTorch", justify="right")
-    t.add_column("why / detail", overflow="fold", max_width=50)
+    t.add_column("why / detail", overflow="fold", max_width=60)
     for b in backends:
         if b["state"] == "unavailable":
             continue
         name = b["backend"] + (" ★" if b["chosen"] else "")
         state = {"ok": "[green]ok[/]", "rejected": "[red]rejected[/]"}.get(b["state"], f"[dim]{b['state']}[/]")
         e = b["max_error"]
-        med = fmt_s(b["median_s"]) + (f" ± {fmt_s(b['spread_s'])}" if b["spread_s"] is not None else "")
+        med = fmt_median(b["median_s"], b["spread_s"], b["samples"])
         t.add_row(f"[bold]{name}[/]" if b["chosen"] else name, state, med, str(b["samples"] or "-"),
                   "-" if e is None or not math.isfinite(e) else f"{e:.2g}", fmt_x(b["vs_pytorch"]), Text(b["why"]))
-    out.print(t)
+    print_table(t)
     gone = [b for b in backends if b["state"] == "unavailable"]
     if gone:
-        out.print("unavailable on this device: " + "; ".join(f"{b['backend']} ({b['why']})" for b in gone),
-                  style="dim", markup=False)
-    out.print(f"choice: [bold]{d.backend}[/] — {escape(d.reason)}  [dim](source: {d.source})[/]")
+        print_note("unavailable on this device: " + "; ".join(f"{b['backend']} ({b['why']})" for b in gone))
+    out.print(f"choice: [bold]{d.backend}[/] — {escape(d.reason)}  [dim](source: {d.source})[/]",
+              soft_wrap=not out.is_terminal)
     out.print(f"PyTorch would run: {d.pytorch_choice or '-'}")
     if d.problem and d.problem != p.key:
         err.print(f"[dim]stored under the bucketed key {d.problem}[/]")

@@ -6,7 +6,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ._group import main
-from ._common import out, print_json, short_key
+from ._common import json_option, out, print_json, print_table, short_key
 
 
 def print_presets() -> None:
@@ -18,13 +18,13 @@ def print_presets() -> None:
     t.add_column("description")
     for p in list_presets():
         t.add_row(p["name"], str(p["problems"]), p["description"])
-    out.print(t)
+    print_table(t)
     out.print("[dim]`autosdpa presets NAME` lists a preset's problems and cites its source.[/]")
 
 
 @main.command()
 @click.argument("name", required=False)
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output on stdout.")
+@json_option()
 def presets(name: str | None, as_json: bool) -> None:
     """List the shipped model presets, or the problems of one.
 
@@ -55,4 +55,4 @@ def presets(name: str | None, as_json: bool) -> None:
     t.add_column("problem", overflow="fold")
     for it in items:
         t.add_row(Text(it.label), short_key(it.problem.key))
-    out.print(t)
+    print_table(t)

@@ -9,7 +9,8 @@ from rich.table import Table
 from rich.text import Text
 
 from ._group import main
-from ._common import db_name, err, fmt_s, gpu_filter_option, out, print_json, read_db, short_key, shorten
+from ._common import (db_name, db_option, err, fmt_s, gpu_filter_option, json_option, print_json, print_note,
+                      print_table, read_db, short_key)
 
 
 def _wanted_backends(spec: str | None, seen: set[str]) -> set[str] | None:
@@ -54,15 +55,15 @@ def _collect(layers, gpu, key_glob, backends) -> list[tuple]:
 
 
 @main.command()
-@click.option("--db", default=None, metavar="PATH|URL", help="Database to read (default: $AUTOSDPA_DB, else the "
-              "user cache file).")
+@db_option("Database to read")
 @gpu_filter_option
-@click.option("--key", "key_glob", default=None, metavar="GLOB",
-              help="Only problem keys matching this glob, e.g. '*Hq=32*' or 'fwdbwd|*'.")
-@click.option("--backend", "backends", default=None, metavar="NAME[,NAME]", help="Only these backends.")
+@click.option("--key", "key_glob", default=None, metavar="GLOB", show_default="every key",
+              help="Only problem keys matching this glob (or containing this text), e.g. '*Hq=32*' or 'fwdbwd|*'.")
+@click.option("--backend", "backends", default=None, metavar="NAME[,NAME]", show_default="every backend",
+              help="Only these backends.")
 @click.option("--shared", is_flag=True, help="Also list the read-only shared layers (shipped tuning_db/, "
               "$AUTOSDPA_SHARED_DBS).")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable rows on stdout.")
+@json_option("Machine-readable rows on stdout")
 def show(db, gpu, key_glob, backends, shared, as_json) -> None:
     """List stored measurements: problem, backend, status, median, samples, error vs reference, device.
 
@@ -95,7 +96,7 @@ def show(db, gpu, key_glob, backends, shared, as_json) -> None:
         err.print(f"no measurements in {db_name(store)}" + (" matching the filters" if
                                                                 (gpu or key_glob or backends) else ""))
         return
-    out.print(_table(rows, best, db_name(store)))
+    print_table(_table(rows, best, db_name(store)))
     _print_environments(layers, {env["fingerprint"]: env for _l, env, _k, _m in rows})
 
 
@@ -107,7 +108,7 @@ def _table(rows, best, title: str) -> Table:
                           ("error", "right"), ("env", "left")):
         t.add_column(name, justify=justify)
     if any_detail:
-        t.add_column("detail", overflow="fold", max_width=40)
+        t.add_column("detail", overflow="fold", max_width=60)
     prev = None
     for layer, env, key, m in rows:
         g = (layer, env["fingerprint"], key)
@@ -120,7 +121,7 @@ def _table(rows, best, title: str) -> Table:
         cells = [short_key(key) if g != prev else "", f"[bold]{m.backend} ★[/]" if star else m.backend, status,
                  fmt_s(m.median_s), str(m.samples), err_txt, where if g != prev else ""]
         if any_detail:
-            cells.append(Text(shorten(m.detail, 80)))
+            cells.append(Text(m.detail))
         t.add_row(*cells)
         prev = g
     return t
@@ -145,4 +146,4 @@ def _print_environments(layers, shown: dict[str, dict]) -> None:
                 + (f", triton {env['triton']}, kernels {env['kernels']}" if env["kernels"] else "") + ")")
         if fp in diffs:
             line += f"; {diffs[fp]}"
-        out.print(Text(line, style="dim"))
+        print_note(line)

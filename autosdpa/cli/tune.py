@@ -12,8 +12,9 @@ from rich.table import Table
 from rich.text import Text
 
 from ._group import main
-from ._common import (configure_dispatcher, current_store, err, fmt_s, fmt_x, gather, out, print_json, resolve_device,
-                      settings_for, short_key, shorten, tune_config, use_db, workload_options)
+from ._common import (budget_option, configure_dispatcher, current_store, db_option, device_option, err, fmt_s, fmt_x,
+                      gather, json_option, out, print_json, print_note, print_table, resolve_device, settings_for,
+                      short_key, shorten, tune_config, use_db, workload_options)
 
 
 def _list_presets(ctx, _param, value):
@@ -44,12 +45,28 @@ def error_row(item, e: BaseException, elapsed: float, device: str) -> dict:
             "elapsed_s": round(elapsed, 4), "error": f"{type(e).__name__}: {e}"}
 
 
+class InputsTooLarge(Exception):
+    """The synthetic inputs of a problem alone would not fit in the free memory."""
+
+
+def check_inputs_fit(problem, device) -> None:
+    """Raise InputsTooLarge when making the problem's inputs would take more memory than the device has free
+    (on a CPU the kernel would kill the process instead of raising)."""
+    from .. import memory
+
+    need, room = memory.problem_input_bytes(problem), memory.room(device)
+    if room is not None and need > room[0]:
+        raise InputsTooLarge(f"its inputs alone need ~{memory.fmt_bytes(need)}, {memory.fmt_bytes(room[1])} "
+                             "free: not tuned")
+
+
 def tune_one(item, device, force: bool, config) -> dict:
     """Tune one work item (saving its rows) -> a result row; errors become an error row."""
     from .. import api
 
     t0 = time.perf_counter()
     try:
+        check_inputs_fit(item.problem, device)
         d = api.tune([item.problem], progress=False, device=device, force=force, config=config)[0]
         row = result_row(item, d, time.perf_counter() - t0, str(device))
         lost = current_store().stands_in_for  # (database, why): it failed, so these rows are in memory only
@@ -63,8 +80,24 @@ def tune_one(item, device, force: bool, config) -> dict:
         return error_row(item, e, time.perf_counter() - t0, str(device))
 
 
-def results_table(rows: list[dict], unavailable: dict[str, str], title: str) -> Table:
+def common_reasons(rows: list[dict], unavailable: dict[str, str]) -> dict[str, str]:
+    """{backend: reason} rejected with the same reason in every problem (e.g. the NestedTensor backends for
+    dense inputs): said once below the table rather than in every row."""
+    done = [r for r in rows if not r["error"]]
+    if len(done) < 2:
+        return {}
+    same = {b: why for b, why in done[0]["rejected"].items() if b not in unavailable}
+    for r in done[1:]:
+        same = {b: why for b, why in same.items() if r["rejected"].get(b) == why}
+    return same
+
+
+def results_table(rows: list[dict], unavailable: dict[str, str], title: str,
+                  everywhere: dict[str, str] | None = None) -> Table:
+    """One row per problem; ``everywhere`` (backend: reason of every row) is left to a line below."""
     from ..tuner import TIE_TOLERANCE
+
+    skip = {**unavailable, **(everywhere or {})}
 
     t = Table(title=title, show_lines=False)
     t.add_column("problem", overflow="fold", max_width=44)
@@ -72,13 +105,13 @@ def results_table(rows: list[dict], unavailable: dict[str, str], title: str) -> 
     t.add_column("time", justify="right")
     t.add_column("PyTorch default", justify="right")
     t.add_column("speedup", justify="right")
-    t.add_column("rejected (why)", overflow="fold", max_width=50)
+    t.add_column("rejected (why)", overflow="fold", max_width=60)
     for r in rows:
         name = f"{r['label']}\n{short_key(r['problem'])}" if r["label"] else short_key(r["problem"])
         if r["error"]:
-            t.add_row(name, "[red]error[/]", "-", "-", "-", Text(shorten(r["error"], 120)))
+            t.add_row(name, "[red]error[/]", "-", "-", "-", Text(r["error"]))
             continue
-        rej = "\n".join(f"{b}: {shorten(why, 70)}" for b, why in r["rejected"].items() if b not in unavailable)
+        rej = "\n".join(f"{b}: {why}" for b, why in r["rejected"].items() if b not in skip)
         torch_cell = f"{r['pytorch_choice']} {fmt_s(r['pytorch_s'])}" if r["pytorch_choice"] else "-"
         sp = r["speedup"]
         sp_txt = fmt_x(sp) if sp is None else (f"[green]{fmt_x(sp)}[/]" if sp > 1 + TIE_TOLERANCE else fmt_x(sp))
@@ -90,7 +123,8 @@ def print_results(rows, unavailable, device, interrupted: bool, total: int) -> N
     title = f"autosdpa tune on {device}: {len(rows)}/{total} problems"
     if interrupted:
         title += " (interrupted: rows above were saved)"
-    out.print(results_table(rows, unavailable, title))
+    everywhere = common_reasons(rows, unavailable)
+    print_table(results_table(rows, unavailable, title, everywhere))
     sources: dict[str, int] = {}
     for r in rows:
         s = "unsaved" if r.get("unsaved") else r["source"]
@@ -99,9 +133,15 @@ def print_results(rows, unavailable, device, interrupted: bool, total: int) -> N
              "error": "failed", "only": "with one eligible backend (nothing to time)",
              "unsaved": "tuned now but NOT saved"}
     out.print(", ".join(f"{n} {names.get(s, s)}" for s, n in sources.items()) or "nothing tuned")
+    by_reason: dict[str, list[str]] = {}
+    for b, why in everywhere.items():
+        by_reason.setdefault(why, []).append(b)
+    if by_reason:
+        print_note("rejected for every problem above: "
+                   + "; ".join(f"{', '.join(bs)} ({why})" for why, bs in by_reason.items()))
     if unavailable:
-        out.print("not available on this device (not timed): "
-                  + "; ".join(f"{b} ({shorten(w, 60)})" for b, w in unavailable.items()), style="dim", markup=False)
+        print_note("not available on this device (not timed): "
+                   + "; ".join(f"{b} ({w})" for b, w in unavailable.items()))
 
 
 def _parse_devices(spec: str) -> list[int]:
@@ -128,19 +168,17 @@ def _parse_devices(spec: str) -> list[int]:
 
 @main.command()
 @workload_options
-@click.option("--db", default=None, metavar="PATH|URL",
-              help="Database to write (default: $AUTOSDPA_DB, else the user cache file).")
-@click.option("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu).")
-@click.option("--devices", default=None, metavar="0,1,...",
+@db_option("Database to write")
+@device_option("Device to tune on")
+@click.option("--devices", default=None, metavar="0,1,...", show_default="one device",
               help="Tune on several GPUs at once: one worker process per listed CUDA device.")
 @click.option("--force", is_flag=True, help="Re-tune problems that already have measurements.")
-@click.option("--budget", type=click.FloatRange(min=0), default=None, metavar="SECONDS",
-              help="Timing budget per problem (default: $AUTOSDPA_BUDGET, else 1.0; checks come on top).")
-@click.option("--shard", default=None, metavar="I/N",
+@budget_option()
+@click.option("--shard", default=None, metavar="I/N", show_default="all of the workload",
               help="Tune only shard I of N (0 <= I < N), split deterministically by problem key: run one per "
                    "machine against one shared --db.")
 @click.option("--dry-run", is_flag=True, help="List the problems that would be tuned, and stop.")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable results on stdout (progress on stderr).")
+@json_option("Machine-readable results on stdout (progress on stderr)")
 @click.option("--list-presets", is_flag=True, expose_value=False, is_eager=True, callback=_list_presets,
               help="List the shipped presets and exit.")
 def tune(workload, db, device, devices, force, budget, shard, dry_run, as_json) -> None:
@@ -235,7 +273,7 @@ def _print_plan(items, as_json: bool) -> None:
     t.add_column("from")
     for i, it in enumerate(items, 1):
         t.add_row(str(i), it.label, canonical(it.problem).key, it.origin)
-    out.print(t)
+    print_table(t)
 
 
 # -- several GPUs ---------------------------------------------------------------------------------------------

@@ -164,6 +164,9 @@ def test_doctor_json():
     assert doc["device"] == "cpu" and doc["environment"]["device_type"] == "cpu"
     assert doc["environment"]["triton"] == "" and doc["kernels_environment"]["kernels"]
     assert {"math", "flash"} <= {b["backend"] for b in doc["backends"] if b["available"]}
+    from autosdpa.backends import all_backends
+    assert sorted(b["backend"] for b in doc["backends"]) == sorted(b.name for b in all_backends())
+    assert doc["free_memory_bytes"] > 0
     assert "database" in doc and isinstance(doc["shared"], list)
 
 

@@ -117,17 +117,43 @@ def test_bench(tuned, tmp_path):
     assert doc["results"][0]["train"] is True and doc["results"][1]["label"] == "tiny: self L=32"
     for res in doc["results"]:
         assert res["pytorch_s"] > 0 and res["autosdpa_s"] > 0 and res["single_s"] > 0 and res["rounds"] >= 5
-    assert "geometric mean" in (outdir / "bench.md").read_text()
+    md = (outdir / "bench.md").read_text()
+    assert "geometric mean" in md
+    for res in doc["results"]:  # the spread of each speedup, and whether it is noise
+        for which in ("autosdpa", "single"):
+            lo, hi = res[f"{which}_speedup_p25"], res[f"{which}_speedup_p75"]
+            assert lo <= hi and res[f"{which}_within_noise"] == (lo <= 1 <= hi)
+    noise = [r[f"{w}_within_noise"] for r in doc["results"] for w in ("autosdpa", "single")]
+    assert ("(within noise)" in md) == any(noise)
     if has_mpl:
         assert (outdir / "bench.png").stat().st_size > 1000
     else:
         assert "matplotlib is not installed" in r.stderr and not (outdir / "bench.png").exists()
 
 
+def table_rows(text: str) -> list[list[str]]:
+    """The cells of every row of the rich tables in ``text`` (``│ a │ b │`` lines)."""
+    return [[c.strip() for c in line.strip().strip("│").split("│")] for line in text.splitlines()
+            if line.lstrip().startswith("│")]
+
+
 def test_doctor(cli_db):
+    """Every registered backend has a row, available or not with PyTorch's or the kernel's reason; the
+    database is a table, not a Python dict; doctor creates no database."""
+    from autosdpa.api import unavailable_reasons
+    from autosdpa.backends import all_backends
+
     r = run_cli(["doctor", "--device", "cpu"], cli_db)
     assert r.returncode == 0, r.stderr
-    assert "backends on cpu" in r.stdout and "database:" in r.stdout
+    registered = {b.name for b in all_backends()}
+    why = unavailable_reasons("cpu")
+    rows = {cells[0]: cells[1:] for cells in table_rows(r.stdout) if len(cells) == 3 and cells[0] in registered}
+    assert set(rows) == registered, r.stdout
+    for name, (available, why_not) in rows.items():
+        assert (available, why_not) == (("no", why[name]) if name in why else ("yes", "")), name
+    assert {"math", "flash"} <= {n for n, (a, _) in rows.items() if a == "yes"}
+    assert "{" not in r.stdout and "measurements" in r.stdout and "not created yet" in r.stdout
+    assert not cli_db.exists()
 
 
 def test_bad_spec_exit_code_in_a_child(cli_db):
