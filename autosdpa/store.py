@@ -54,8 +54,8 @@ from sqlalchemy import event
 
 from .config import DEFAULT_DB_TIMEOUT_S
 from .records import ENV_FIELDS, ENV_INT_FIELDS, MEASUREMENT_FIELDS, STATUSES, Measurement, fingerprint_of  # noqa: F401
-from .validation import (BACKEND_NAME_RE, MAX_BACKENDS_PER_KEY, MAX_KEY_LEN, TEXT_READ_LIMITS,  # noqa: F401
-                         environment_error, key_error, known_backends, measurement_error)
+from .validation import (BACKEND_NAME_RE, MAX_BACKENDS_PER_KEY, MAX_DETAIL_LEN, MAX_KEY_LEN,  # noqa: F401
+                         TEXT_READ_LIMITS, environment_error, key_error, known_backends, measurement_error)
 
 SCHEMA_VERSION = 2
 NEAR_FIELDS = ("device_type", "device_name", "capability", "cores", "memory_gb")  # the same hardware
@@ -624,6 +624,15 @@ def seal_file(path: str | os.PathLike) -> None:
 
 # -- the store ---------------------------------------------------------------------------------------------------
 
+def _fit_detail(m: Measurement) -> Measurement:
+    """``m`` with a detail a reader accepts (``validation.MAX_DETAIL_LEN``): a longer one ends saying how much
+    was left out (autosdpa's own are a few hundred characters)."""
+    if len(m.detail or "") <= MAX_DETAIL_LEN:
+        return m
+    cut = MAX_DETAIL_LEN - 32
+    return dataclasses.replace(m, detail=f"{m.detail[:cut]} ... (+{len(m.detail) - cut} characters)")
+
+
 class Store:
     """One database (plus read-only layers). All methods raise ``StoreError`` on database trouble.
 
@@ -1040,7 +1049,8 @@ class Store:
         the same (key, backend). The environment is created from ``info`` if missing."""
         if self.readonly:
             raise StoreError(f"{self.display_url} is read-only")
-        rows = sorted(rows, key=lambda r: (r[0], r[1].backend))  # one lock order for every writer
+        # one lock order for every writer; a detail past what a reader accepts would make the row vanish on read
+        rows = sorted(((k, _fit_detail(m)) for k, m in rows), key=lambda r: (r[0], r[1].backend))
         if not rows:
             return
 

@@ -91,5 +91,5 @@ def test_no_extra_replaces_the_venvs_torch(tmp_path):
         pytest.skip(f"no package index reachable: {r.stderr.strip().splitlines()[-1]}")
     assert r.returncode == 0, r.stderr
     names = {constraints._norm(i["metadata"]["name"]) for i in json.loads(report.read_text())["install"]}
-    assert "autosdpa" in names and "matplotlib" in names  # the extras were resolved
+    assert "autosdpa" in names and ("matplotlib" in names or importlib.util.find_spec("matplotlib"))  # resolved
     assert not {n for n in names if n == "torch" or n.startswith("nvidia-")}, names

@@ -252,3 +252,19 @@ def test_a_new_file_gets_the_schema_sqlalchemy_would_create(tmp_path):
     assert set(mine) == set(want)
     for t in want:
         assert mine[t] == want[t], t
+
+
+def test_a_detail_longer_than_readers_accept_is_kept_shortened_not_lost(tmp_path):
+    """A row whose detail passes the readers' limit would be written, then dropped on every read (and the
+    problem tuned again each run): it is stored shortened, saying how much was left out."""
+    from autosdpa.store import Measurement, Store
+    from autosdpa.validation import MAX_DETAIL_LEN
+
+    s = Store(str(tmp_path / "x.sqlite"))
+    env = {"device_type": "cpu", "device_name": "cpu", "torch": "2.13.0"}
+    key = "fwd|fp32|B=1|Hq=1|Hkv=1|Lq=8|Lk=8|D=8|Dv=8|nocausal|mask=none|drop=0|gqa=0|layout=bhld|det=0"
+    s.save("f" * 16, env, key, [Measurement("math", "rejected", detail="x" * (MAX_DETAIL_LEN + 500))])
+    s.close()
+    got = Store(str(tmp_path / "x.sqlite")).lookup_own("f" * 16, key)
+    assert got["math"].status == "rejected" and len(got["math"].detail) <= MAX_DETAIL_LEN
+    assert got["math"].detail.endswith("characters)")
