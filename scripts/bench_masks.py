@@ -6,6 +6,7 @@ interleaved rounds in a new random order each round; medians):
 
     causal     dense bool causal mask, B1 H8 L2048 D64                                target >= 1.6x, bit-identical
     all_true   all-true (B,1,1,L) mask, B4 H8 L1024 D64                               target >= 1.05x, bit-identical
+    all_full   all-true (B,1,L,L) mask, the same                                      target >= 1.05x, bit-identical
     cpad_r     causal + right padding (B,1,L,L), B4 H8 L1024 D64, valid 90/60/40/25%  target >= 1.8x, <= 1e-5
     cpad_l     causal + left padding, the same                                        target >= 1.8x, <= 1e-5
     kpad_r     encoder key padding (B,1,1,L), the same                                target >= 1.5x, <= 1e-5
@@ -40,9 +41,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 SHARES = (0.9, 0.6, 0.4, 0.25)
-TARGETS = {"causal": 1.6, "all_true": 1.05, "cpad_r": 1.8, "cpad_l": 1.8, "kpad_r": 1.5, "random": 1 / 1.05,
+TARGETS = {"causal": 1.6, "all_true": 1.05, "all_full": 1.05, "cpad_r": 1.8, "cpad_l": 1.8, "kpad_r": 1.5, "random": 1 / 1.05,
            "llama": 1.3, "bert": 1.2}
-EXACT = {"causal": 0.0, "all_true": 0.0}  # bit-identical
+EXACT = {"causal": 0.0, "all_true": 0.0, "all_full": 0.0}  # bit-identical
 TOL = 1e-5
 
 
@@ -65,6 +66,8 @@ def _masks(name: str, device: str = "cpu"):
         m = j <= i
     elif name == "all_true":
         m = torch.ones(b, 1, 1, lq, dtype=torch.bool)
+    elif name == "all_full":
+        m = torch.ones(b, 1, lq, lq, dtype=torch.bool)
     elif name == "cpad_r":
         m = (j <= i)[None, None] & (j[None, None] < n)
     elif name == "cpad_l":
@@ -74,7 +77,8 @@ def _masks(name: str, device: str = "cpu"):
     else:
         m = torch.rand(b, 1, lq, lq, generator=g) > 0.5
     lens = [round(s * lq) for s in SHARES]
-    spec = {"causal": ([lq], True, "right"), "all_true": ([lq] * b, False, "right"), "cpad_r": (lens, True, "right"),
+    spec = {"causal": ([lq], True, "right"), "all_true": ([lq] * b, False, "right"),
+            "all_full": ([lq] * b, False, "right"), "cpad_r": (lens, True, "right"),
             "cpad_l": (lens, True, "left"), "kpad_r": (lens, False, "right")}.get(name)
     obj = None if spec is None or device == "cpu" else key_padding(spec[0], lq, lq, causal=spec[1], side=spec[2],
                                                                    device=device)
@@ -201,7 +205,7 @@ def _markdown(meta: dict, rows: list[dict]) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--only", default="causal,all_true,cpad_r,cpad_l,kpad_r,random,llama,bert")
+    ap.add_argument("--only", default="causal,all_true,all_full,cpad_r,cpad_l,kpad_r,random,llama,bert")
     ap.add_argument("--out", default=str(ROOT / "benchmarks"))
     ap.add_argument("--device", default="cpu", help="cpu, or cuda: mask objects (no values read), bf16, kernel "
                     "cases only unless transformers is installed")
