@@ -20,16 +20,20 @@ __all__ = ["scaled_dot_product_attention", "sdpa", "explain", "available_backend
            "patch", "unpatch", "reset", "Decision", "Problem", "__version__"]
 
 
+def _import(module: str):
+    with _warnings.catch_warnings():  # torch warns on import when numpy is absent (numpy is optional here)
+        _warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
+        return importlib.import_module(f".{module}", __name__)
+
+
 def __getattr__(name: str):
     if name in _PUBLIC:
-        with _warnings.catch_warnings():  # torch's dynamo (imported for CausalBias) warns when numpy is absent
-            _warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
-            value = getattr(importlib.import_module(f".{_PUBLIC[name]}", __name__), name)
+        value = getattr(_import(_PUBLIC[name]), name)
         globals()[name] = value  # later lookups skip this function
         return value
     if not name.startswith("__"):
         try:  # ``autosdpa.dispatch`` after a bare ``import autosdpa``, as before the names became lazy
-            return importlib.import_module(f".{name}", __name__)
+            return _import(name)
         except ModuleNotFoundError as e:
             if e.name != f"{__name__}.{name}":
                 raise

@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import argparse
 import time
+import warnings
 
-import torch
-from rich.console import Console
-from rich.table import Table
+warnings.filterwarnings("ignore", message="Failed to initialize NumPy")  # torch's, when numpy is absent
+import torch  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
 
-import autosdpa
-from autosdpa import dispatch
+import autosdpa  # noqa: E402
+from autosdpa import dispatch  # noqa: E402
 
 
 def workloads(device, dtype):

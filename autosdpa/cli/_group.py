@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 
 import click
 
@@ -20,7 +21,9 @@ def interrupted() -> None:
 def load_runtime() -> None:
     """Import torch and the dispatcher, which every command that runs needs (after this its own imports are
     free), with Ctrl-C exiting at once meanwhile (``exit_on_interrupt``)."""
-    with exit_on_interrupt():
+    with exit_on_interrupt(), warnings.catch_warnings():
+        # torch warns on import when numpy is absent (numpy is optional for autosdpa): not the user's concern
+        warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
         import autosdpa.api  # noqa: F401  (torch, the dispatcher, the backends)
 
 
