@@ -269,8 +269,7 @@ class Dispatcher:
     # -- the first-sight path ------------------------------------------------------------------------------
     def miss(self, fk: tuple, q, k, v, m, dp, ic, sc, gqa):
         """The plan for a call whose fast key is new (cached under ``fk`` when that is safe)."""
-        local = self._local
-        if getattr(local, "busy", False):  # re-entered from inside a backend (CausalBias calls F.sdpa)
+        if getattr(self._local, "busy", False):  # re-entered from inside a backend (CausalBias calls F.sdpa)
             return None
         if _tracing():  # torch.jit.trace: record PyTorch's own op, decide nothing
             return None
@@ -288,18 +287,7 @@ class Dispatcher:
                 plan = plan.sibling(fk)
             self._cache(generation, fk, plan)
             return plan
-        local.busy = True
-        try:
-            plan, cacheable = self._plan(fk, q, k, v, m, dp, ic, sc, gqa)
-        except ForcedBackendError:
-            raise
-        except Exception as e:  # the cache or tuner misbehaving must never break the caller's run
-            self.warn_once(f"decide:{type(e).__name__}",
-                           f"autosdpa: could not decide ({type(e).__name__}: {e}); using PyTorch's SDPA")
-            log.debug("decide failed", exc_info=True)
-            plan, cacheable = None, True
-        finally:
-            local.busy = False
+        plan, cacheable = self._safe_plan(fk, q, k, v, m, dp, ic, sc, gqa)
         if cacheable:
             self._cache(generation, fk, plan, None if isinstance(plan, InvalidPlan) else bk)
         return plan
@@ -315,6 +303,23 @@ class Dispatcher:
             _plans[fk] = plan
             if bk is not None:
                 _bucket_plans[bk] = plan
+
+    def _safe_plan(self, fk, q, k, v, m, dp, ic, sc, gqa, routing: bool = False):
+        """``_plan``, marked busy (a backend calling F.sdpa re-enters as plain F.sdpa); the cache or tuner
+        misbehaving never breaks the caller's run: one warning per kind of failure, then F.sdpa."""
+        local = self._local
+        local.busy = True
+        try:
+            return self._plan(fk, q, k, v, m, dp, ic, sc, gqa, routing)
+        except ForcedBackendError:
+            raise
+        except Exception as e:
+            self.warn_once(f"decide:{type(e).__name__}",
+                           f"autosdpa: could not decide ({type(e).__name__}: {e}); using PyTorch's SDPA")
+            log.debug("decide failed", exc_info=True)
+            return None, True
+        finally:
+            local.busy = False
 
     def _plan(self, fk, q, k, v, m, dp, ic, sc, gqa, routing: bool = False):
         """(plan, whether it may be cached under the fast key). ``routing``: deciding for one structure of a
@@ -345,20 +350,8 @@ class Dispatcher:
     def _route(self, router: Router, key, s, q, k, v, m, dp, ic, sc, gqa):
         """The plan for ``router``'s calls of structure ``s`` (None: no structure), cached in the router."""
         generation = self._generation
-        local = self._local
-        local.busy = True
-        try:
-            with trusted(m, s):
-                plan, cacheable = self._plan(router.fk, q, k, v, m, dp, ic, sc, gqa, routing=True)
-        except ForcedBackendError:
-            raise
-        except Exception as e:  # as in miss(): never break the caller's run
-            self.warn_once(f"decide:{type(e).__name__}",
-                           f"autosdpa: could not decide ({type(e).__name__}: {e}); using PyTorch's SDPA")
-            log.debug("decide failed", exc_info=True)
-            plan, cacheable = None, True
-        finally:
-            local.busy = False
+        with trusted(m, s):
+            plan, cacheable = self._safe_plan(router.fk, q, k, v, m, dp, ic, sc, gqa, routing=True)
         if cacheable:
             with self._lock:
                 if generation == self._generation:
