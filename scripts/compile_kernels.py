@@ -138,17 +138,26 @@ PROBE = "TMA probe"
 
 
 def probe_cases() -> list[dict]:
-    """What TMA would give where the kernels keep the pointer path: padded head dim 512 (boxes over 256 wide)
-    and exact fp32 dots (FMA units). The records say why not (spills); they are exhibits, not shipped configs."""
-    return [_case("fwd", "bf16", 512, tag=PROBE), _case("fwd", "fp32", 128, tag=PROBE),
-            _case("fwd", "fp32", 256, tag=PROBE), _case("decode", "bf16", 512, Hq=32, Hkv=8, Lq=1, tag=PROBE),
-            _case("decode", "fp32", 256, Hq=32, Hkv=8, Lq=1, tag=PROBE)]
+    """What TMA would give where the kernels keep the pointer path: exact fp32 dots (FMA units) and the TF32
+    forward at head dim 512, compiled with descriptors and the pointer path's configs. The records say why not
+    (spills); they are exhibits, not shipped configs."""
+    return [_case("fwd", "fp32", 128, tag=PROBE), _case("fwd", "fp32", 256, tag=PROBE),
+            _case("fwd", "fp32-tf32", 512, tag=PROBE), _case("decode", "fp32", 256, Hq=32, Hkv=8, Lq=1, tag=PROBE)]
 
 
-def _force_tma(ak):
-    """Descriptors wherever a descriptor can describe the tensors (for ``PROBE`` cases)."""
-    C = ak._common
-    return lambda tensors, pads, precision: all(C.tma_tensor_ok(t) for t in tensors)
+@contextlib.contextmanager
+def _forced_tma(ak):
+    """Descriptors wherever a descriptor can describe the tensors, with the pointer path's config tables."""
+    C, CF = ak._common, ak.configs
+    saved = C.use_tma, CF.TMA_TABLES
+    C.use_tma = lambda tensors, precision: all(C.tma_tensor_ok(t) for t in tensors)
+    CF.TMA_TABLES = {}
+    CF._cached_candidates.cache_clear()
+    try:
+        yield
+    finally:
+        C.use_tma, CF.TMA_TABLES = saved
+        CF._cached_candidates.cache_clear()
 
 
 def quick_cases() -> list[dict]:
@@ -179,18 +188,21 @@ def build_launches(c, ak):
     gqa = c["Hq"] != c["Hkv"]
     if c["family"] == "reference":
         return [reference_launch(q, k, v, c["causal"] != "none", ak)]
-    old, use_tma = torch.backends.cuda.matmul.allow_tf32, ak._common.use_tma
+    old = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = c["dtype"] == "fp32-tf32"
-    if c.get("tag") == PROBE:
-        ak._common.use_tma = _force_tma(ak)
+    probe = c.get("tag") == PROBE
     try:
-        if c["family"] == "decode":
-            return ak.decode.launches(q, k, v, mask, c["causal"], None, gqa)
-        out = ak.flash.launches(q, k, v, mask, c["causal"], None, gqa, needs_grad=c["family"] == "bwd")
-        return out if c["family"] == "fwd" else out[1:]
+        with _forced_tma(ak) if probe else contextlib.nullcontext():
+            if c["family"] == "decode":
+                out = ak.decode.launches(q, k, v, mask, c["causal"], None, gqa)
+            else:
+                out = ak.flash.launches(q, k, v, mask, c["causal"], None, gqa, needs_grad=c["family"] == "bwd")
+                out = out if c["family"] == "fwd" else out[1:]
+            for launch in out if probe else ():   # the configs, while the pointer path's tables are in force
+                launch.probe_configs = launch.candidates(ak.configs.H100_SMEM_PER_BLOCK, mode="all")
+            return out
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old
-        ak._common.use_tma = use_tma
 
 
 REFERENCE = os.path.join(ROOT, "kernels", "reference", "tutorial_fwd.py")
@@ -353,6 +365,8 @@ def configs_for(launch, explore: bool):
     from autosdpa_kernels import configs as CF
     if launch.kernel == "tutorial_fwd_kernel":
         return [CF.Cfg(*c) for c in REFERENCE_CONFIGS]
+    if hasattr(launch, "probe_configs"):
+        return launch.probe_configs
     if launch.tune is None or not explore:
         return launch.candidates(CF.H100_SMEM_PER_BLOCK, mode="all")
     a = {**launch.args, **launch.meta}
@@ -399,7 +413,7 @@ def _compile_record(base, launch, cfg, fn) -> dict:
     rec = dict(base, kernel=SHORT[launch.kernel], config=cfg.label(), tma=bool(launch.descs))
     if launch.tune is not None:
         a = {**launch.args, **launch.meta}
-        esize = 4 if a.get("UPCAST") else a["Q"].element_size()
+        esize = a["Q"].element_size()
         rec["smem_model"] = CF.smem_bytes(launch.tune, cfg, a["D_PAD"], a["DV_PAD"], esize,
                                           a["Msk"].element_size() if a["MASK_KIND"] else 0, a.get("BLOCK_M"),
                                           bool(a.get("TMA")))
@@ -552,7 +566,7 @@ def dkdv_shapes(records) -> dict:
     out = {}
     for r in records:
         if r["kernel"] == "bwd_dkdv" and _shipped(r) and r["wgmma"]:
-            n8 = [s for s in r["wgmma_shapes"] if s.startswith("m64n8k")]
+            n8 = [s for s in r.get("wgmma_shapes", {}) if s.startswith("m64n8k")]
             o = out.setdefault(r["triton"], {"wgmma": 0, "n8": []})
             o["wgmma"] += 1
             if n8:
@@ -601,9 +615,9 @@ def _targets(records) -> list[str]:
                      + (": " + "; ".join(o["n8"]) if o["n8"] else " (**met**)"))
     lines += ["", "### TMA in the forward and decode hot loops (target: every shipped Hopper config)", "",
               "Configs whose hot loop loads K/V through TMA, of those compiled. The kernels keep the pointer "
-              "(cp.async) path for padded head dim 512 (a TMA box is at most 256 wide) and for exact fp32 dots "
-              "(FMA units): the `TMA probe` records below compile those with descriptors anyway, and show why "
-              "not.", "", "| triton | kernel | dtype | D | configs | with TMA |", "|" + "---|" * 6]
+              "(cp.async) path for exact fp32 dots (FMA units) and for the TF32 forward at head dim 512: the "
+              "`TMA probe` records below compile those with descriptors (and the pointer path's configs) anyway, "
+              "and show why not.", "", "| triton | kernel | dtype | D | configs | with TMA |", "|" + "---|" * 6]
     for x in tma_use(records):
         lines.append(f"| {x['triton']} | {x['kernel']} | {x['dtype']} | {x['D']} | {x['configs']} | {x['tma']} |")
     probes = [r for r in records if r.get("probe")]

@@ -210,7 +210,6 @@ def cdiv(a: int, b: int) -> int:
 # ------------------------------------------------------------------------------------------------
 #: "0": never pass tensor descriptors (the pointer path everywhere; tests and A/B timings use it).
 TMA_ENV = "AUTOSDPA_KERNEL_TMA"
-MAX_TMA_BOX = 256          # elements per dim of one TMA box: larger padded head dims take the pointer path
 _TMA_MAX_DIM = 2**31       # extents reach the kernel as i32 (the copy engine allows 2^32)
 _TMA_MAX_STRIDE_BYTES = 2**40   # cuTensorMapEncodeTiled's limit on a stride
 
@@ -255,10 +254,10 @@ def tma_tensor_ok(t: torch.Tensor) -> bool:
     return all(s > 0 and (s * es) % 16 == 0 and s * es < _TMA_MAX_STRIDE_BYTES for s in t.stride()[:-1])
 
 
-def use_tma(tensors, pads, precision: str) -> bool:
-    """Whether a launch passes these (4-D) tensors as descriptors with boxes ``pads`` wide: tensor-core dots
-    only (exact fp32 dots run on FMA units, which the copy engine does not help, and Triton then stages the
-    tiles through local memory)."""
-    return (precision != "ieee" and tma_enabled() and max(pads) <= MAX_TMA_BOX and tma_device(tensors[0].device)
+def use_tma(tensors, precision: str) -> bool:
+    """Whether a launch may pass these (4-D) tensors as descriptors: tensor-core dots only (exact fp32 dots run
+    on FMA units, which the copy engine does not help, and Triton then stages the tiles through local memory).
+    The config tables have the last word (``configs.tma_offered``)."""
+    return (precision != "ieee" and tma_enabled() and tma_device(tensors[0].device)
             and all(tma_tensor_ok(t) for t in tensors))
 

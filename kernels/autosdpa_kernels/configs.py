@@ -119,9 +119,31 @@ TABLES: dict[str, dict[tuple[str, str], list[Cfg]]] = {
 }
 
 
+#: Keys whose launches with TMA descriptors need other configs than ``TABLES`` gives (empty: no descriptors
+#: for this key, the pointer path runs). Elsewhere the tables compile without spills on both paths. At head dim
+#: 512 the forward's pointer-path tiles spill with descriptors, and 64x16 w8 s2 (wgmma) spills without them.
+TMA_TABLES: dict[str, dict[tuple[str, str], list[Cfg]]] = {
+    "fwd": {("l", "16"): _t((64, 16, 8, 2),), ("l", "tf32"): []},
+    "split": {("l", "tf32"): _t((None, 16, 4, 1),)},
+}
+
+
+def key_table(kind: str, key: tuple, tma: bool = False) -> list[Cfg]:
+    """The configs of one key (``table_key``), for launches with (``tma``) or without tensor descriptors."""
+    if tma and key in TMA_TABLES.get(kind, {}):
+        return TMA_TABLES[kind][key]
+    return TABLES[kind].get(key, [])
+
+
+def tma_offered(kind: str, d_pad: int, dv_pad: int, esize: int, precision: str, block_m: int | None = None) -> bool:
+    """Whether this key has configs for launches with descriptors."""
+    return bool(key_table(kind, table_key(kind, d_pad, dv_pad, esize, precision, block_m), tma=True))
+
+
 def all_configs(kind: str) -> list[Cfg]:
     """Every config any key of this kind may use (the list handed to ``triton.autotune``), no duplicates."""
-    return list(dict.fromkeys(c for table in TABLES[kind].values() for c in table))
+    tables = [*TABLES[kind].values(), *TMA_TABLES.get(kind, {}).values()]
+    return list(dict.fromkeys(c for t in tables for c in t))
 
 
 #: what TMA adds to a kernel's shared memory: its mbarriers, and the padding that aligns the swizzled tiles
@@ -168,9 +190,9 @@ def candidates(kind: str, *, d_pad: int, dv_pad: int, esize: int, precision: str
 @functools.lru_cache(maxsize=4096)
 def _cached_candidates(kind, d_pad, dv_pad, esize, precision, mask_esize, lq_bucket, lk_bucket, block_m,
                        smem_limit, mode, tma) -> tuple:
-    table = TABLES[kind].get(table_key(kind, d_pad, dv_pad, esize, precision, block_m), [])
+    configs = key_table(kind, table_key(kind, d_pad, dv_pad, esize, precision, block_m), tma)
     return tuple(_candidates(kind, d_pad, dv_pad, esize, mask_esize, lq_bucket, lk_bucket, block_m, smem_limit,
-                             mode, table, tma))
+                             mode, configs, tma))
 
 
 def _candidates(kind, d_pad, dv_pad, esize, mask_esize, lq_bucket, lk_bucket, block_m, smem_limit, mode,
@@ -191,8 +213,7 @@ def _candidates(kind, d_pad, dv_pad, esize, mask_esize, lq_bucket, lk_bucket, bl
 def candidates_for(kind: str, a: dict, smem_limit: int = H100_SMEM_PER_BLOCK, mode: str | None = None,
                    table=None) -> list[Cfg]:
     """``candidates`` for a launch's arguments (runtime and constexpr, by name), as the autotune pruner sees them."""
-    q = getattr(a["Q"], "base", a["Q"])   # the tensor of a TMA descriptor
-    esize = 4 if a.get("UPCAST") else q.element_size()
+    esize = getattr(a["Q"], "base", a["Q"]).element_size()   # (the tensor of a TMA descriptor)
     mask_esize = a["Msk"].element_size() if a.get("MASK_KIND") else 0
     if kind == "split":
         lq, lk, bm = 1 << 30, a["split_len"], a["BLOCK_M"]

@@ -146,12 +146,13 @@ def _launches(q, k, v, mask, kind, mstr, causal, sm_scale, num_splits, alloc):
                                  *k.stride()[:3], *v.stride()[:3], *mstr, *o.stride()[:3], Hq, Hkv, G, Lq, Lk,
                                  (Lk - Lq) if causal == "bottom_right" else 0, sm_scale * C.LOG2E, split_len,
                                  splits, C.length_bucket(Lk))))
-    precision = C.dot_precision(q.dtype)
-    tma = C.use_tma((k, v), (D_PAD, DV_PAD), precision)
+    precision, upcast, rows = C.dot_precision(q.dtype), C.interpreting() and q.dtype == torch.bfloat16, \
+        max(16, C.next_pow2(G * Lq))
+    tma = C.use_tma((k, v), precision) and CF.tma_offered("split", D_PAD, DV_PAD, q.element_size(), precision,
+                                                          rows)
     meta = dict(HEAD_DIM=D, HEAD_DIM_V=Dv, D_PAD=D_PAD, DV_PAD=DV_PAD, MASK_KIND=kind, CAUSAL=causal != "none",
-                NEG_SCALE=sm_scale < 0, PRECISION=precision,
-                UPCAST=C.interpreting() and q.dtype == torch.bfloat16, TMA=tma, SPLIT=splits > 1,
-                CHUNK=min(DV_PAD, COMBINE_CHUNK), BLOCK_M=max(16, C.next_pow2(G * Lq)))
+                NEG_SCALE=sm_scale < 0, PRECISION=precision, UPCAST=upcast, TMA=tma, SPLIT=splits > 1,
+                CHUNK=min(DV_PAD, COMBINE_CHUNK), BLOCK_M=rows)
     pads = {"K": D_PAD, "V": DV_PAD}
     descs = tuple((name, rows, pads[name]) for name, rows in L.DESC_ROWS["split"]) if tma else ()
     split = L.Launch("decode_split_kernel", "split", args, meta, splits, "", B * Hkv,

@@ -92,7 +92,8 @@ def _fwd_launch(q, k, v, mask, mask_kind, mstr, causal, sm_scale, G, o, lse) -> 
                                sm_scale * C.LOG2E, C.length_bucket(Lq), C.length_bucket(Lk))))
     meta = _launch_meta(q, D, Dv, mask_kind, causal)
     pads = {"Q": meta["D_PAD"], "K": meta["D_PAD"], "V": meta["DV_PAD"], "O": meta["DV_PAD"]}
-    tma = C.use_tma((q, k, v, o), pads.values(), meta["PRECISION"])
+    tma = C.use_tma((q, k, v, o), meta["PRECISION"]) and CF.tma_offered(
+        "fwd", meta["D_PAD"], meta["DV_PAD"], q.element_size(), meta["PRECISION"])
     # NEG_SCALE: the folded softmax scale needs a positive one (a negative scale takes the unfolded path)
     meta.update(NEG_SCALE=sm_scale < 0, TMA=tma)
     descs = tuple((name, rows, pads[name]) for name, rows in L.DESC_ROWS["fwd"]) if tma else ()

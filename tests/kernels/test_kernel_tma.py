@@ -8,6 +8,7 @@ import torch
 
 pytest.importorskip("triton")
 from autosdpa_kernels import _common, decode, flash  # noqa: E402
+from autosdpa_kernels import configs as kconfigs  # noqa: E402
 
 from kernel_ref import assert_close, make_qkv, pytorch_lowp, reference  # noqa: E402
 
@@ -35,13 +36,16 @@ def test_the_forward_passes_descriptors_where_they_describe_the_tensors(monkeypa
     fwd = _fwd(blhd, blhd, blhd)
     assert fwd.meta["TMA"] and fwd.descs[0] == ("Q", "BLOCK_M", 128)    # the box is the padded head dim
     assert _fwd(meta(1, 2, 64, 64, dtype=torch.float16), *[meta(1, 2, 64, 64, dtype=torch.float16)] * 2).meta["TMA"]
+    wide = _fwd(*[meta(1, 2, 64, 512)] * 3)                   # head dim 512: its own table with descriptors
+    assert wide.meta["TMA"] and wide.candidates(mode="all") == kconfigs.TMA_TABLES["fwd"][("l", "16")]
+    assert wide.without_tma().candidates(mode="all") == kconfigs.TABLES["fwd"][("l", "16")]
     # what descriptors cannot express, or where they do not help, takes the pointer path
-    assert not _fwd(*[meta(1, 2, 64, 512)] * 3).meta["TMA"]                     # a 512-wide box (limit 256)
     assert not _fwd(*[meta(1, 2, 64, 64, dtype=torch.float32)] * 3).meta["TMA"]  # exact fp32 dots: FMA units
     old = torch.backends.cuda.matmul.allow_tf32
     try:
         torch.backends.cuda.matmul.allow_tf32 = True                           # TF32: tensor cores again
         assert _fwd(*[meta(1, 2, 64, 64, dtype=torch.float32)] * 3).meta["TMA"]
+        assert not _fwd(*[meta(1, 2, 64, 512, dtype=torch.float32)] * 3).meta["TMA"]   # no TF32 table at 512
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old
     shared = meta(1, 1, 64, 64).expand(4, 2, 64, 64)                           # a broadcast (stride 0) batch
@@ -52,8 +56,9 @@ def test_the_forward_passes_descriptors_where_they_describe_the_tensors(monkeypa
 
 def test_decode_passes_k_and_v_as_descriptors(monkeypatch):
     monkeypatch.delenv(_common.TMA_ENV, raising=False)
-    (split,) = decode.launches(meta(1, 32, 1, 128), meta(1, 8, 8192, 128), meta(1, 8, 8192, 128), enable_gqa=True)
-    assert split.meta["TMA"] and [d[0] for d in split.descs] == ["K", "V"]   # Q rows are gathered: pointers
+    for D in (128, 512):
+        (split,) = decode.launches(meta(1, 32, 1, D), meta(1, 8, 8192, D), meta(1, 8, 8192, D), enable_gqa=True)
+        assert split.meta["TMA"] and [d[0] for d in split.descs] == ["K", "V"]   # Q rows are gathered: pointers
 
 
 def test_a_descriptor_needs_an_aligned_base_and_16_byte_strides():
@@ -180,3 +185,24 @@ def test_cuda_bf16_forward_both_paths(tma, layout, monkeypatch):
         out = decode.attention(qd, k, v, causal="bottom_right", enable_gqa=True, num_splits=splits)
         assert_close(out, reference(qd, k, v, None, "bottom_right", None, True), torch.bfloat16,
                      base=pytorch_lowp(qd, k, v, None, "bottom_right", None, True), what=f"decode {splits}")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_replays_of_the_fused_decode_stay_correct():
+    """The split counters are reset by each launch's last split, so every replay of a captured decode starts
+    from zero (its counter buffer belongs to the capture stream)."""
+    q, k, v = make_qkv(1, 32, 8, 1, 8192, 128, dtype=torch.bfloat16, device="cuda")
+    run = decode.forward_runner(q, k, v, enable_gqa=True)
+    assert decode.launches(q, k, v, enable_gqa=True)[0].meta["SPLIT"]
+    ref = reference(q, k, v, enable_gqa=True)
+    with torch.no_grad():
+        run(q, k, v, None, None)                       # compiled and autotuned outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = run(q, k, v, None, None)
+        for _ in range(3):
+            out.zero_()
+            graph.replay()
+            torch.cuda.synchronize()
+            assert_close(out, ref, torch.bfloat16, base=pytorch_lowp(q, k, v, enable_gqa=True))
