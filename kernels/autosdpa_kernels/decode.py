@@ -129,8 +129,9 @@ def _prepare(q, k, v, attn_mask, causal, scale, enable_gqa, describe=False):
     return q, k, v, mask, kind, mstr, C.default_scale(D, scale)
 
 
-def _launches(q, k, v, mask, kind, mstr, causal, sm_scale, num_splits, alloc):
-    """(the launch, its output); ``alloc(shape, dtype)`` makes the output and workspaces."""
+def _launches(q, k, v, mask, kind, mstr, causal, sm_scale, num_splits, alloc, counters=None):
+    """(the launch, its output); ``alloc(shape, dtype)`` makes the output and workspaces, ``counters(device, n)``
+    gives the arrival counters (default: this stream's, ``_locks``)."""
     B, Hq, Lq, D = q.shape
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
     G = Hq // Hkv
@@ -139,7 +140,7 @@ def _launches(q, k, v, mask, kind, mstr, causal, sm_scale, num_splits, alloc):
     o = alloc((B, Hq, Lq, Dv), q.dtype)
     if splits > 1:
         po, plse = alloc((B, Hq, Lq, splits, DV_PAD), torch.float32), alloc((B, Hq, Lq, splits), torch.float32)
-        locks = _locks(q.device, B * Hkv)
+        locks = (counters or _locks)(q.device, B * Hkv)
     else:   # one split writes the output: no partials, no counters
         po = plse = locks = o
     args = dict(zip(SPLIT_ARGS, (q, k, v, mask if mask is not None else q, o, po, plse, locks, *q.stride()[:3],
@@ -199,7 +200,8 @@ def launches(q, k, v, attn_mask=None, causal="none", scale=None, enable_gqa=Fals
     raises in ``Launch.grid``)."""
     q, k, v, mask, kind, mstr, sm_scale = _prepare(q, k, v, attn_mask, causal, scale, enable_gqa, describe=True)
     split, _ = _launches(q, k, v, mask, kind, mstr, causal, sm_scale, num_splits,
-                         lambda shape, dtype: torch.empty(shape, device="meta", dtype=dtype))
+                         lambda shape, dtype: torch.empty(shape, device="meta", dtype=dtype),
+                         lambda device, n: torch.empty(n, device="meta", dtype=torch.int32))
     return [split]
 
 

@@ -61,8 +61,9 @@ def test_the_last_split_combines_and_leaves_the_counters_at_zero(dtype):
     for splits in (9, 2, 5):
         (launch,) = decode.launches(q, k, v, enable_gqa=True, num_splits=splits)
         assert launch.meta["SPLIT"] and launch.args["NUM_SPLITS"] == splits
+        assert launch.args["Locks"].is_meta                       # describing a call allocates nothing
         _run(q, k, v, num_splits=splits, dtype=dtype)
-        locks = launch.args["Locks"]
+        locks = decode._locks(q.device, 3 * 2)                    # this stream's counters, as the launch used
         assert locks.dtype == torch.int32 and not locks.any()
     (launch,) = decode.launches(q, k, v, enable_gqa=True, num_splits=1)   # one split writes the output itself
     assert not launch.meta["SPLIT"] and launch.args["PO"] is launch.args["O"]
