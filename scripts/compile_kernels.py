@@ -1,18 +1,23 @@
 #!/usr/bin/env python
 """Compile every Triton kernel of autosdpa for Hopper (sm_90a) on a machine without a GPU.
 
-    python scripts/compile_kernels.py [--quick] [--jobs N] [--json PATH --md PATH] [--filter REGEX]
+    python scripts/compile_kernels.py [--quick | --explore] [--jobs N] [--json PATH --md PATH] [--filter REGEX]
+                                      [--kernel REGEX]
 
 For each case (kernel family, dtype, head dim, mask kind, causal) it builds the launches a real call would
 make (``flash.launches`` / ``decode.launches`` on meta tensors: nothing is allocated), asks the config pruner
 which configs it keeps (H100 shared-memory limit), and compiles each with ``triton.compile`` for
-``GPUTarget("cuda", 90, 32)``, specialised exactly as Triton's launcher would. It reads registers, spills and
-stack from ptxas's report, shared memory from the kernel's metadata, and whether the dots became wgmma from
-the PTX. No GPU driver is touched: the script installs a driver that raises if anything asks for one.
+``GPUTarget("cuda", 90, 32)``, specialised exactly as Triton's launcher would (TMA descriptors included). It
+reads registers, spills and stack from ptxas's report, shared memory from the kernel's metadata, and from the
+PTX: wgmma shapes, TMA and cp.async loads, the innermost loops and the hot loop per 128x128 tile. It compiles
+the tutorial-style comparison kernel (``kernels/reference/tutorial_fwd.py``) with the same configs, and "TMA
+probe" cases (descriptors forced where the kernels keep the pointer path). No GPU driver is touched: the script
+installs a driver that raises if anything asks for one.
 
-``--quick`` (run by the test suite): one config per kernel at bf16 D=128, plus one masked, one fp32 and one
-64-bit-offset variant. Exit status 1 when a kernel fails to compile (or, with ``--no-spills``, spills).
-The full run writes ``benchmarks/kernels_compile_sm90.{json,md}``, keeping other Triton versions' records.
+``--quick`` (run by the test suite): one config per kernel at bf16 D=128 (the reference too), plus causal,
+masked, fp32 and 64-bit-offset variants. Exit status 1 when a kernel fails to compile (or, with
+``--no-spills``, spills). The full run writes ``benchmarks/kernels_compile_sm90.{json,md}``, keeping other
+Triton versions' records.
 """
 from __future__ import annotations
 
@@ -236,7 +241,7 @@ def reference_launch(q, k, v, causal: bool, ak):
 # ------------------------------------------------------------------------------------------------
 SHORT = {"attn_fwd_kernel": "fwd", "bwd_preprocess_kernel": "bwd_preprocess", "attn_bwd_dkdv_kernel": "bwd_dkdv",
          "attn_bwd_dq_kernel": "bwd_dq", "decode_split_kernel": "decode_split",
-         "decode_combine_kernel": "decode_combine", "tutorial_fwd_kernel": "reference_fwd"}
+         "tutorial_fwd_kernel": "reference_fwd"}
 
 
 def _ptxas_report(log: str) -> dict:
