@@ -412,13 +412,15 @@ def fmt_cell(r, group=""):
 def write_outputs(out_dir, meta, rows, tg):
     os.makedirs(out_dir, exist_ok=True)
     gpu = re.sub(r"[^A-Za-z0-9]+", "-", meta["gpu"]).strip("-").lower()
-    stem = os.path.join(out_dir, f"kernels-{gpu}-{meta['date'][:10]}")
+    tma = "" if meta.get("kernel_tma", "1") != "0" else "-no-tma"   # an A/B run keeps its own files
+    stem = os.path.join(out_dir, f"kernels-{gpu}-{meta['date'][:10]}{tma}")
     with open(stem + ".json", "w") as f:
         json.dump(dict(meta=meta, results=rows, targets=tg), f, indent=1)
     names = list(TORCH_BACKENDS) + list(OURS)
     lines = [f"# Triton kernels vs PyTorch SDPA backends — {meta['gpu']}", "",
              f"{meta['date']} · torch {meta['torch']} · triton {meta['triton']} · CUDA {meta['cuda']} · "
-             f"cuDNN {meta['cudnn']} · host {meta['machine']}", "",
+             f"cuDNN {meta['cudnn']} · host {meta['machine']} · kernel configs {meta['kernel_configs']} · "
+             f"TMA {'off (AUTOSDPA_KERNEL_TMA=0)' if meta.get('kernel_tma') == '0' else 'on where eligible'}", "",
              "Median of CUDA-event timings (L2 flushed, candidates interleaved); TF = TFLOPS "
              "(dense FLOPs, causal counts visible pairs only); decode rows show GB/s of q+k+v+out moved once. "
              "— = not eligible / skipped.", "",
@@ -470,6 +472,8 @@ def main(argv=None) -> int:
                 date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                 hbm_peak_bytes_per_s=hbm_peak(torch.cuda.get_device_name(0)),
                 kernel_configs=os.environ.get("AUTOSDPA_KERNEL_CONFIGS", "all"),
+                # "0": the pointer (cp.async) path everywhere, for an A/B against the TMA descriptors
+                kernel_tma=os.environ.get("AUTOSDPA_KERNEL_TMA", "1"),
                 argv=sys.argv[1:] if argv is None else list(argv), rounds=rounds, warmup=args.warmup)
     flush_buf = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")
     cases = build_cases(args.quick, args.targets)

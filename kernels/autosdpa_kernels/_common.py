@@ -202,3 +202,62 @@ def dot_precision(dtype) -> str:
 def cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
 
+
+# ------------------------------------------------------------------------------------------------
+# TMA (tensor descriptors): Hopper's copy engine loads a whole tile per instruction, zero-filling what lies out
+# of bounds. What a descriptor cannot express (a misaligned base, strides that are not 16-byte multiples, a
+# broadcast dim) and GPUs before Hopper take the pointer (cp.async) path.
+# ------------------------------------------------------------------------------------------------
+#: "0": never pass tensor descriptors (the pointer path everywhere; tests and A/B timings use it).
+TMA_ENV = "AUTOSDPA_KERNEL_TMA"
+_TMA_MAX_DIM = 2**31       # extents reach the kernel as i32 (the copy engine allows 2^32)
+_TMA_MAX_STRIDE_BYTES = 2**40   # cuTensorMapEncodeTiled's limit on a stride
+
+
+def tma_enabled() -> bool:
+    return os.environ.get(TMA_ENV, "").strip() != "0"
+
+
+@functools.lru_cache(maxsize=1)
+def _has_tensor_descriptors() -> bool:
+    if not triton_available():
+        return False
+    try:
+        return importlib.util.find_spec("triton.tools.tensor_descriptor") is not None
+    except ImportError:
+        return False
+
+
+@functools.lru_cache(maxsize=16)
+def _hopper_or_newer(device: torch.device) -> bool:
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def tma_device(device: torch.device) -> bool:
+    """Kernels on this device may take tensor descriptors: CUDA compute capability 9 or newer, meta tensors
+    (launch plans describe an H100), the CPU under the interpreter (which emulates them)."""
+    if device.type == "cuda":
+        ok = _hopper_or_newer(device)
+    else:
+        ok = device.type == "meta" or (device.type == "cpu" and interpreting())
+    return ok and _has_tensor_descriptors()
+
+
+def tma_tensor_ok(t: torch.Tensor) -> bool:
+    """A descriptor can describe ``t`` as it is: 16-byte aligned base, unit last stride, every other stride a
+    positive multiple of 16 bytes (no broadcast dims), extents and strides inside the copy engine's limits."""
+    es = t.element_size()
+    if t.stride(-1) != 1 or (t.device.type != "meta" and t.data_ptr() % 16):
+        return False
+    if any(n >= _TMA_MAX_DIM for n in t.shape):
+        return False
+    return all(s > 0 and (s * es) % 16 == 0 and s * es < _TMA_MAX_STRIDE_BYTES for s in t.stride()[:-1])
+
+
+def use_tma(tensors, precision: str) -> bool:
+    """Whether a launch may pass these (4-D) tensors as descriptors: tensor-core dots only (exact fp32 dots run
+    on FMA units, which the copy engine does not help, and Triton then stages the tiles through local memory).
+    The config tables have the last word (``configs.tma_offered``)."""
+    return (precision != "ieee" and tma_enabled() and tma_device(tensors[0].device)
+            and all(tma_tensor_ok(t) for t in tensors))
+

@@ -70,19 +70,20 @@ def _t(*rows):
 # reports why in its not_supported_reasons (e.g. exact fp32 dots, or 128 packed decode rows at head dim 512).
 TABLES: dict[str, dict[tuple[str, str], list[Cfg]]] = {
     "fwd": {
-        ("s", "16"): _t((128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)),
-        ("s", "tf32"): _t((64, 32, 8, 3), (128, 32, 8, 3), (64, 16, 8, 2)),
-        ("s", "ieee"): _t((16, 32, 8, 2), (16, 16, 8, 1)),
-        ("m", "16"): _t((64, 32, 8, 3), (128, 32, 8, 3), (64, 64, 8, 2)),
-        ("m", "tf32"): _t((32, 16, 8, 2), (16, 32, 8, 2), (16, 16, 8, 1)),
+        ("s", "16"): _t((128, 128, 8, 3), (128, 64, 8, 3), (128, 128, 8, 2)),
+        ("s", "tf32"): _t((128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 8, 2)),
+        ("s", "ieee"): _t((16, 16, 8, 1), (32, 16, 4, 2), (16, 16, 4, 1)),
+        ("m", "16"): _t((128, 32, 8, 3), (64, 64, 8, 2), (64, 32, 8, 3)),
+        ("m", "tf32"): _t((64, 16, 8, 2), (16, 32, 8, 2), (16, 16, 8, 1)),
         ("m", "ieee"): _t((32, 16, 8, 2), (16, 32, 8, 2), (16, 16, 4, 1)),
         ("l", "16"): _t((32, 16, 8, 2), (32, 32, 8, 2), (16, 16, 4, 1)),
         ("l", "tf32"): _t((32, 16, 8, 2), (16, 32, 8, 1), (16, 16, 8, 1)),
         ("l", "ieee"): _t((16, 16, 8, 2), (16, 16, 8, 1)),
     },
     "dkdv": {
-        ("s", "16"): _t((16, 64, 8, 3), (16, 128, 8, 2), (16, 64, 8, 2)),   # 32-row Q blocks spill with GQA
-        ("s", "tf32"): _t((32, 32, 8, 2), (16, 32, 8, 3), (16, 32, 8, 2)),
+        # 32-row Q steps: the transposed dots are m64n32 wgmma (16-row steps made them m64n8)
+        ("s", "16"): _t((32, 128, 8, 3), (32, 128, 8, 2), (32, 64, 8, 2)),
+        ("s", "tf32"): _t((32, 32, 8, 2), (32, 32, 4, 1), (16, 32, 4, 2)),
         ("m", "16"): _t((16, 32, 8, 2), (32, 16, 8, 2), (16, 32, 8, 1)),
         ("m", "tf32"): _t((32, 16, 8, 2), (16, 16, 8, 1), (16, 32, 8, 1)),
         ("m", "ieee"): _t((16, 16, 8, 1),),
@@ -101,33 +102,63 @@ TABLES: dict[str, dict[tuple[str, str], list[Cfg]]] = {
         ("l", "ieee"): _t((16, 16, 8, 2), (16, 16, 8, 1)),
     },
     "split": {   # "w": 64 or more packed query rows per program
-        ("s", "16"): _t((None, 128, 8, 3), (None, 64, 4, 3), (None, 64, 8, 2)),
-        ("s", "tf32"): _t((None, 32, 8, 3), (None, 64, 8, 1), (None, 16, 8, 2)),
-        ("m", "16"): _t((None, 64, 8, 2), (None, 64, 4, 3), (None, 32, 4, 4)),
-        ("m", "tf32"): _t((None, 32, 8, 2), (None, 32, 4, 2), (None, 16, 4, 1)),
-        ("m", "ieee"): _t((None, 32, 8, 2), (None, 16, 4, 1)),
-        ("l", "16"): _t((None, 32, 8, 2), (None, 32, 4, 2), (None, 16, 4, 1)),
+        ("s", "16"): _t((None, 128, 4, 3), (None, 64, 8, 2), (None, 64, 8, 3)),
+        ("s", "tf32"): _t((None, 128, 8, 2), (None, 64, 8, 2), (None, 32, 8, 2)),
+        ("s", "ieee"): _t((None, 64, 4, 4), (None, 16, 4, 1)),
+        ("m", "16"): _t((None, 64, 8, 2), (None, 64, 8, 3), (None, 64, 4, 3)),
+        ("m", "tf32"): _t((None, 32, 4, 2), (None, 16, 4, 1)),
+        ("m", "ieee"): _t((None, 32, 8, 2), (None, 16, 8, 2), (None, 16, 4, 1)),
+        ("l", "16"): _t((None, 32, 4, 2), (None, 16, 8, 2), (None, 16, 4, 1)),
         ("l", "tf32"): _t((None, 16, 8, 1), (None, 32, 8, 1), (None, 16, 4, 1)),
-        ("sw", "16"): _t((None, 64, 8, 3), (None, 32, 8, 2), (None, 64, 8, 2)),
-        ("sw", "tf32"): _t((None, 16, 8, 2),),
-        ("mw", "16"): _t((None, 32, 8, 2), (None, 16, 8, 2)),
+        ("l", "ieee"): _t((None, 16, 4, 1),),
+        ("sw", "16"): _t((None, 128, 8, 3), (None, 64, 8, 3), (None, 128, 8, 2)),
+        ("sw", "tf32"): _t((None, 64, 8, 2), (None, 32, 8, 2), (None, 16, 8, 2)),
+        ("mw", "16"): _t((None, 64, 8, 2), (None, 32, 8, 2), (None, 16, 8, 2)),
+        ("mw", "tf32"): _t((None, 16, 8, 2),),
     },
 }
 
 
+#: Keys whose launches with TMA descriptors need other configs than ``TABLES`` gives (empty: no descriptors
+#: for this key, the pointer path runs). Elsewhere the tables compile without spills on both paths. At head dim
+#: 512 the forward's pointer-path tiles spill with descriptors, and 64x16 w8 s2 (wgmma) spills without them.
+TMA_TABLES: dict[str, dict[tuple[str, str], list[Cfg]]] = {
+    "fwd": {("l", "16"): _t((64, 16, 8, 2),), ("l", "tf32"): []},
+    "split": {("l", "tf32"): _t((None, 16, 4, 1),)},
+}
+
+
+def key_table(kind: str, key: tuple, tma: bool = False) -> list[Cfg]:
+    """The configs of one key (``table_key``), for launches with (``tma``) or without tensor descriptors."""
+    if tma and key in TMA_TABLES.get(kind, {}):
+        return TMA_TABLES[kind][key]
+    return TABLES[kind].get(key, [])
+
+
+def tma_offered(kind: str, d_pad: int, dv_pad: int, esize: int, precision: str, block_m: int | None = None) -> bool:
+    """Whether this key has configs for launches with descriptors."""
+    return bool(key_table(kind, table_key(kind, d_pad, dv_pad, esize, precision, block_m), tma=True))
+
+
 def all_configs(kind: str) -> list[Cfg]:
     """Every config any key of this kind may use (the list handed to ``triton.autotune``), no duplicates."""
-    return list(dict.fromkeys(c for table in TABLES[kind].values() for c in table))
+    tables = [*TABLES[kind].values(), *TMA_TABLES.get(kind, {}).values()]
+    return list(dict.fromkeys(c for t in tables for c in t))
+
+
+#: what TMA adds to a kernel's shared memory: its mbarriers, and the padding that aligns the swizzled tiles
+#: after them to 1 KiB
+TMA_SMEM = 1024
 
 
 def smem_bytes(kind: str, cfg: Cfg, d_pad: int, dv_pad: int, esize: int, mask_esize: int = 0,
-               block_m: int | None = None) -> int:
+               block_m: int | None = None, tma: bool = False) -> int:
     """Shared memory a config allocates, an upper bound fitted to what the compiled sm_90a kernels report
     (``benchmarks/kernels_compile_sm90.md``, "smem (model)"): the tile that stays resident (fed to tensor-core
     dots from shared memory), ``num_stages`` buffers of each tile loaded in the loop, ``num_stages - 1``
     buffers of the attention-mask tile (it is consumed a stage later; dK/dV: ``num_stages``), for dK/dV the
     per-row log-sum-exp and delta vectors and, unpipelined, a transposed Q tile; at least the fp32
-    accumulator, which the epilogue may stage through shared memory."""
+    accumulator, which the epilogue may stage through shared memory; with ``tma``, ``TMA_SMEM`` more."""
     bm = cfg.block_m if cfg.block_m is not None else block_m
     bn, st = cfg.block_n, max(1, cfg.num_stages)
     dd = d_pad + dv_pad
@@ -139,34 +170,35 @@ def smem_bytes(kind: str, cfg: Cfg, d_pad: int, dv_pad: int, esize: int, mask_es
                              "dkdv": (bn * dd, bm * dd, bn * max(d_pad, dv_pad)),
                              "dq": (bm * dd, bn * dd, bm * d_pad)}[kind]
     total = (resident + st * looped) * esize + mask_bufs * bm * bn * mask_esize + extra
-    return max(total, acc * 4)
+    return max(total, acc * 4) + (TMA_SMEM if tma else 0)
 
 
 def candidates(kind: str, *, d_pad: int, dv_pad: int, esize: int, precision: str, mask_esize: int = 0,
                lq_bucket: int = 1 << 30, lk_bucket: int = 1 << 30, block_m: int | None = None,
-               smem_limit: int = H100_SMEM_PER_BLOCK, mode: str | None = None, table=None) -> list[Cfg]:
+               smem_limit: int = H100_SMEM_PER_BLOCK, mode: str | None = None, table=None,
+               tma: bool = False) -> list[Cfg]:
     """The configs worth trying for one autotune key, best first; empty when none can fit. ``table``
     replaces the key's table (the compile script explores with it)."""
     mode = mode or config_mode()
     if table is None:  # every launch asks: remember the answer
         return list(_cached_candidates(kind, d_pad, dv_pad, esize, precision, mask_esize, lq_bucket, lk_bucket,
-                                       block_m, smem_limit, mode))
+                                       block_m, smem_limit, mode, tma))
     return _candidates(kind, d_pad, dv_pad, esize, mask_esize, lq_bucket, lk_bucket, block_m, smem_limit, mode,
-                       table)
+                       table, tma)
 
 
 @functools.lru_cache(maxsize=4096)
 def _cached_candidates(kind, d_pad, dv_pad, esize, precision, mask_esize, lq_bucket, lk_bucket, block_m,
-                       smem_limit, mode) -> tuple:
-    table = TABLES[kind].get(table_key(kind, d_pad, dv_pad, esize, precision, block_m), [])
+                       smem_limit, mode, tma) -> tuple:
+    configs = key_table(kind, table_key(kind, d_pad, dv_pad, esize, precision, block_m), tma)
     return tuple(_candidates(kind, d_pad, dv_pad, esize, mask_esize, lq_bucket, lk_bucket, block_m, smem_limit,
-                             mode, table))
+                             mode, configs, tma))
 
 
 def _candidates(kind, d_pad, dv_pad, esize, mask_esize, lq_bucket, lk_bucket, block_m, smem_limit, mode,
-                table) -> list[Cfg]:
+                table, tma) -> list[Cfg]:
     kept = [c for c in table
-            if smem_bytes(kind, c, d_pad, dv_pad, esize, mask_esize, block_m) <= smem_limit]
+            if smem_bytes(kind, c, d_pad, dv_pad, esize, mask_esize, block_m, tma) <= smem_limit]
     # tiles larger than the (bucketed) problem only waste work; keep the smallest such tile
     small = [c for c in kept
              if (c.block_m is None or c.block_m <= max(16, lq_bucket)) and c.block_n <= max(16, lk_bucket)]
@@ -181,7 +213,7 @@ def _candidates(kind, d_pad, dv_pad, esize, mask_esize, lq_bucket, lk_bucket, bl
 def candidates_for(kind: str, a: dict, smem_limit: int = H100_SMEM_PER_BLOCK, mode: str | None = None,
                    table=None) -> list[Cfg]:
     """``candidates`` for a launch's arguments (runtime and constexpr, by name), as the autotune pruner sees them."""
-    esize = 4 if a.get("UPCAST") else a["Q"].element_size()
+    esize = getattr(a["Q"], "base", a["Q"]).element_size()   # (the tensor of a TMA descriptor)
     mask_esize = a["Msk"].element_size() if a.get("MASK_KIND") else 0
     if kind == "split":
         lq, lk, bm = 1 << 30, a["split_len"], a["BLOCK_M"]
@@ -189,7 +221,7 @@ def candidates_for(kind: str, a: dict, smem_limit: int = H100_SMEM_PER_BLOCK, mo
         lq, lk, bm = a["Q_BUCKET"], a["K_BUCKET"], None
     return candidates(kind, d_pad=a["D_PAD"], dv_pad=a["DV_PAD"], esize=esize, precision=a["PRECISION"],
                       mask_esize=mask_esize, lq_bucket=lq, lk_bucket=lk, block_m=bm, smem_limit=smem_limit,
-                      mode=mode, table=table)
+                      mode=mode, table=table, tma=bool(a.get("TMA")))
 
 
 #: The interpreter (CPU tests) runs one small tile: it is slow and has no autotuner.
@@ -203,14 +235,15 @@ EXPLORE = {
               (128, 32, 8, 3), (128, 32, 4, 4), (64, 128, 4, 3), (64, 64, 4, 4), (64, 64, 4, 3), (64, 64, 8, 2),
               (64, 32, 4, 4), (64, 32, 8, 3), (64, 32, 4, 2), (64, 16, 8, 2), (32, 32, 4, 2), (32, 32, 4, 1),
               (32, 16, 4, 2), (16, 16, 4, 1)),
-    "dkdv": _t((64, 128, 8, 3), (64, 128, 8, 2), (32, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3), (64, 64, 4, 2),
-               (32, 64, 4, 3), (32, 64, 8, 2), (16, 64, 4, 3), (16, 64, 4, 2), (16, 32, 4, 2), (32, 32, 4, 1),
-               (16, 32, 4, 1), (16, 32, 8, 1), (16, 16, 4, 1)),
+    "dkdv": _t((64, 128, 8, 3), (64, 128, 8, 2), (32, 128, 8, 3), (32, 128, 8, 2), (32, 128, 4, 3), (64, 64, 4, 3),
+               (64, 64, 4, 2), (32, 64, 4, 3), (32, 64, 8, 2), (32, 32, 8, 2), (16, 64, 4, 3), (16, 64, 4, 2),
+               (16, 32, 4, 2), (16, 32, 8, 3), (32, 32, 4, 1), (16, 32, 4, 1), (16, 32, 8, 1), (16, 16, 4, 1)),
     "dq": _t((128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 64, 4, 2),
              (64, 32, 4, 3), (64, 32, 8, 2), (64, 16, 4, 3), (64, 16, 4, 2), (32, 32, 4, 2), (32, 16, 4, 1),
              (32, 16, 8, 1), (16, 16, 4, 1)),
-    "split": _t((None, 128, 8, 3), (None, 128, 4, 3), (None, 64, 4, 4), (None, 64, 4, 3), (None, 64, 8, 2),
-                (None, 32, 4, 4), (None, 32, 4, 2), (None, 16, 4, 1)),
+    "split": _t((None, 128, 8, 3), (None, 128, 8, 2), (None, 128, 4, 3), (None, 64, 8, 3), (None, 64, 4, 4),
+                (None, 64, 4, 3), (None, 64, 8, 2), (None, 32, 8, 3), (None, 32, 4, 4), (None, 32, 8, 2),
+                (None, 32, 4, 2), (None, 16, 8, 2), (None, 16, 4, 1)),
 }
 
 

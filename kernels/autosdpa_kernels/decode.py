@@ -15,6 +15,7 @@ One program handles every query head of a KV group, so each K/V tile is loaded o
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 
 import torch
@@ -28,15 +29,15 @@ __all__ = ["attention", "forward_runner", "not_supported_reasons", "workspace_by
 
 MAX_LQ = 16          # queries per call
 MAX_ROWS = 128       # (query heads per KV head) * Lq packed into one program
-MAX_AUTO_SPLITS = 64  # the combine kernel holds (splits x Dv) fp32 in registers
 SPLIT_GRANULE = 128   # split lengths are multiples of this (>= every BLOCK_N of the split configs)
+MIN_SPLIT_BLOCKS = 4  # a split runs at least this many granules (tiles) of keys, or the whole sequence
 META_SMS = 132        # SM count assumed for launch plans on meta tensors (H100 / H200)
-#: runtime arguments of each kernel, in order
-SPLIT_ARGS = ("Q", "K", "V", "Msk", "PO", "PLSE", "stride_qb", "stride_qh", "stride_qm", "stride_kb", "stride_kh",
-              "stride_kn", "stride_vb", "stride_vh", "stride_vn", "stride_mb", "stride_mh", "stride_mm",
-              "stride_mn", "HQ", "HKV", "G", "Lq", "Lk", "causal_off", "qk_scale", "split_len", "NUM_SPLITS",
-              "K_BUCKET")
-COMBINE_ARGS = ("PO", "PLSE", "O", "stride_ob", "stride_oh", "stride_om", "HQ", "Lq", "NUM_SPLITS")
+COMBINE_CHUNK = 64    # output columns the fused combine holds per pass
+#: runtime arguments of the kernel, in order
+SPLIT_ARGS = ("Q", "K", "V", "Msk", "O", "PO", "PLSE", "Locks", "stride_qb", "stride_qh", "stride_qm", "stride_kb",
+              "stride_kh", "stride_kn", "stride_vb", "stride_vh", "stride_vn", "stride_mb", "stride_mh", "stride_mm",
+              "stride_mn", "stride_ob", "stride_oh", "stride_om", "HQ", "HKV", "G", "Lq", "Lk", "causal_off",
+              "qk_scale", "split_len", "NUM_SPLITS", "K_BUCKET")
 
 
 def _kernels():
@@ -77,12 +78,13 @@ def _granule() -> int:
 
 
 def _num_splits(sms: int, B: int, Hkv: int, Lk: int, granule: int) -> int:
-    """KV splits per (batch, KV head): about two waves of programs on the device, at most MAX_AUTO_SPLITS."""
-    return max(1, min(C.cdiv(2 * sms, B * Hkv), C.cdiv(Lk, granule), MAX_AUTO_SPLITS))
+    """KV splits per (batch, KV head): one wave of programs on the device (B * Hkv * splits ~ SMs), but no split
+    shorter than MIN_SPLIT_BLOCKS granules, so that each program's pipeline runs a few iterations."""
+    return max(1, min(C.cdiv(sms, B * Hkv), Lk // (MIN_SPLIT_BLOCKS * granule)))
 
 
 def split_plan(device, B, Hkv, Lk, num_splits=None):
-    """(splits, split_len) a call on ``device`` uses: ~2 waves of programs unless ``num_splits`` is given;
+    """(splits, split_len) a call on ``device`` uses: from the SM count and Lk unless ``num_splits`` is given;
     split lengths are multiples of the granule, so no split is empty."""
     granule = _granule()
     if num_splits is None:
@@ -93,11 +95,25 @@ def split_plan(device, B, Hkv, Lk, num_splits=None):
 
 
 def workspace_bytes(query, key, value, num_splits=None) -> int:
-    """fp32 partial outputs and log-sum-exps, for the number of splits the call would use."""
+    """fp32 partial outputs and log-sum-exps, for the number of splits the call would use (none for one)."""
     B, Hq, Lq, _ = query.shape
     Hkv, Lk, Dv = key.shape[1], key.shape[2], value.shape[3]
     splits, _ = split_plan(query.device, B, Hkv, Lk, num_splits)
-    return B * Hq * Lq * splits * (max(16, C.next_pow2(Dv)) + 1) * 4
+    return 0 if splits == 1 else B * Hq * Lq * splits * (max(16, C.next_pow2(Dv)) + 1) * 4
+
+
+#: arrival counters of the fused combine, per (device, stream): zero between launches (the last split of each
+#: (batch, KV head) resets its counter), so they are zeroed once, when made; launches on one stream never
+#: overlap, launches on two streams may, hence one buffer per stream.
+_LOCKS: dict = {}
+
+
+def _locks(device: torch.device, n: int) -> torch.Tensor:
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    buf = _LOCKS.get((device, stream))
+    if buf is None or buf.numel() < n:
+        buf = _LOCKS[(device, stream)] = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+    return buf
 
 
 def _prepare(q, k, v, attn_mask, causal, scale, enable_gqa, describe=False):
@@ -113,69 +129,84 @@ def _prepare(q, k, v, attn_mask, causal, scale, enable_gqa, describe=False):
     return q, k, v, mask, kind, mstr, C.default_scale(D, scale)
 
 
-def _launches(q, k, v, mask, kind, mstr, causal, sm_scale, num_splits, alloc):
-    """(split launch, combine launch, output); ``alloc(shape, dtype)`` makes outputs and workspaces."""
+def _launches(q, k, v, mask, kind, mstr, causal, sm_scale, num_splits, alloc, counters=None):
+    """(the launch, its output); ``alloc(shape, dtype)`` makes the output and workspaces, ``counters(device, n)``
+    gives the arrival counters (default: this stream's, ``_locks``)."""
     B, Hq, Lq, D = q.shape
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
     G = Hq // Hkv
     D_PAD, DV_PAD = max(16, C.next_pow2(D)), max(16, C.next_pow2(Dv))
     splits, split_len = split_plan(q.device, B, Hkv, Lk, num_splits)
-    po = alloc((B, Hq, Lq, splits, DV_PAD), torch.float32)
-    plse = alloc((B, Hq, Lq, splits), torch.float32)
     o = alloc((B, Hq, Lq, Dv), q.dtype)
-    args = dict(zip(SPLIT_ARGS, (q, k, v, mask if mask is not None else q, po, plse, *q.stride()[:3],
-                                 *k.stride()[:3], *v.stride()[:3], *mstr, Hq, Hkv, G, Lq, Lk,
+    if splits > 1:
+        po, plse = alloc((B, Hq, Lq, splits, DV_PAD), torch.float32), alloc((B, Hq, Lq, splits), torch.float32)
+        locks = (counters or _locks)(q.device, B * Hkv)
+    else:   # one split writes the output: no partials, no counters
+        po = plse = locks = o
+    args = dict(zip(SPLIT_ARGS, (q, k, v, mask if mask is not None else q, o, po, plse, locks, *q.stride()[:3],
+                                 *k.stride()[:3], *v.stride()[:3], *mstr, *o.stride()[:3], Hq, Hkv, G, Lq, Lk,
                                  (Lk - Lq) if causal == "bottom_right" else 0, sm_scale * C.LOG2E, split_len,
                                  splits, C.length_bucket(Lk))))
+    precision, upcast, rows = C.dot_precision(q.dtype), C.interpreting() and q.dtype == torch.bfloat16, \
+        max(16, C.next_pow2(G * Lq))
+    tma = C.use_tma((k, v), precision) and CF.tma_offered("split", D_PAD, DV_PAD, q.element_size(), precision,
+                                                          rows)
     meta = dict(HEAD_DIM=D, HEAD_DIM_V=Dv, D_PAD=D_PAD, DV_PAD=DV_PAD, MASK_KIND=kind, CAUSAL=causal != "none",
-                PRECISION=C.dot_precision(q.dtype), UPCAST=C.interpreting() and q.dtype == torch.bfloat16,
-                BLOCK_M=max(16, C.next_pow2(G * Lq)))
+                NEG_SCALE=sm_scale < 0, PRECISION=precision, UPCAST=upcast, TMA=tma, SPLIT=splits > 1,
+                CHUNK=min(DV_PAD, COMBINE_CHUNK), BLOCK_M=rows)
+    pads = {"K": D_PAD, "V": DV_PAD}
+    descs = tuple((name, rows, pads[name]) for name, rows in L.DESC_ROWS["split"]) if tma else ()
     split = L.Launch("decode_split_kernel", "split", args, meta, splits, "", B * Hkv,
-                     tune_key=("NUM_SPLITS", "K_BUCKET"))
-    s_pad = max(2, C.next_pow2(splits))
-    combine = L.Launch("decode_combine_kernel", None,
-                       dict(zip(COMBINE_ARGS, (po, plse, o, *o.stride()[:3], Hq, Lq, splits))),
-                       dict(HEAD_DIM_V=Dv, DV_PAD=DV_PAD, S_PAD=s_pad), B * Hq * Lq, "", 1,
-                       fixed=CF.Cfg(None, None, 8 if s_pad * DV_PAD >= 16384 else 4, 1))
-    return split, combine, o
+                     tune_key=("NUM_SPLITS", "K_BUCKET"), descs=descs)
+    return split, o
 
 
 def forward_runner(q, k, v, attn_mask=None, causal="none", enable_gqa=False, *, num_splits=None):
     """``attention`` set up once for inputs laid out like these (as ``flash.forward_runner``): returns
-    ``run(q, k, v, attn_mask, scale) -> output``, which checks nothing and launches both kernels with the
-    split plan and configs chosen here."""
+    ``run(q, k, v, attn_mask, scale) -> output``, which checks nothing and launches the kernel with the split
+    plan and config chosen here."""
     inputs = C.runner_inputs(q, k, v)
     q, k, v, mask, kind, mstr, _ = _prepare(q, k, v, attn_mask, causal, None, enable_gqa)
     dev, D, dtype = q.device, q.shape[3], q.dtype
-    split, combine, o = _launches(q, k, v, mask, kind, mstr, causal, 1.0, num_splits,
-                                  lambda shape, dt: torch.empty(shape, device=dev, dtype=dt))
+    split, o = _launches(q, k, v, mask, kind, mstr, causal, 1.0, num_splits,
+                         lambda shape, dt: torch.empty(shape, device=dev, dtype=dt))
     po_shape, plse_shape, o_shape = split.args["PO"].shape, split.args["PLSE"].shape, o.shape
+    parts, n_locks = split.meta["SPLIT"], q.shape[0] * k.shape[1]
     K = _kernels()
-    go_split, go_combine = L.bind(split, K), L.bind(combine, K)
+    # a negative scale runs the kernel variant without the folded scale (bound now, compiled if ever used)
+    go_pos, go_neg = (L.bind(dataclasses.replace(split, meta={**split.meta, "NEG_SCALE": neg}), K)
+                      for neg in (False, True))
 
     def run(q, k, v, attn_mask, scale):
         q, k, v = inputs(q, k, v)
-        po = torch.empty(po_shape, device=dev, dtype=torch.float32)
-        plse = torch.empty(plse_shape, device=dev, dtype=torch.float32)
         o = torch.empty(o_shape, device=dev, dtype=dtype)
-        go_split({"Q": q, "K": k, "V": v, "Msk": q if attn_mask is None else C.mask_pointer(attn_mask), "PO": po,
-                  "PLSE": plse, "qk_scale": C.default_scale(D, scale) * C.LOG2E})
-        go_combine({"PO": po, "PLSE": plse, "O": o})
+        if parts:
+            po = torch.empty(po_shape, device=dev, dtype=torch.float32)
+            plse = torch.empty(plse_shape, device=dev, dtype=torch.float32)
+            locks = _locks(dev, n_locks)
+        else:
+            po = plse = locks = o
+        qk_scale = C.default_scale(D, scale) * C.LOG2E
+        (go_neg if qk_scale < 0 else go_pos)({
+            "Q": q, "K": k, "V": v, "Msk": q if attn_mask is None else C.mask_pointer(attn_mask), "O": o, "PO": po,
+            "PLSE": plse, "Locks": locks, "qk_scale": qk_scale})
         return o
     return run
 
 
 def launches(q, k, v, attn_mask=None, causal="none", scale=None, enable_gqa=False, *, num_splits=None):
-    """The two launches (split, combine) of one call, described without running anything (outputs and
-    workspaces are meta tensors, so any size works; a grid CUDA cannot launch raises in ``Launch.grid``)."""
+    """The launch of one call (a list of one: the split kernel combines the splits itself), described without
+    running anything (output and workspaces are meta tensors, so any size works; a grid CUDA cannot launch
+    raises in ``Launch.grid``)."""
     q, k, v, mask, kind, mstr, sm_scale = _prepare(q, k, v, attn_mask, causal, scale, enable_gqa, describe=True)
-    split, combine, _ = _launches(q, k, v, mask, kind, mstr, causal, sm_scale, num_splits,
-                                  lambda shape, dtype: torch.empty(shape, device="meta", dtype=dtype))
-    return [split, combine]
+    split, _ = _launches(q, k, v, mask, kind, mstr, causal, sm_scale, num_splits,
+                         lambda shape, dtype: torch.empty(shape, device="meta", dtype=dtype),
+                         lambda device, n: torch.empty(n, device="meta", dtype=torch.int32))
+    return [split]
 
 
 def ready(q, k, v, attn_mask=None, causal="none", enable_gqa=False, needs_grad=False) -> bool:
-    """True when both kernels of this call were already compiled and autotuned for its key in this process
+    """True when the kernel of this call was already compiled and autotuned for its key in this process
     (launching now neither compiles nor benchmarks). Always True under the interpreter; False on any doubt."""
     if C.interpreting():
         return True
@@ -193,9 +224,7 @@ def attention(q, k, v, attn_mask=None, causal="none", scale=None, enable_gqa=Fal
         raise RuntimeError("autosdpa_kernels.decode is forward-only: call it under torch.no_grad() "
                            "(or use autosdpa_kernels.flash for gradients)")
     q, k, v, mask, kind, mstr, sm_scale = _prepare(q, k, v, attn_mask, causal, scale, enable_gqa)
-    split, combine, o = _launches(q, k, v, mask, kind, mstr, causal, sm_scale, num_splits,
-                                  lambda shape, dtype: torch.empty(shape, device=q.device, dtype=dtype))
-    K = _kernels()
-    L.run(split, K)
-    L.run(combine, K)
+    split, o = _launches(q, k, v, mask, kind, mstr, causal, sm_scale, num_splits,
+                         lambda shape, dtype: torch.empty(shape, device=q.device, dtype=dtype))
+    L.run(split, _kernels())
     return o

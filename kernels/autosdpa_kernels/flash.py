@@ -15,6 +15,7 @@ Importing this module does not import triton; the kernels are compiled on first 
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 
 import torch
@@ -89,8 +90,14 @@ def _fwd_launch(q, k, v, mask, mask_kind, mstr, causal, sm_scale, G, o, lse) -> 
     args = dict(zip(FWD_ARGS, (q, k, v, mask if mask is not None else q, o, lse, *_strides(q), *_strides(k),
                                *_strides(v), *mstr, *_strides(o), Hq, G, Lq, Lk, _causal_off(causal, Lq, Lk),
                                sm_scale * C.LOG2E, C.length_bucket(Lq), C.length_bucket(Lk))))
-    return L.Launch("attn_fwd_kernel", "fwd", args, _launch_meta(q, D, Dv, mask_kind, causal), Lq, "BLOCK_M",
-                    B * Hq, tune_key=_BUCKETS)
+    meta = _launch_meta(q, D, Dv, mask_kind, causal)
+    pads = {"Q": meta["D_PAD"], "K": meta["D_PAD"], "V": meta["DV_PAD"], "O": meta["DV_PAD"]}
+    tma = C.use_tma((q, k, v, o), meta["PRECISION"]) and CF.tma_offered(
+        "fwd", meta["D_PAD"], meta["DV_PAD"], q.element_size(), meta["PRECISION"])
+    # NEG_SCALE: the folded softmax scale needs a positive one (a negative scale takes the unfolded path)
+    meta.update(NEG_SCALE=sm_scale < 0, TMA=tma)
+    descs = tuple((name, rows, pads[name]) for name, rows in L.DESC_ROWS["fwd"]) if tma else ()
+    return L.Launch("attn_fwd_kernel", "fwd", args, meta, Lq, "BLOCK_M", B * Hq, tune_key=_BUCKETS, descs=descs)
 
 
 def _bwd_launches(do, q, k, v, o, lse, mask, mask_kind, mstr, causal, sm_scale, G, delta, dq, dk, dv):
@@ -229,14 +236,18 @@ def forward_runner(q, k, v, attn_mask=None, causal="none", enable_gqa=False):
     o_shape, lse_shape, dev, dtype = (B, Hq, Lq, v.shape[3]), (B, Hq, Lq), q.device, q.dtype
     launch = _fwd_launch(q, k, v, mask, kind, mstr, causal, 1.0, G, _empty(o_shape, q),
                          _empty(lse_shape, q, torch.float32))
-    go = L.bind(launch, _kernels())
+    K = _kernels()
+    # a negative scale runs the kernel variant without the folded scale (bound now, compiled if ever used)
+    go_pos, go_neg = (L.bind(dataclasses.replace(launch, meta={**launch.meta, "NEG_SCALE": neg}), K)
+                      for neg in (False, True))
 
     def run(q, k, v, attn_mask, scale):
         q, k, v = inputs(q, k, v)
         o = torch.empty(o_shape, device=dev, dtype=dtype)
-        go({"Q": q, "K": k, "V": v, "Msk": q if attn_mask is None else C.mask_pointer(attn_mask), "O": o,
-            "LSE": torch.empty(lse_shape, device=dev, dtype=torch.float32),
-            "qk_scale": C.default_scale(D, scale) * C.LOG2E})
+        qk_scale = C.default_scale(D, scale) * C.LOG2E
+        (go_neg if qk_scale < 0 else go_pos)({
+            "Q": q, "K": k, "V": v, "Msk": q if attn_mask is None else C.mask_pointer(attn_mask), "O": o,
+            "LSE": torch.empty(lse_shape, device=dev, dtype=torch.float32), "qk_scale": qk_scale})
         return o
     return run
 

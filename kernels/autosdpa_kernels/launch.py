@@ -18,6 +18,11 @@ from . import _common as C
 
 MAX_GRID_X = 2**31 - 1  # CUDA's limit on grid axis 0 (axes 1 and 2 allow only 65,535)
 
+#: Per tuned kernel kind, the arguments it may take as TMA tensor descriptors and the constexpr giving each
+#: one's box rows (the box is one tile: (1, 1, rows, padded head dim)).
+DESC_ROWS = {"fwd": (("Q", "BLOCK_M"), ("K", "BLOCK_N"), ("V", "BLOCK_N"), ("O", "BLOCK_M")),
+             "split": (("K", "BLOCK_N"), ("V", "BLOCK_N"))}
+
 #: keys (``Launch.key()``) of the launches this process has run: compiled, and autotuned for their key.
 _LAUNCHED: set = set()
 
@@ -68,6 +73,9 @@ class Launch:
     batch: int                  # programs per block
     tune_key: tuple = ()        # int arguments the autotuner keys on
     fixed: CF.Cfg | None = None
+    #: arguments passed as rank-4 TMA tensor descriptors: (name, constexpr giving the box's rows, box columns);
+    #: ``args`` keep the tensors (descriptors are made per launch, for the config's tile)
+    descs: tuple = ()
 
     def grid(self, kwargs: dict) -> tuple[int]:
         """The grid for a config's tile sizes (``kwargs``; a fixed kernel's are in ``meta``)."""
@@ -86,6 +94,26 @@ class Launch:
     def launched(self) -> bool:
         """Whether this process already ran a launch with this key (so running it now compiles nothing)."""
         return self.key() in _LAUNCHED
+
+    def without_tma(self) -> "Launch":
+        """The same launch on the pointer path (for tensors a descriptor cannot describe)."""
+        return dataclasses.replace(self, meta={**self.meta, "TMA": False}, descs=())
+
+    def call_args(self, kmod, kwargs: dict) -> list:
+        """The argument values as the kernel takes them with a config's tile sizes (descriptors built)."""
+        values = list(self.args.values())
+        for i, make in _desc_makers(self, kmod, kwargs):
+            values[i] = make(values[i])
+        return values
+
+
+def _desc_makers(launch: Launch, kmod, kwargs: dict) -> list:
+    """(argument index, tensor -> descriptor) for each argument passed as a descriptor, boxes sized for the
+    config ``kwargs`` (the autotuner's config hook resizes them per config)."""
+    names = list(launch.args)
+    tiles = {**launch.meta, **kwargs}
+    return [(names.index(name), kmod.desc_maker(launch.args[name], tiles[rows], cols))
+            for name, rows, cols in launch.descs]
 
 
 @functools.lru_cache(maxsize=None)
@@ -110,14 +138,35 @@ def _launcher(launch: Launch, kmod):
             raise RuntimeError(f"{launch.kernel}: no tile config fits this device's shared memory")
     else:
         cands = [launch.fixed]
+    kw = cands[0].kwargs()
     if len(cands) == 1:
         c = cands[0]
-        kw = c.kwargs()
-        return functools.partial(getattr(kmod, launch.kernel)[launch.grid(kw)], **launch.meta, **kw,
-                                 num_warps=c.num_warps, num_stages=c.num_stages)
-    # the grid rule of a copy without the arguments: a runner keeps this partial, and must not keep tensors alive
-    grid = dataclasses.replace(launch, args={}).grid
-    return functools.partial(kmod.AUTOTUNED[launch.tune][grid], **launch.meta)
+        start = functools.partial(getattr(kmod, launch.kernel)[launch.grid(kw)], **launch.meta, **kw,
+                                  num_warps=c.num_warps, num_stages=c.num_stages)
+    else:
+        # the grid rule of a copy without the arguments: a runner keeps this partial, and must not keep tensors
+        # alive
+        grid = dataclasses.replace(launch, args={}, descs=()).grid
+        start = functools.partial(kmod.AUTOTUNED[launch.tune + ("_tma" if launch.descs else "")][grid],
+                                  **launch.meta)
+    return _with_descs(launch, kmod, start, kw) if launch.descs else start
+
+
+def _with_descs(launch: Launch, kmod, start, kwargs):
+    """``start`` taking tensors where it takes descriptors: each launch wraps them (cheaply: the shapes and
+    strides are the template's), or, when one of them is not 16-byte aligned (a runner's later input may not
+    be), launches the pointer-path twin instead."""
+    makers = _desc_makers(launch, kmod, kwargs)
+    twin = _launcher(launch.without_tma(), kmod)   # compiles nothing until it runs
+
+    def go(*args):
+        if any(args[i].data_ptr() % 16 for i, _ in makers):
+            return twin(*args)
+        args = list(args)
+        for i, make in makers:
+            args[i] = make(args[i])
+        return start(*args)
+    return go
 
 
 def run(launch: Launch, kmod) -> None:

@@ -96,7 +96,10 @@ def test_decode_backend_run(mod):
     with torch.no_grad():
         out = d.run(q, k, v, attn_mask=causal_lower_right(1, 100), enable_gqa=True)
     assert_close(out, reference(q, k, v, causal="bottom_right", enable_gqa=True), torch.float32)
-    assert d.workspace_bytes(__import__("autosdpa.backends.base", fromlist=["Call"]).Call(q, k, v)) > 0
+    from autosdpa.backends.base import Call
+    assert d.workspace_bytes(Call(q, k, v)) == 0        # 2 (batch, KV head) pairs x 100 keys: one split each
+    q1, k1, v1 = make_qkv(1, 2, 1, 1, 300, 64, device=DEV)
+    assert d.workspace_bytes(Call(q1, k1, v1, enable_gqa=True)) > 0   # one pair, 300 keys: split for the SMs
 
 
 def test_cpu_needs_opt_in(mod, monkeypatch):

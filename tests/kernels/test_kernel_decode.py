@@ -7,7 +7,7 @@ import torch
 pytest.importorskip("triton")
 from autosdpa_kernels import decode  # noqa: E402
 
-from kernel_ref import assert_close, make_qkv, reference  # noqa: E402
+from kernel_ref import assert_close, make_qkv, pytorch_lowp, reference  # noqa: E402
 
 pytestmark = [pytest.mark.triton, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -17,8 +17,9 @@ def _run(q, k, v, mask=None, causal="none", gqa=True, num_splits=None, dtype=tor
     out = decode.attention(q, k, v, attn_mask=mask, causal=causal, enable_gqa=gqa, scale=scale,
                            num_splits=num_splits)
     ref = reference(q, k, v, mask, causal, scale, gqa)
+    base = pytorch_lowp(q, k, v, mask, causal, scale, gqa) if q.is_cuda and dtype != torch.float32 else None
     assert out.shape == ref.shape and out.dtype == q.dtype
-    assert_close(out, ref, dtype)
+    assert_close(out, ref, dtype, base=base)
 
 
 @pytest.mark.parametrize("Lq", [1, 4])
@@ -50,6 +51,23 @@ def test_decode_masks(kind):
     else:
         mask = torch.randn(1, Hq, 1, Lk, generator=g)
     _run(q, k, v, mask=mask.to(DEV), num_splits=4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_the_last_split_combines_and_leaves_the_counters_at_zero(dtype):
+    """Every split counts itself in its (batch, KV head) counter; the last to arrive combines and resets it, so
+    the next launch (here: other split counts on the same counters) starts from zero."""
+    q, k, v = make_qkv(3, 4, 2, 2, 130, 32, dtype=dtype, device=DEV)
+    for splits in (9, 2, 5):
+        (launch,) = decode.launches(q, k, v, enable_gqa=True, num_splits=splits)
+        assert launch.meta["SPLIT"] and launch.args["NUM_SPLITS"] == splits
+        assert launch.args["Locks"].is_meta                       # describing a call allocates nothing
+        _run(q, k, v, num_splits=splits, dtype=dtype)
+        locks = decode._locks(q.device, 3 * 2)                    # this stream's counters, as the launch used
+        assert locks.dtype == torch.int32 and not locks.any()
+    (launch,) = decode.launches(q, k, v, enable_gqa=True, num_splits=1)   # one split writes the output itself
+    assert not launch.meta["SPLIT"] and launch.args["PO"] is launch.args["O"]
+    _run(q, k, v, num_splits=1, dtype=dtype)
 
 
 def test_decode_reasons():

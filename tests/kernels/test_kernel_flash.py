@@ -7,7 +7,7 @@ import torch
 pytest.importorskip("triton")
 from autosdpa_kernels import flash  # noqa: E402
 
-from kernel_ref import assert_close, make_qkv, reference  # noqa: E402
+from kernel_ref import assert_close, make_qkv, pytorch_lowp, reference  # noqa: E402
 
 pytestmark = [pytest.mark.triton, pytest.mark.filterwarnings("ignore::DeprecationWarning"),
               pytest.mark.filterwarnings("ignore:Lower right causal bias")]
@@ -17,15 +17,29 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 def _check(q, k, v, mask=None, causal="none", scale=None, gqa=False, grad=True, dtype=torch.float32):
     out = flash.attention(q, k, v, attn_mask=mask, causal=causal, scale=scale, enable_gqa=gqa)
     ref = reference(q, k, v, mask, causal, scale, gqa)
+    # on a GPU, low-precision tiles really are low precision: PyTorch's own kernel bounds the error too
+    base = pytorch_lowp(q, k, v, mask, causal, scale, gqa) if q.is_cuda and dtype != torch.float32 else None
     assert out.shape == ref.shape and out.dtype == q.dtype
-    assert_close(out, ref, dtype)
+    assert_close(out, ref, dtype, base=base)
     if grad:
         do = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(dtype).to(out.device)
         g = torch.autograd.grad(out, (q, k, v), do)
         gr = torch.autograd.grad(ref, (q, k, v), do.double())
-        for name, a, b in zip("qkv", g, gr):
+        gb = torch.autograd.grad(base, (q, k, v), do) if base is not None else (None,) * 3
+        for name, a, b, c in zip("qkv", g, gr, gb):
             assert a.shape == b.shape
-            assert_close(a, b, dtype, grad=True, what=f"d{name}")
+            assert_close(a, b, dtype, grad=True, what=f"d{name}", base=c)
+
+
+def test_the_bf16_tolerance_catches_a_one_percent_wrong_scale():
+    """Issue 17: the old bound (scaled by max|ref|) passed a 1 %-wrong softmax scale in bf16. Rounding the
+    exact output to bf16 passes the new one; the output of a 1 % larger scale does not."""
+    q, k, v = make_qkv(1, 2, 2, 16, 24, 32, dtype=torch.bfloat16)
+    ref = reference(q, k, v, causal="bottom_right")
+    assert_close(ref.to(torch.bfloat16), ref, torch.bfloat16)
+    wrong = reference(q, k, v, causal="bottom_right", scale=1.01 / 32 ** 0.5).to(torch.bfloat16)
+    with pytest.raises(AssertionError, match="x the tolerance"):
+        assert_close(wrong, ref, torch.bfloat16)
 
 
 @pytest.mark.parametrize("causal", ["none", "top_left", "bottom_right"])

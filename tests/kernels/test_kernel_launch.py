@@ -49,15 +49,13 @@ def test_grid_too_large_for_cuda_raises_instead_of_launching():
 
 def test_decode_grids_for_a_huge_batch():
     B, Hq, Hkv, Lk = 100_000, 32, 8, 8192
-    split, combine = decode.launches(meta(B, Hq, 1, 128), meta(B, Hkv, Lk, 128), meta(B, Hkv, Lk, 128),
-                                     enable_gqa=True)
+    (split,) = decode.launches(meta(B, Hq, 1, 128), meta(B, Hkv, Lk, 128), meta(B, Hkv, Lk, 128), enable_gqa=True)
     n_splits = split.args["NUM_SPLITS"]
-    assert n_splits == 1                       # 800k (batch, kv head) pairs already fill the GPU
+    assert n_splits == 1 and not split.meta["SPLIT"]   # 800k (batch, kv head) pairs already fill the GPU
     assert split.grid({}) == (n_splits * B * Hkv,)
-    assert combine.grid({}) == (B * Hq,)
-    few = decode.launches(meta(1, Hq, 1, 128), meta(1, Hkv, Lk, 128), meta(1, Hkv, Lk, 128), enable_gqa=True)[0]
+    (few,) = decode.launches(meta(1, Hq, 1, 128), meta(1, Hkv, Lk, 128), meta(1, Hkv, Lk, 128), enable_gqa=True)
     assert few.args["NUM_SPLITS"] * few.args["split_len"] >= Lk > (few.args["NUM_SPLITS"] - 1) * few.args["split_len"]
-    assert few.grid({}) == (few.args["NUM_SPLITS"] * Hkv,)
+    assert few.grid({}) == (few.args["NUM_SPLITS"] * Hkv,) and few.meta["SPLIT"]
 
 
 def test_strides_past_2_31_are_passed_as_64_bit():
@@ -72,14 +70,31 @@ def test_strides_past_2_31_are_passed_as_64_bit():
 
 def test_decode_workspace_follows_the_split_rule():
     q, k = meta(2, 32, 1, 128), meta(2, 8, 8192, 128)
-    split, _ = decode.launches(q, k, k, enable_gqa=True)
+    (split,) = decode.launches(q, k, k, enable_gqa=True)
     ws = split.args["PO"].numel() * 4 + split.args["PLSE"].numel() * 4
     assert decode.workspace_bytes(q, k, k) == ws
-    # 132 SMs (H100/H200): about two waves of 16 (batch, kv head) pairs -> 17 splits of 482 keys, rounded up to
-    # 128-key granules (16 under the interpreter): 16 splits of 512 (17 of 496)
-    want = (17, 496) if _common.interpreting() else (16, 512)
+    # 132 SMs (H100/H200), 16 (batch, kv head) pairs: one wave is 9 splits of 911 keys, rounded up to 128-key
+    # granules (16 under the interpreter): 8 splits of 1024 (9 of 912)
+    want = (9, 912) if _common.interpreting() else (8, 1024)
     assert (split.args["NUM_SPLITS"], split.args["split_len"]) == want
     assert decode.split_plan(torch.device("meta"), 2, 8, 8192) == (split.args["NUM_SPLITS"], split.args["split_len"])
+
+
+@pytest.mark.parametrize("B,Hkv,Lk", [(1, 8, 8192), (1, 1, 8192), (1, 8, 1000), (4, 8, 1 << 20), (1, 1, 1 << 20),
+                                      (64, 8, 8192), (1, 8, 300)])
+def test_decode_split_plan_fills_one_wave_with_enough_work_per_program(B, Hkv, Lk, monkeypatch):
+    monkeypatch.setattr(decode, "_granule", lambda: decode.SPLIT_GRANULE)    # the GPU's tiles, here too
+    sms, granule = decode.META_SMS, decode.SPLIT_GRANULE
+    splits, split_len = decode.split_plan(torch.device("meta"), B, Hkv, Lk)
+    assert split_len % granule == 0 and (splits - 1) * split_len < Lk <= splits * split_len
+    assert B * Hkv * splits <= max(sms + B * Hkv - 1, B * Hkv)       # one wave of programs, rounded up
+    if splits > 1:                                                   # every split pipelines a few tiles
+        assert split_len >= decode.MIN_SPLIT_BLOCKS * granule
+    want = {(1, 8, 8192): (16, 512),           # 4 tiles of 128 keys per program, 128 programs
+            (1, 1, 1 << 20): (131, 8064),      # about one program per SM
+            (1, 8, 300): (1, 384),             # too short to split
+            (64, 8, 8192): (1, 8192)}          # 512 (batch, kv head) pairs fill the GPU: no split
+    assert want.get((B, Hkv, Lk), (splits, split_len)) == (splits, split_len)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -186,7 +201,12 @@ class _FakeKernels:
 
     def __init__(self):
         self.calls = []
-        self.AUTOTUNED = {k: _FakeKernel(self.calls, "autotuned " + k) for k in kconfigs.KINDS}
+        self.AUTOTUNED = {k + tma: _FakeKernel(self.calls, "autotuned " + k + tma) for k in kconfigs.KINDS
+                          for tma in ("", "_tma")}
+
+    @staticmethod
+    def desc_maker(t, rows, cols):
+        return lambda x: ("descriptor", x, rows, cols)
 
     def __getattr__(self, name):
         return _FakeKernel(self.calls, name)
@@ -201,7 +221,7 @@ def test_ready_after_the_same_key_ran(monkeypatch):
     fake = _FakeKernels()
     for launch in flash.launches(q, kv, kv, causal="top_left", enable_gqa=True):
         klaunch.run(launch, fake)
-    assert [c[0] for c in fake.calls] == ["autotuned fwd"]          # a choice of configs: the autotuner
+    assert [c[0] for c in fake.calls] == ["autotuned fwd_tma"]      # a choice of configs: the autotuner
     assert flash.ready(q, kv, kv, causal="top_left", enable_gqa=True)
     assert flash.ready(meta(2, 8, 1900, 128), meta(2, 2, 1900, 128), meta(2, 2, 1900, 128), causal="top_left",
                        enable_gqa=True) is False                    # same bucket, other specialisation
@@ -220,7 +240,7 @@ def test_ready_decode_and_the_one_config_switch(monkeypatch):
     for launch in decode.launches(q, kv, kv, enable_gqa=True):
         klaunch.run(launch, fake)
     names = [c[0] for c in fake.calls]
-    assert names == ["decode_split_kernel", "decode_combine_kernel"]   # one config: launched directly
+    assert names == ["decode_split_kernel"]                            # one config: launched directly
     assert fake.calls[0][2]["BLOCK_N"] == kconfigs.TABLES["split"][("s", "16")][0].block_n
     assert decode.ready(q, kv, kv, enable_gqa=True)
     assert not decode.ready(q, kv, kv, enable_gqa=True, needs_grad=True)
@@ -260,7 +280,7 @@ def test_argument_names_match_the_kernels():
 
     for fn, names in ((fk.attn_fwd_kernel, flash.FWD_ARGS), (fk.bwd_preprocess_kernel, flash.PRE_ARGS),
                       (fk.attn_bwd_dkdv_kernel, flash.DKDV_ARGS), (fk.attn_bwd_dq_kernel, flash.DQ_ARGS),
-                      (dk.decode_split_kernel, decode.SPLIT_ARGS), (dk.decode_combine_kernel, decode.COMBINE_ARGS)):
+                      (dk.decode_split_kernel, decode.SPLIT_ARGS)):
         got = runtime(fn)
         if got is None:   # the interpreter's wrapper: read the Python signature
             import inspect

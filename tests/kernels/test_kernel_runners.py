@@ -179,13 +179,14 @@ def test_a_forced_kernel_runs_through_one_runner_per_shape_in_a_decode_loop(monk
     assert [s[2] for s in made] == [18, 19, 24]  # set up once per shape, not per call
 
 
-def test_a_runner_keeps_no_tensor_of_the_call_it_was_set_up_on_alive():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])   # fp16: the TMA path (descriptors)
+def test_a_runner_keeps_no_tensor_of_the_call_it_was_set_up_on_alive(dtype):
     import gc
     import weakref
 
     from autosdpa.backends import get
     for name, shape in (("triton_flash", (1, 2, 2, 8, 24, 16)), ("triton_decode", (1, 4, 2, 1, 40, 16))):
-        q, k, v = make_qkv(*shape, device=DEV)
+        q, k, v = make_qkv(*shape, device=DEV, dtype=dtype)
         gone = [weakref.ref(t) for t in (q, k, v)]
         run = get(name).runner(Call(q, k, v, enable_gqa=True))
         assert run != get(name).run
