@@ -151,6 +151,14 @@ cp "$WORK/tuning_db/$GPU.sqlite" "$OUT/$GPU.sqlite" 2>/dev/null
 # --- (h) a plan's winner per call: checked path vs the runner set up once per layout ------------------------
 step runners 20 python3 scripts/bench_runners.py --device "$DEV" --rounds 10 --calls 100 --out "$WORK/benchmarks"
 
+# --- (i) masks with structure (issue 18): mask objects on CUDA, no values read; kernel cases only (the device
+# image has no transformers, so the Llama/BERT rows are owed) ----------------------------------------------
+if [ "$DEV" != cpu ]; then
+  step masks 20 python3 scripts/bench_masks.py --device "$DEV" --rounds 3 \
+    --only causal,all_true,cpad_r,cpad_l,kpad_r,random --out "$WORK/benchmarks"
+  cp "$WORK/benchmarks/masks_$DEV.md" "$OUT/masks_$DEV.md" 2>/dev/null
+fi
+
 archive
 note "triton: $(ls "$TRITON_CACHE_DIR" 2>/dev/null | wc -l) cache entries made by this run (each one a compile)"
 note "total: ${SECONDS}s; results: $(tar -tzf "$OUT/results.tar.gz" | grep -v '/$' | tr '\n' ' ')"
