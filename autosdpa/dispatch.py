@@ -279,8 +279,8 @@ class Dispatcher:
         except Exception:  # odd inputs: decided (or passed to PyTorch) the long way
             bk = None
         generation = self._generation
-        if bk is not None and bk in _bucket_plans:
-            plan = _bucket_plans[bk]
+        plan = _ABSENT if bk is None else _bucket_plans.get(bk, _ABSENT)
+        if plan is not _ABSENT:
             if isinstance(plan, Plan):
                 plan = plan.sibling()
             elif isinstance(plan, Router):

@@ -89,15 +89,29 @@ def bucket_key(fk: tuple, q, k, v, m, threshold: int | None):
     """The fast key with lengths and batch bucketed as the problem key buckets them, or None when the shapes
     are not plainly valid (those are decided per exact shape). Any plan is safe to share within a bucket:
     None is F.sdpa itself, and a Plan re-checks eligibility on each new layout."""
+    # Every new length of a decode loop comes here, so the common 4-D case avoids slicing torch.Size and
+    # calling helpers: ``problem.bucket`` and ``layout_class`` inlined (tests/test_bucket_key.py holds them equal).
     qs, ks, vs = fk[0], fk[1], fk[2]
-    if not (len(qs) == len(ks) == len(vs) >= 3) or ks[-2] != vs[-2] or qs[-1] != ks[-1] or 0 in qs or 0 in ks:
+    n = len(qs)
+    if n < 3 or n != len(ks) or n != len(vs) or ks[-2] != vs[-2] or qs[-1] != ks[-1] or 0 in qs or 0 in ks:
         return None
     lq, lk = qs[-2], ks[-2]
-    batch = math.prod(qs[:-2] if len(qs) == 3 else qs[:-3])
-    heads = () if len(qs) == 3 else (qs[-3], ks[-3], vs[-3], qs[:-3] == ks[:-3] == vs[:-3])
-    shape = (len(qs), bucket(batch, threshold), heads, bucket(lq, threshold),
-             bucket(lk, 0 if threshold is not None and lq <= DECODE_LQ else threshold), qs[-1], vs[-1])
-    return (shape, layout_class(q), None if m is None else _mask_bucket(m), *fk[3:5], *fk[6:])
+    if n == 4:
+        batch, heads = qs[0], (qs[1], ks[1], vs[1], qs[0] == ks[0] == vs[0])
+    elif n == 3:
+        batch, heads = qs[0], ()
+    else:
+        batch, heads = math.prod(qs[:-3]), (qs[-3], ks[-3], vs[-3], qs[:-3] == ks[:-3] == vs[:-3])
+    if threshold is not None:
+        if batch > threshold:
+            batch = 1 << (batch - 1).bit_length()
+        if lk > threshold or lq <= DECODE_LQ:  # decode-like query lengths bucket their keys from 1
+            lk = 1 << (lk - 1).bit_length()
+        if lq > threshold:
+            lq = 1 << (lq - 1).bit_length()
+    layout = "bhld" if n == 4 and q.is_contiguous() else layout_class(q)
+    return ((n, batch, heads, lq, lk, qs[-1], vs[-1]), layout, None if m is None else _mask_bucket(m),
+            fk[3], fk[4], *fk[6:])
 
 
 def random_output(call: Call, seed: int = 0) -> torch.Tensor:
