@@ -256,7 +256,7 @@ def evaluate(runs: dict) -> list[dict]:
 
 def markdown(doc: dict) -> str:
     m = doc["machine"]
-    lines = [f"# autosdpa end-to-end cost (CPU)", "",
+    lines = ["# autosdpa end-to-end cost (CPU)", "",
              f"{doc['date']}; {m['cpu']}, {m['threads']} torch threads, {m['cores']} cores; torch {m['torch']}, "
              f"transformers {m.get('transformers', '-')}, python {m['python']}; {doc['repeat']} runs per case, "
              f"medians. Load average {doc['loadavg_start'][0]:.1f} at start, {doc['loadavg_end'][0]:.1f} at end"

@@ -3,7 +3,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.profiler import ProfilerActivity, profile
 
 import autosdpa
 from autosdpa import dispatch
@@ -14,7 +13,6 @@ from autosdpa.backends import Call
 from autosdpa.backends.torch_backends import torch_flags
 from autosdpa.environment import environment
 from autosdpa.problem import Problem
-from autosdpa.store import Measurement
 
 def test_forced_backend_is_the_one_that_runs():
     q, k, v = qkv()

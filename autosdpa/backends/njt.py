@@ -170,7 +170,7 @@ class NJTPadded(NJTBackend):
 
     def run(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
             enable_gqa=False):
-        (q_lo, lq), (k_lo, lk) = seqlen_range(query), seqlen_range(key)
+        (_, lq), (k_lo, lk) = seqlen_range(query), seqlen_range(key)
         q_rows = _pad_rows(query, lq)
         k_rows = q_rows if key.offsets() is query.offsets() else _pad_rows(key, lk)
         q, k, v = _padded(query, q_rows, lq), _padded(key, k_rows, lk), _padded(value, k_rows, lk)

@@ -9,7 +9,7 @@ from torch.nn.attention.bias import CausalBias, causal_lower_right
 
 from ..backends.base import CAUSAL_BOTTOM_RIGHT, CAUSAL_TOP_LEFT, PADDED, Call
 from ..backends.torch_backends import pytorch_choice  # noqa: F401  (this form's PyTorch pick)
-from ..problem import DECODE_LQ, DTYPES, Problem, bucket, layout_class
+from ..problem import DECODE_LQ, DTYPES, Problem, layout_class
 from ..reference import max_error, reference_attention  # noqa: F401  (this form's max_error)
 from .structure import Structure, StructuredMask, expected_mask, trusted_structure
 

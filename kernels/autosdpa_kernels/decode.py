@@ -15,7 +15,6 @@ One program handles every query head of a KV group, so each K/V tile is loaded o
 """
 from __future__ import annotations
 
-import dataclasses
 import importlib
 
 import torch
@@ -173,9 +172,7 @@ def forward_runner(q, k, v, attn_mask=None, causal="none", enable_gqa=False, *, 
     po_shape, plse_shape, o_shape = split.args["PO"].shape, split.args["PLSE"].shape, o.shape
     parts, n_locks = split.meta["SPLIT"], q.shape[0] * k.shape[1]
     K = _kernels()
-    # a negative scale runs the kernel variant without the folded scale (bound now, compiled if ever used)
-    go_pos, go_neg = (L.bind(dataclasses.replace(split, meta={**split.meta, "NEG_SCALE": neg}), K)
-                      for neg in (False, True))
+    go_pos, go_neg = L.bind_by_sign(split, K)
 
     def run(q, k, v, attn_mask, scale):
         q, k, v = inputs(q, k, v)

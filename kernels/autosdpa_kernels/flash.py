@@ -15,7 +15,6 @@ Importing this module does not import triton; the kernels are compiled on first 
 """
 from __future__ import annotations
 
-import dataclasses
 import importlib
 
 import torch
@@ -237,9 +236,7 @@ def forward_runner(q, k, v, attn_mask=None, causal="none", enable_gqa=False):
     launch = _fwd_launch(q, k, v, mask, kind, mstr, causal, 1.0, G, _empty(o_shape, q),
                          _empty(lse_shape, q, torch.float32))
     K = _kernels()
-    # a negative scale runs the kernel variant without the folded scale (bound now, compiled if ever used)
-    go_pos, go_neg = (L.bind(dataclasses.replace(launch, meta={**launch.meta, "NEG_SCALE": neg}), K)
-                      for neg in (False, True))
+    go_pos, go_neg = L.bind_by_sign(launch, K)
 
     def run(q, k, v, attn_mask, scale):
         q, k, v = inputs(q, k, v)

@@ -194,3 +194,11 @@ def bind(launch: Launch, kmod):
             _LAUNCHED.add(key)
             recorded = True
     return go
+
+
+def bind_by_sign(launch: Launch, kmod):
+    """``bind`` for both signs of the softmax scale: (positive, negative). The folded scale needs a positive
+    one; a negative scale, which F.sdpa allows, runs the kernel variant that scales first (``NEG_SCALE``),
+    bound now and compiled only if ever launched."""
+    return tuple(bind(dataclasses.replace(launch, meta={**launch.meta, "NEG_SCALE": neg}), kmod)
+                 for neg in (False, True))

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from .conftest import child_env, cli_cmd, db_keys, run_cli
+from .conftest import child_env, db_keys, run_cli
 
 RECORD_PROGRAM = """
 import torch, autosdpa
