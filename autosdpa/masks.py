@@ -20,7 +20,7 @@ from typing import Sequence
 
 import torch
 
-from .forms.structure import Structure, StructuredMask
+from .forms.structure import PADDED, Structure, StructuredMask
 
 __all__ = ["StructuredMask", "key_padding"]
 
@@ -48,6 +48,5 @@ def key_padding(lengths: Sequence[int] | torch.Tensor, lq: int, lk: int, *, caus
         word = "causal" if min(lens) == lk else ("cpad_r" if side == "right" else "cpad_l")
     else:
         word = "all" if min(lens) == lk else ("kpad_r" if side == "right" else "kpad_l")
-    keep_lens = lens if word in ("kpad_r", "kpad_l", "cpad_r", "cpad_l") else ()
-    s = Structure(word, keep_lens, lq, lk)
+    s = Structure(word, lens if word in PADDED else (), lq, lk)
     return StructuredMask(s, device)

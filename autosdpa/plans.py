@@ -165,7 +165,7 @@ class Router:
         plan = self.routes.get(key, _ABSENT)
         if plan is _ABSENT:
             plan = self._route(self, key, s, q, k, v, m, dp, ic, sc, gqa)
-        if s is None and not any(self.routes.keys() - {None}):
+        if s is None and self.routes.keys() <= {None}:  # no structure seen yet under this key
             self._misses += 1
             if self._misses == self.GIVE_UP:
                 self._give_up(self, plan)

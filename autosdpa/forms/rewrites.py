@@ -116,16 +116,9 @@ class MaskCausal(Rewrite):
 def _sequence(s: Structure, b: int, q, k, v, scale, gqa) -> torch.Tensor:
     """Batch entry ``b`` of a padded call, with its padding cut away: (1, H, Lq, Dv)."""
     lo, hi = s.key_range(b)
-    qb, kb, vb = q[b:b + 1], k[b:b + 1, :, lo:hi], v[b:b + 1, :, lo:hi]
     if hi == lo:
         return _filled(q, v, q.shape[2])
-    if s.word in ("kpad_r", "kpad_l"):
-        return _sdpa(qb, kb, vb, scale=scale, enable_gqa=gqa)
-    if s.word == "cpad_r":  # top-left causal over the valid keys; rows past them see all of them
-        return _sdpa(qb, kb, vb, is_causal=True, scale=scale, enable_gqa=gqa)
-    # cpad_l: rows before the first valid key see none; the rest are a causal call of their own
-    out = _sdpa(qb[:, :, lo:], kb, vb, is_causal=True, scale=scale, enable_gqa=gqa)
-    return out if lo == 0 else torch.cat([_filled(q, v, lo), out], dim=2)
+    return _uniform(s.word, lo, q[b:b + 1], k[b:b + 1, :, lo:hi], v[b:b + 1, :, lo:hi], scale, gqa)
 
 
 class MaskSplit(Rewrite):
@@ -166,11 +159,13 @@ class MaskTrim(Rewrite):
 
 
 def _uniform(word: str, lo: int, q, k, v, scale, gqa) -> torch.Tensor:
-    """Every sequence has the same valid keys (already cut to them): one call, no mask."""
+    """Sequences that all have the same valid keys, from ``lo`` (k and v already cut to them): one call, no
+    mask."""
     if word in ("kpad_r", "kpad_l"):
         return _sdpa(q, k, v, scale=scale, enable_gqa=gqa)
-    if word == "cpad_r":
+    if word == "cpad_r":  # top-left causal over the valid keys; rows past them see all of them
         return _sdpa(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    # cpad_l: rows before the first valid key see none; the rest are a causal call of their own
     out = _sdpa(q[:, :, lo:], k, v, is_causal=True, scale=scale, enable_gqa=gqa)
     if lo == 0:
         return out

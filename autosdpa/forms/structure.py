@@ -71,13 +71,14 @@ class Structure:
             text += f" (valid keys {shown} of {self.lk})"
         return text
 
-    def keep(self, rows: torch.Tensor, cols: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
-        """The kept (True) positions for query rows ``rows`` (R,) and key cols ``cols`` (C,): (Bm, 1, R, C)."""
+    def keep(self, rows: torch.Tensor, cols: torch.Tensor, n: int | None) -> torch.Tensor:
+        """The kept (True) positions for query rows ``rows`` (R,) and key cols ``cols`` (C,) of a sequence with
+        ``n`` valid keys (padded kinds): (1, 1, R, C). ``n`` is a Python int, so a mask is built on any device
+        without copying anything to it."""
         i, j = rows[None, None, :, None], cols[None, None, None, :]
-        n = None if lengths is None else lengths[:, None, None, None]
         w = self.word
         if w == "all":
-            return torch.ones(1, 1, rows.numel(), cols.numel(), dtype=torch.bool)
+            return torch.ones(1, 1, rows.numel(), cols.numel(), dtype=torch.bool, device=rows.device)
         if w == "causal":
             return j <= i
         if w == "causal_br":
@@ -192,15 +193,17 @@ class _Expected:
             self._items.clear()
 
 
-def expected_mask(s: Structure, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
-    """The mask of structure ``s`` in ``shape`` (Bm, 1, Lqm, Lk) and ``dtype`` (bool, or 0/-inf float)."""
+def expected_mask(s: Structure, shape: tuple, dtype: torch.dtype, device=None) -> torch.Tensor:
+    """The mask of structure ``s`` in ``shape`` (Bm, 1, Lqm, Lk) and ``dtype`` (bool, or 0/-inf float), built on
+    ``device`` (default CPU) itself: a CUDA mask object is materialised with no host-to-device copy."""
     bm, _, lqm, lk = shape
-    rows = torch.arange(lqm) if lqm == s.lq else torch.zeros(1, dtype=torch.long)
-    lengths = torch.tensor(s.lengths) if s.lengths else None
-    keep = s.keep(rows, torch.arange(lk), lengths).expand(bm, 1, lqm, lk).contiguous()
+    rows = torch.arange(lqm, device=device) if lqm == s.lq else torch.zeros(1, dtype=torch.long, device=device)
+    cols = torch.arange(lk, device=device)
+    keep = torch.cat([s.keep(rows, cols, n) for n in (s.lengths or (None,))])
+    keep = keep.expand(bm, 1, lqm, lk).contiguous()
     if dtype is torch.bool:
         return keep
-    return torch.zeros(keep.shape, dtype=dtype).masked_fill_(~keep, _NEG_INF)
+    return torch.zeros(keep.shape, dtype=dtype, device=device).masked_fill_(~keep, _NEG_INF)
 
 
 _EXPECTED = _Expected()
@@ -289,7 +292,7 @@ class StructuredMask(torch.Tensor):
         dev = torch.device(device) if device is not None else self.mask_device
         dense = self._dense.get(dev)
         if dense is None:
-            dense = self._dense[dev] = expected_mask(self.structure, self.mask_shape, torch.bool).to(dev)
+            dense = self._dense[dev] = expected_mask(self.structure, self.mask_shape, torch.bool, dev)
         return dense
 
     @classmethod

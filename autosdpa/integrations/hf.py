@@ -74,9 +74,9 @@ def _structured(batch_size, q_length, kv_length, q_offset, kv_offset, mask_funct
     pad = pad.bool()
     n = pad.sum(-1)
     j = torch.arange(kv_length, device=pad.device)
-    right = (pad == (j[None] < n[:, None])).all(-1)
-    left = (pad == (j[None] >= kv_length - n[:, None])).all(-1)
-    lengths, right_ok, left_ok = n.tolist(), bool(right.all()), bool(left.all())  # once per forward
+    right = (pad == (j[None] < n[:, None])).all()
+    left = (pad == (j[None] >= kv_length - n[:, None])).all()
+    *lengths, right_ok, left_ok = torch.cat([n, right[None], left[None]]).tolist()  # the one read per forward
     if min(lengths) == kv_length or not (right_ok or left_ok):
         return None  # no padding ("sdpa" may skip the mask altogether), or holes: the dense mask
     return key_padding(lengths, q_length, kv_length, causal=causal, side="right" if right_ok else "left",
